@@ -1,0 +1,106 @@
+//! The chat message model every service shares, and its validated content.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::{MessageId, StreamId, UserId};
+
+/// The most characters (Unicode scalar values) a message may hold after trimming.
+pub const MAX_CONTENT_CHARS: usize = 4000;
+
+/// Why message content was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentError {
+    #[error("content must not be empty")]
+    Empty,
+    #[error("content must be at most {MAX_CONTENT_CHARS} characters, got {0}")]
+    TooLong(usize),
+    #[error("content must not contain control characters other than newline and tab (found U+{0:04X})")]
+    ControlCharacter(u32),
+}
+
+/// Message text: 1 to [`MAX_CONTENT_CHARS`] characters once leading and trailing
+/// white space is trimmed, with no control characters other than newline and tab.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MessageContent(String);
+
+impl MessageContent {
+    pub fn parse(raw: &str) -> Result<Self, ContentError> {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
+            return Err(ContentError::Empty);
+        }
+        let len = trimmed.chars().count();
+        if len > MAX_CONTENT_CHARS {
+            return Err(ContentError::TooLong(len));
+        }
+        if let Some(c) = trimmed.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+            return Err(ContentError::ControlCharacter(u32::from(c)));
+        }
+        Ok(Self(trimmed.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(deserializer)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A stored chat message, as the API returns it and as change events carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub message_id: MessageId,
+    pub stream_id: StreamId,
+    pub sender_id: UserId,
+    pub receiver_id: UserId,
+    pub content: MessageContent,
+    pub created_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_is_trimmed_and_bounded() {
+        assert_eq!(MessageContent::parse("  hi\n").map(|c| c.0), Ok("hi".to_owned()));
+        assert_eq!(MessageContent::parse(" \n\t "), Err(ContentError::Empty));
+        assert!(MessageContent::parse(&"é".repeat(MAX_CONTENT_CHARS)).is_ok());
+        assert_eq!(
+            MessageContent::parse(&"x".repeat(MAX_CONTENT_CHARS + 1)),
+            Err(ContentError::TooLong(MAX_CONTENT_CHARS + 1))
+        );
+    }
+
+    #[test]
+    fn content_rejects_control_characters_but_keeps_newlines_and_tabs() {
+        assert!(MessageContent::parse("line one\n\tline two").is_ok());
+        assert_eq!(MessageContent::parse("bell\u{7}"), Err(ContentError::ControlCharacter(7)));
+        assert_eq!(MessageContent::parse("a\u{0}b"), Err(ContentError::ControlCharacter(0)));
+        assert_eq!(MessageContent::parse("a\rb"), Err(ContentError::ControlCharacter(13)));
+    }
+
+    #[test]
+    fn chat_message_round_trips_through_json() {
+        let alice = UserId::parse("alice").expect("valid");
+        let bob = UserId::parse("bob").expect("valid");
+        let message = ChatMessage {
+            message_id: MessageId::new(),
+            stream_id: StreamId::for_pair(&alice, &bob),
+            sender_id: alice,
+            receiver_id: bob,
+            content: MessageContent::parse("<b>hello</b>").expect("valid"),
+            created_at: Utc::now(),
+        };
+        let json = serde_json::to_string(&message).expect("serialize");
+        let back: ChatMessage = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(back, message);
+    }
+}

@@ -1,0 +1,209 @@
+//! Start-up and run loop shared by every service: load settings, set up logging and
+//! metrics, listen for signals, serve the public and internal listeners, and on
+//! shutdown drain HTTP and background workers within a bounded time.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tower_http::trace::TraceLayer;
+
+use crate::config::{self, ConfigError, EnvMap};
+use crate::health::{ops_router, Readiness};
+use crate::telemetry::{self, LogSettings};
+use crate::Shutdown;
+
+/// Listener settings shared by every service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HttpSettings {
+    /// `HTTP_HOST`: address both listeners bind to.
+    pub host: String,
+    /// `HTTP_PORT`: the public listener (what the edge proxy routes to).
+    pub port: u16,
+    /// `INTERNAL_HTTP_PORT`: the internal listener (service-to-service endpoints).
+    pub internal_port: u16,
+    /// `HTTP_BODY_LIMIT`: largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// `SHUTDOWN_TIMEOUT`: how long draining may take after SIGTERM before the
+    /// process exits anyway. Keep it below the pod's termination grace period.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".to_owned(),
+            port: 8080,
+            internal_port: 9090,
+            body_limit: 64 * 1024,
+            shutdown_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl HttpSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("HTTP_HOST", "host"),
+        ("HTTP_PORT", "port"),
+        ("INTERNAL_HTTP_PORT", "internal_port"),
+        ("HTTP_BODY_LIMIT", "body_limit"),
+        ("SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+    ];
+}
+
+/// The settings every service has.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BaseSettings {
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+impl BaseSettings {
+    pub fn env_map() -> EnvMap {
+        EnvMap::new().section("http", HttpSettings::ENV).section("log", LogSettings::ENV)
+    }
+}
+
+/// The routers a service serves: a public one, and optionally an internal one that
+/// gets its own port so no public proxy can reach it by accident.
+pub struct Routes {
+    public: Router,
+    internal: Option<Router>,
+}
+
+impl Routes {
+    pub fn new(public: Router) -> Self {
+        Self { public, internal: None }
+    }
+
+    pub fn internal(mut self, internal: Router) -> Self {
+        self.internal = Some(internal);
+        self
+    }
+}
+
+/// A running service's shared parts.
+pub struct Kit {
+    pub name: &'static str,
+    pub base: BaseSettings,
+    pub shutdown: Shutdown,
+    pub metrics: PrometheusHandle,
+    workers: JoinSet<()>,
+}
+
+impl Kit {
+    /// Loads the base settings and the service's own settings `T` (same sources),
+    /// installs logging, metrics and signal handling.
+    pub fn init<T>(name: &'static str, env: &EnvMap) -> Result<(Self, T), ConfigError>
+    where
+        T: Serialize + DeserializeOwned + Default,
+    {
+        let base: BaseSettings = config::load(&BaseSettings::env_map())?;
+        let settings: T = config::load(env)?;
+        telemetry::init(&base.log);
+        let metrics = crate::metrics::install();
+        let shutdown = Shutdown::on_signals();
+        tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
+        Ok((Self { name, base, shutdown, metrics, workers: JoinSet::new() }, settings))
+    }
+
+    /// Runs a background worker (a Kafka consumer, a relay, ...). It should watch
+    /// `kit.shutdown` and return once it has drained. A worker that returns early
+    /// shuts the service down, since a service missing a worker is broken.
+    pub fn spawn<F>(&mut self, what: &'static str, worker: F)
+    where
+        F: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        self.workers.spawn(async move {
+            match worker.await {
+                Ok(()) if shutdown.is_triggered() => tracing::info!(worker = what, "worker stopped"),
+                Ok(()) => {
+                    tracing::error!(worker = what, "worker stopped unexpectedly; shutting down");
+                    shutdown.trigger();
+                }
+                Err(error) => {
+                    tracing::error!(worker = what, %error, "worker failed; shutting down");
+                    shutdown.trigger();
+                }
+            }
+        });
+    }
+
+    /// Serves until shutdown, then drains within `SHUTDOWN_TIMEOUT`.
+    pub async fn serve(mut self, routes: Routes, readiness: Readiness) -> std::io::Result<()> {
+        let http = self.base.http.clone();
+        let ops = ops_router(readiness, self.metrics.clone(), self.shutdown.clone());
+
+        let mut servers = JoinSet::new();
+        let public_addr = bind_addr(&http.host, http.port)?;
+        let public = finish(routes.public, ops.clone(), http.body_limit);
+        servers.spawn(run_listener("public", public_addr, public, self.shutdown.clone()));
+        if let Some(internal) = routes.internal {
+            let internal_addr = bind_addr(&http.host, http.internal_port)?;
+            let internal = finish(internal, ops, http.body_limit);
+            servers.spawn(run_listener("internal", internal_addr, internal, self.shutdown.clone()));
+        }
+
+        // Either a signal, a failed listener or a failed worker ends the run.
+        let mut outcome = Ok(());
+        tokio::select! {
+            _ = self.shutdown.wait() => {}
+            Some(result) = servers.join_next() => {
+                outcome = flatten(result);
+                self.shutdown.trigger();
+            }
+        }
+
+        let drain = async {
+            while let Some(result) = servers.join_next().await {
+                if let Err(err) = flatten(result) {
+                    tracing::error!(error = %err, "listener failed while draining");
+                }
+            }
+            while self.workers.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(http.shutdown_timeout, drain).await.is_err() {
+            tracing::warn!(timeout = ?http.shutdown_timeout, "drain timed out; exiting anyway");
+        }
+        tracing::info!(service = self.name, "stopped");
+        outcome
+    }
+}
+
+fn flatten(result: Result<std::io::Result<()>, tokio::task::JoinError>) -> std::io::Result<()> {
+    result.map_err(std::io::Error::other).and_then(|r| r)
+}
+
+fn bind_addr(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    format!("{host}:{port}")
+        .parse()
+        .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}:{port}: {err}")))
+}
+
+fn finish(router: Router, ops: Router, body_limit: usize) -> Router {
+    router
+        .merge(ops)
+        .fallback(crate::http::not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(crate::http::record_metrics))
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn run_listener(which: &'static str, addr: SocketAddr, router: Router, shutdown: Shutdown) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr} ({which}): {err}")))?;
+    tracing::info!(listener = which, addr = %listener.local_addr()?, "listening");
+    axum::serve(listener, router).with_graceful_shutdown(shutdown.wait()).await
+}

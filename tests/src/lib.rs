@@ -1,0 +1,1 @@
+//! Shared helpers for the fleet's black-box tests.
