@@ -9,8 +9,10 @@
 //! [`UserId`], [`StreamId`] or [`MessageId`] it is known to be well formed, and code
 //! further down never has to check again.
 
+mod event;
 mod ids;
 mod message;
 
+pub use event::{ChangeEvent, ChangeOp, EventError};
 pub use ids::{IdError, MessageId, StreamId, UserId};
 pub use message::{ChatMessage, ContentError, MessageContent, MAX_CONTENT_CHARS};
