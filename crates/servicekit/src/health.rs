@@ -67,6 +67,24 @@ impl Readiness {
         self.check(FnCheck { name: name.to_owned(), f })
     }
 
+    /// A check that passes while `endpoint` accepts TCP connections. `endpoint` may be
+    /// `host:port`, a URL (`redis://host:port/0`, `mongodb://user@host:port/?x=y`) or a
+    /// comma-separated list of either (any one reachable passes).
+    pub fn tcp(self, name: &str, endpoint: &str) -> Self {
+        let targets: Vec<String> = endpoint.split(',').filter_map(host_port).collect();
+        self.check_fn(name, move || {
+            let targets = targets.clone();
+            Box::pin(async move {
+                for target in &targets {
+                    if tokio::net::TcpStream::connect(target.as_str()).await.is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(format!("cannot connect to {}", targets.join(", ")))
+            })
+        })
+    }
+
     /// How long one check may take before it counts as failed (default 2 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
@@ -93,6 +111,15 @@ impl Readiness {
             Err(failed)
         }
     }
+}
+
+/// `host:port` out of `host:port` or `scheme://[user@]host:port[/path][?query]`.
+fn host_port(endpoint: &str) -> Option<String> {
+    let endpoint = endpoint.trim();
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let authority = rest.split(['/', '?']).next()?;
+    (!authority.is_empty()).then(|| authority.to_owned())
 }
 
 #[derive(Clone)]
@@ -135,4 +162,33 @@ async fn render_metrics(State(state): State<OpsState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_is_taken_from_urls_and_plain_addresses() {
+        assert_eq!(host_port("redis://127.0.0.1:6379/0").as_deref(), Some("127.0.0.1:6379"));
+        assert_eq!(host_port("mongodb://u:p@db:27017/?directConnection=true").as_deref(), Some("db:27017"));
+        assert_eq!(host_port(" kafka:9092").as_deref(), Some("kafka:9092"));
+        assert_eq!(host_port(""), None);
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_pass_and_fail_for_real() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let open = listener.local_addr().expect("addr").to_string();
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").to_string()
+        };
+        let ready = Readiness::new().tcp("up", &format!("tcp://{open}"));
+        assert!(ready.run().await.is_ok());
+        let not_ready = Readiness::new().tcp("up", &open).tcp("down", &closed);
+        let failed = not_ready.run().await.expect_err("one target is closed");
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, "down");
+    }
 }

@@ -207,3 +207,74 @@ async fn run_listener(which: &'static str, addr: SocketAddr, router: Router, shu
     tracing::info!(listener = which, addr = %listener.local_addr()?, "listening");
     axum::serve(listener, router).with_graceful_shutdown(shutdown.wait()).await
 }
+
+/// What a service's build step hands back: its routes, readiness checks and
+/// background workers.
+pub struct Launch {
+    routes: Routes,
+    readiness: Readiness,
+    workers: Vec<(&'static str, futures::future::BoxFuture<'static, Result<(), String>>)>,
+}
+
+impl Launch {
+    pub fn new(routes: Routes) -> Self {
+        Self { routes, readiness: Readiness::new(), workers: Vec::new() }
+    }
+
+    pub fn readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = readiness;
+        self
+    }
+
+    pub fn worker<F>(mut self, what: &'static str, worker: F) -> Self
+    where
+        F: Future<Output = Result<(), String>> + Send + 'static,
+    {
+        self.workers.push((what, Box::pin(worker)));
+        self
+    }
+}
+
+/// What the build step may use: the service name, base settings and shutdown handle.
+#[derive(Clone)]
+pub struct Context {
+    pub name: &'static str,
+    pub base: BaseSettings,
+    pub shutdown: Shutdown,
+}
+
+/// The whole life of a service, for `main`: load settings, build the service's
+/// parts, serve until SIGTERM, drain. Returns the process exit code.
+pub async fn run<T, F, Fut, E>(name: &'static str, env: &EnvMap, build: F) -> std::process::ExitCode
+where
+    T: Serialize + DeserializeOwned + Default,
+    F: FnOnce(Context, T) -> Fut,
+    Fut: Future<Output = Result<Launch, E>>,
+    E: std::fmt::Display,
+{
+    let (mut kit, settings) = match Kit::init::<T>(name, env) {
+        Ok(pair) => pair,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let context = Context { name, base: kit.base.clone(), shutdown: kit.shutdown.clone() };
+    let launch = match build(context, settings).await {
+        Ok(launch) => launch,
+        Err(err) => {
+            tracing::error!(error = %err, "start-up failed");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    for (what, worker) in launch.workers {
+        kit.spawn(what, worker);
+    }
+    match kit.serve(launch.routes, launch.readiness).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "service failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -24,5 +24,5 @@ pub mod telemetry;
 pub use config::{ConfigError, EnvMap};
 pub use health::{Readiness, ReadinessCheck};
 pub use http::{ApiError, ApiJson, ApiQuery};
-pub use kit::{BaseSettings, Kit, Routes};
+pub use kit::{run, BaseSettings, Context, Kit, Launch, Routes};
 pub use shutdown::Shutdown;

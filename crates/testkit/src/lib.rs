@@ -12,8 +12,8 @@
 mod process;
 mod servers;
 
-pub use process::{free_port, wait_for_port, workspace_root, ServerProcess};
-pub use servers::{Broker, Mongo, Redis, SmtpSink};
+pub use process::{free_port, probe, wait_for_port, workspace_root, ServerProcess};
+pub use servers::{scratch, Broker, Mongo, Redis, SmtpSink};
 
 /// A unique name for topics, groups and key prefixes, so tests never share state.
 pub fn unique(prefix: &str) -> String {

@@ -27,7 +27,7 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
 }
 
 /// Sends one line and reads whatever comes back first (for PING-style probes).
-pub(crate) fn probe(port: u16, send: &[u8]) -> Option<String> {
+pub fn probe(port: u16, send: &[u8]) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(300)).ok()?;
     stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
     if !send.is_empty() {
@@ -82,17 +82,24 @@ pub struct ServerProcess {
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
+    envs: Vec<(String, String)>,
     child: Option<Child>,
 }
 
 impl ServerProcess {
     /// Starts `program args`, appending its output to `log`.
     pub fn start(name: &str, program: &Path, args: &[String], log: &Path) -> Self {
+        Self::start_with_env(name, program, args, &[], log)
+    }
+
+    /// Starts `program args` with extra environment variables.
+    pub fn start_with_env(name: &str, program: &Path, args: &[String], envs: &[(String, String)], log: &Path) -> Self {
         let mut process = Self {
             name: name.to_owned(),
             program: program.to_owned(),
             args: args.to_vec(),
             log: log.to_owned(),
+            envs: envs.to_vec(),
             child: None,
         };
         process.spawn();
@@ -108,6 +115,7 @@ impl ServerProcess {
         let err = log.try_clone().expect("clone log handle");
         let child = Command::new(&self.program)
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)

@@ -10,7 +10,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A scratch folder for one server: data and log. Kept after the test (under
 /// `target/testkit/`) so a failing run can be read afterwards.
-fn scratch(kind: &str) -> PathBuf {
+pub fn scratch(kind: &str) -> PathBuf {
     let dir = workspace_root().join("target/testkit").join(crate::unique(kind));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     dir

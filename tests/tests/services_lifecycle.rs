@@ -1,0 +1,62 @@
+//! Every service starts against the real local servers, answers its operational
+//! endpoints, and exits cleanly on SIGTERM.
+
+use std::time::{Duration, Instant};
+
+use chatfleet_tests::{http_status, Service, Stack, SERVICES};
+use testkit::SmtpSink;
+
+fn get_text(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("write");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
+#[test]
+fn each_service_serves_health_readiness_metrics_and_stops_on_sigterm() {
+    let stack = Stack::start();
+    let smtp = SmtpSink::start();
+    let mut env = stack.env();
+    env.push(("SMTP_HOST".into(), "127.0.0.1".into()));
+    env.push(("SMTP_PORT".into(), smtp.port().to_string()));
+
+    for name in SERVICES {
+        let mut service = Service::start(name, &env);
+        assert_eq!(http_status(service.public_port, "/healthz"), Some(200), "{name} /healthz");
+
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut ready = http_status(service.public_port, "/readyz");
+        while ready != Some(200) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+            ready = http_status(service.public_port, "/readyz");
+        }
+        assert_eq!(ready, Some(200), "{name} /readyz; log:\n{}", service.log_tail(30));
+
+        let metrics = get_text(service.public_port, "/metrics");
+        assert!(metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"), "{name}: {metrics}");
+        assert!(metrics.contains("http_requests_total"), "{name} exposes request metrics:\n{metrics}");
+        assert_eq!(http_status(service.public_port, "/no-such-path"), Some(404), "{name} unknown path");
+
+        let started = Instant::now();
+        let status = service.terminate(Duration::from_secs(15));
+        let status = status.unwrap_or_else(|| panic!("{name} did not exit on SIGTERM; log:\n{}", service.log_tail(30)));
+        assert!(status.success(), "{name} exited with {status}; log:\n{}", service.log_tail(30));
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+}
+
+#[test]
+fn readiness_fails_while_a_dependency_is_down() {
+    let mut stack = Stack::start();
+    let service = Service::start("generalnotificationshandler", &stack.env());
+    assert_eq!(http_status(service.public_port, "/readyz"), Some(200));
+    stack.redis.stop();
+    assert_eq!(http_status(service.public_port, "/readyz"), Some(503), "Redis is down");
+    assert_eq!(http_status(service.public_port, "/healthz"), Some(200), "liveness does not depend on Redis");
+    stack.redis.restart();
+    assert_eq!(http_status(service.public_port, "/readyz"), Some(200), "Redis is back");
+}
