@@ -177,3 +177,189 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The chat pipeline: servers plus chatpersistence, chatwebsocketshandler and
+/// chatpersistencechangehandler wired together the way the local stack wires them.
+pub struct ChatFleet {
+    pub stack: Stack,
+    pub persistence: Service,
+    pub sockets: Service,
+    pub handlers: Vec<Service>,
+    handler_env: Vec<(String, String)>,
+}
+
+impl ChatFleet {
+    /// Starts the pipeline; `extra` is added to every service's environment (retry
+    /// budgets, timeouts) and can override the defaults below.
+    pub fn start(extra: &[(&str, &str)]) -> Self {
+        let stack = Stack::start();
+        let mut base = stack.env();
+        base.push(("CAPTURE_MODE".into(), "outbox".into()));
+        base.push(("KAFKA_GROUP_ID".into(), testkit::unique("chat-ws")));
+        base.push(("MESSAGE_RETRY_INITIAL_INTERVAL".into(), "50ms".into()));
+        base.push(("MESSAGE_RETRY_MAX_INTERVAL".into(), "1s".into()));
+        base.push(("FORWARD_TIMEOUT".into(), "1s".into()));
+        base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let persistence = Service::start("chatpersistence", &base);
+        let mut socket_env = base.clone();
+        socket_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), persistence.internal_url("")));
+        let sockets = Service::start("chatwebsocketshandler", &socket_env);
+        let mut handler_env = base;
+        handler_env.push(("CHAT_WEBSOCKET_URL".into(), sockets.internal_url("")));
+        handler_env.push(("NOTIFICATIONS_URL".into(), String::new()));
+        let handlers = vec![Service::start("chatpersistencechangehandler", &handler_env)];
+        Self { stack, persistence, sockets, handlers, handler_env }
+    }
+
+    /// Adds another change handler to the same consumer group.
+    pub fn add_handler(&mut self) {
+        self.handlers.push(Service::start("chatpersistencechangehandler", &self.handler_env));
+    }
+}
+
+/// A frontend: posts over HTTP, listens over WebSocket.
+pub mod client {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use serde_json::{json, Value};
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    use crate::{token, Service};
+
+    /// `POST /chat/messages` as `from`; returns status and body.
+    pub async fn post(
+        persistence: &Service,
+        from: &str,
+        to: &str,
+        content: &str,
+        client_message_id: Option<&str>,
+    ) -> (u16, Value) {
+        let mut body = json!({ "sender_id": from, "receiver_id": to, "content": content });
+        if let Some(id) = client_message_id {
+            body["client_message_id"] = json!(id);
+        }
+        let response = reqwest::Client::new()
+            .post(persistence.url("/chat/messages"))
+            .bearer_auth(token(from))
+            .json(&body)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("chatpersistence answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The stream's history as `user` sees it.
+    pub async fn history(persistence: &Service, user: &str, peer: &str) -> Vec<Value> {
+        let stream = stream_id(user, peer);
+        let response = reqwest::Client::new()
+            .get(persistence.url(&format!("/chat/messages?stream_id={stream}&peer_id={peer}&limit=200")))
+            .bearer_auth(token(user))
+            .send()
+            .await
+            .expect("history answers");
+        assert_eq!(response.status().as_u16(), 200, "history status");
+        let body: Value = response.json().await.expect("history JSON");
+        body["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn stream_id(a: &str, b: &str) -> String {
+        let a = chatstream::UserId::parse(a).expect("valid");
+        let b = chatstream::UserId::parse(b).expect("valid");
+        chatstream::StreamId::for_pair(&a, &b).to_string()
+    }
+
+    /// A chat socket held by `user` for the conversation with `peer`.
+    pub struct ChatSocket {
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    }
+
+    /// What a socket saw next.
+    #[derive(Debug)]
+    pub enum Seen {
+        Frame(Value),
+        Closed(Option<u16>),
+        Nothing,
+    }
+
+    impl ChatSocket {
+        pub async fn connect(sockets: &Service, user: &str, peer: &str, since: Option<&str>) -> Self {
+            let stream = stream_id(user, peer);
+            let mut path = format!(
+                "/chat/subscribe?stream_id={stream}&sender_id={user}&receiver_id={peer}&access_token={}",
+                token(user)
+            );
+            if let Some(since) = since {
+                path.push_str(&format!("&since={since}"));
+            }
+            let (ws, _) = tokio_tungstenite::connect_async(sockets.ws_url(&path)).await.expect("subscribe upgrades");
+            Self { ws }
+        }
+
+        /// The next data frame or close, within `timeout`.
+        pub async fn next(&mut self, timeout: Duration) -> Seen {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                    Err(_) => return Seen::Nothing,
+                    Ok(None) => return Seen::Closed(None),
+                    Ok(Some(Err(_))) => return Seen::Closed(None),
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        return Seen::Frame(serde_json::from_str(text.as_str()).unwrap_or(Value::Null))
+                    }
+                    Ok(Some(Ok(Message::Close(frame)))) => {
+                        return Seen::Closed(frame.map(|f| u16::from(f.code)));
+                    }
+                    Ok(Some(Ok(_))) => continue,
+                }
+            }
+        }
+
+        /// Message ids of every `message` frame within `window`, stopping early at close.
+        pub async fn collect_messages(&mut self, window: Duration) -> (Vec<String>, Option<u16>) {
+            let deadline = tokio::time::Instant::now() + window;
+            let mut ids = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return (ids, None);
+                }
+                match self.next(left).await {
+                    Seen::Frame(frame) if frame["type"] == "message" => {
+                        ids.push(frame["message"]["message_id"].as_str().unwrap_or_default().to_owned())
+                    }
+                    Seen::Frame(_) => {}
+                    Seen::Closed(code) => return (ids, code.or(Some(u16::from(CloseCode::Abnormal)))),
+                    Seen::Nothing => return (ids, None),
+                }
+            }
+        }
+
+        pub async fn close(mut self) {
+            let _ = self.ws.close(None).await;
+        }
+    }
+}
+
+impl ChatFleet {
+    /// SIGSTOP the socket pod: it keeps its sockets open and answers nothing.
+    pub fn sockets_pause(&self) {
+        self.sockets.signal("STOP");
+    }
+
+    pub fn sockets_resume(&self) {
+        self.sockets.signal("CONT");
+    }
+}
+
+impl Service {
+    /// Sends a signal by name (`STOP`, `CONT`, ...).
+    pub fn signal(&self, signal: &str) {
+        self.process.signal(signal);
+    }
+}
