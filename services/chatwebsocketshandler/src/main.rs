@@ -1,1 +1,19 @@
-fn main() {}
+//! chatwebsocketshandler: the chat sockets, grouped by stream id.
+//!
+//! Clients subscribe on the public port (`GET /chat/subscribe`, optionally replaying
+//! history after `since`); the change handler forwards each chat event to the pod
+//! holding the stream's sockets (`POST /chat/forward-to-websocket`, internal port)
+//! and, when delivery keeps failing, closes them with resync (`POST /chat/close-stream`).
+//! The socket plumbing itself is the shared `wsfanout` crate. `main` only wires.
+
+mod app;
+mod history;
+mod internal;
+mod protocol;
+mod settings;
+mod subscribe;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    servicekit::run("chatwebsocketshandler", &settings::Settings::env_map(), app::launch).await
+}

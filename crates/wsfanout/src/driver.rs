@@ -1,0 +1,315 @@
+//! The socket driver: runs one upgraded WebSocket for one [`Registration`].
+//!
+//! Why this module exists: every socket needs the same life cycle, and its subtle
+//! parts are easy to get wrong per service: replayed frames go out before live ones
+//! without a gap or a duplicate at the seam, a client that stops answering pings is
+//! dropped, a close requested by the hub (resync, slow consumer) or by shutdown
+//! interrupts even a write that is blocked on a client that does not read, and every
+//! close ends with a close frame when the client can still take one.
+//!
+//! Reading and writing run concurrently in the socket's task: the writer pumps the
+//! replay, then the live queue, pings and replies; the reader watches the pong
+//! deadline and hands client frames to the service's handler.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::hash::Hash;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::close_code;
+use crate::hub::{Close, EventId, Frame, Registration};
+use crate::settings::WsSettings;
+
+/// A frame a client sent (pings, pongs and close frames are handled by the driver).
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound<'a> {
+    Text(&'a str),
+    Binary(&'a [u8]),
+}
+
+/// How a socket ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The server closed it with this code (shutdown, resync, slow consumer, bad frames).
+    ServerClosed(u16),
+    /// No frame arrived within `WS_PONG_TIMEOUT`.
+    HeartbeatTimeout,
+    /// The connection broke without a close handshake.
+    Disconnected,
+}
+
+type Handler = Box<dyn FnMut(Inbound<'_>) -> Option<Utf8Bytes> + Send>;
+
+/// Why the read or write half stopped.
+enum Stop {
+    Close(Close),
+    ClientClosed,
+    Heartbeat,
+    Gone,
+}
+
+/// Runs one socket: see the module documentation.
+pub struct Driver<K>
+where
+    K: Eq + Hash + Clone + fmt::Debug + Send + 'static,
+{
+    socket: WebSocket,
+    registration: Registration<K>,
+    shutdown: CancellationToken,
+    replay: Vec<Frame>,
+    on_client: Handler,
+}
+
+impl<K> Driver<K>
+where
+    K: Eq + Hash + Clone + fmt::Debug + Send + Sync + 'static,
+{
+    /// A driver for `socket`, fed by `registration`; it closes with 1001 when
+    /// `shutdown` is cancelled.
+    pub fn new(socket: WebSocket, registration: Registration<K>, shutdown: CancellationToken) -> Self {
+        Self { socket, registration, shutdown, replay: Vec::new(), on_client: Box::new(|_| None) }
+    }
+
+    /// Frames to send before any live frame. Live frames queued meanwhile whose event
+    /// id is among these are skipped, and broadcasts of these ids from now on are
+    /// counted as delivered without being queued: no gap, no duplicate at the seam.
+    pub fn replay(mut self, frames: Vec<Frame>) -> Self {
+        self.replay = frames;
+        self
+    }
+
+    /// What to do with client text and binary frames: the handler may return a reply
+    /// frame (sent in order with live frames; dropped if the client floods faster than
+    /// it reads). By default client frames are ignored.
+    pub fn on_client(mut self, handler: impl FnMut(Inbound<'_>) -> Option<Utf8Bytes> + Send + 'static) -> Self {
+        self.on_client = Box::new(handler);
+        self
+    }
+
+    /// Serves the socket until it ends, then unregisters it.
+    pub async fn run(self) -> Ended {
+        let Driver { socket, mut registration, shutdown, replay, mut on_client } = self;
+        let settings = registration.hub().settings().clone();
+        let hub = registration.hub().name();
+        let (mut sink, mut stream) = socket.split();
+        let (reply_tx, mut reply_rx) = mpsc::channel::<Utf8Bytes>(8);
+
+        let stop = {
+            let writer = write_loop(&mut sink, &mut registration, &shutdown, replay, &mut reply_rx, &settings, hub);
+            let reader = read_loop(&mut stream, &mut on_client, &reply_tx, settings.pong_timeout);
+            tokio::select! {
+                stop = writer => stop,
+                stop = reader => stop,
+            }
+        };
+        // Closing: later broadcasts must not count this socket as delivered.
+        registration.detach();
+        let ended = finish(&mut sink, &mut stream, stop, &settings, hub).await;
+        tracing::debug!(hub, key = ?registration.key(), connection = %registration.id(), ?ended, "socket finished");
+        ended
+    }
+
+    /// Closes the socket right away with `close` (for example when the history to
+    /// replay could not be read), then unregisters it.
+    pub async fn close(self, close: Close) -> Ended {
+        let Driver { socket, registration, .. } = self;
+        registration.detach();
+        let settings = registration.hub().settings().clone();
+        let hub = registration.hub().name();
+        let (mut sink, mut stream) = socket.split();
+        finish(&mut sink, &mut stream, Stop::Close(close), &settings, hub).await
+    }
+}
+
+/// Resolves once the hub asks this connection to close.
+async fn close_requested(rx: &mut watch::Receiver<Option<Close>>) -> Close {
+    loop {
+        let current = rx.borrow_and_update().clone();
+        if let Some(close) = current {
+            return close;
+        }
+        if rx.changed().await.is_err() {
+            let last = rx.borrow().clone();
+            match last {
+                Some(close) => return close,
+                // The hub let go of this connection without a request: none will come.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+}
+
+/// Sends `message`, unless shutdown or a close request comes first (a client that
+/// does not read can block a write for ever).
+async fn send<S>(
+    sink: &mut S,
+    message: Message,
+    close_rx: &mut watch::Receiver<Option<Close>>,
+    shutdown: &CancellationToken,
+) -> Result<(), Stop>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Err(Stop::Close(Close::going_away())),
+        close = close_requested(close_rx) => Err(Stop::Close(close)),
+        sent = sink.send(message) => sent.map_err(|_| Stop::Gone),
+    }
+}
+
+async fn write_loop<S, K>(
+    sink: &mut S,
+    registration: &mut Registration<K>,
+    shutdown: &CancellationToken,
+    replay: Vec<Frame>,
+    replies: &mut mpsc::Receiver<Utf8Bytes>,
+    settings: &WsSettings,
+    hub: &'static str,
+) -> Stop
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+    K: Eq + Hash + Clone + fmt::Debug + Send + 'static,
+{
+    let frames_sent = metrics::counter!("ws_frames_sent_total", "hub" => hub);
+
+    // The replay. Its ids are remembered first, so broadcasts stop queuing them; the
+    // live frames queued before that are the only ones that can repeat the replay.
+    let replayed: HashSet<EventId> = replay.iter().filter_map(|frame| frame.event_id().cloned()).collect();
+    let mut seam = if replayed.is_empty() { 0 } else { registration.remember(replayed.iter().cloned()) };
+    for frame in replay {
+        if let Err(stop) = send(sink, Message::Text(frame.into_text()), &mut registration.close_rx, shutdown).await {
+            return stop;
+        }
+        frames_sent.increment(1);
+    }
+
+    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let (message, is_frame) = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Stop::Close(Close::going_away()),
+            close = close_requested(&mut registration.close_rx) => return Stop::Close(close),
+            _ = ping.tick() => (Message::Ping(Bytes::new()), false),
+            Some(reply) = replies.recv() => (Message::Text(reply), true),
+            frame = registration.rx.recv() => match frame {
+                Some(frame) => {
+                    if seam > 0 {
+                        seam -= 1;
+                        if frame.event_id().is_some_and(|id| replayed.contains(id)) {
+                            continue;
+                        }
+                    }
+                    (Message::Text(frame.into_text()), true)
+                }
+                // The hub dropped the queue: it asked to close (or is gone).
+                None => return Stop::Close(registration.close_requested().unwrap_or_else(Close::going_away)),
+            },
+        };
+        if let Err(stop) = send(sink, message, &mut registration.close_rx, shutdown).await {
+            return stop;
+        }
+        if is_frame {
+            frames_sent.increment(1);
+        }
+    }
+}
+
+async fn read_loop<S>(
+    stream: &mut S,
+    on_client: &mut Handler,
+    replies: &mpsc::Sender<Utf8Bytes>,
+    pong_timeout: Duration,
+) -> Stop
+where
+    S: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    loop {
+        // Any frame at all proves the client is alive; pongs answer our pings.
+        let next = match tokio::time::timeout(pong_timeout, stream.next()).await {
+            Ok(next) => next,
+            Err(_) => return Stop::Heartbeat,
+        };
+        let reply = match next {
+            None => return Stop::Gone,
+            Some(Err(err)) => return stop_for(err),
+            Some(Ok(Message::Close(_))) => return Stop::ClientClosed,
+            Some(Ok(Message::Text(text))) => on_client(Inbound::Text(text.as_str())),
+            Some(Ok(Message::Binary(data))) => on_client(Inbound::Binary(&data)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
+        };
+        if let Some(reply) = reply {
+            if replies.try_send(reply).is_err() {
+                tracing::debug!("client sends faster than it reads; reply dropped");
+            }
+        }
+    }
+}
+
+/// Maps a read error to how the socket should end.
+fn stop_for(err: axum::Error) -> Stop {
+    let inner = err.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Stop::Close(Close::new(close_code::MESSAGE_TOO_BIG, "frame larger than the server accepts"))
+        }
+        Some(tungstenite::Error::Protocol(_) | tungstenite::Error::Utf8(_)) => {
+            Stop::Close(Close::new(close_code::PROTOCOL_ERROR, "protocol error"))
+        }
+        _ => Stop::Gone,
+    }
+}
+
+/// The close handshake, bounded by `WS_CLOSE_TIMEOUT`.
+async fn finish<SI, ST>(sink: &mut SI, stream: &mut ST, stop: Stop, settings: &WsSettings, hub: &'static str) -> Ended
+where
+    SI: Sink<Message, Error = axum::Error> + Unpin,
+    ST: Stream<Item = Result<Message, axum::Error>> + Unpin,
+{
+    match stop {
+        Stop::Close(close) => {
+            let code = close.code;
+            let handshake = async {
+                if let Some(text) = close.farewell {
+                    sink.send(Message::Text(text)).await?;
+                }
+                let frame = CloseFrame { code, reason: Utf8Bytes::from(close.reason) };
+                sink.send(Message::Close(Some(frame))).await?;
+                // Wait for the client's close frame; anything it still sends is dropped.
+                while let Some(Ok(message)) = stream.next().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+                Ok::<(), axum::Error>(())
+            };
+            let _ = tokio::time::timeout(settings.close_timeout, handshake).await;
+            Ended::ServerClosed(code)
+        }
+        Stop::ClientClosed => {
+            // Flushes the close reply the protocol layer queued.
+            let _ = tokio::time::timeout(settings.close_timeout, sink.close()).await;
+            Ended::ClientClosed
+        }
+        Stop::Heartbeat => {
+            metrics::counter!("ws_heartbeat_timeouts_total", "hub" => hub).increment(1);
+            // The client is probably gone: try a close frame, but do not wait for a reply.
+            let frame =
+                CloseFrame { code: close_code::HEARTBEAT_TIMEOUT, reason: Utf8Bytes::from_static("heartbeat timeout") };
+            let bound = settings.close_timeout.min(Duration::from_secs(1));
+            let _ = tokio::time::timeout(bound, sink.send(Message::Close(Some(frame)))).await;
+            Ended::HeartbeatTimeout
+        }
+        Stop::Gone => Ended::Disconnected,
+    }
+}

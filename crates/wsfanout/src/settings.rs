@@ -1,0 +1,100 @@
+//! The `WS_*` settings, shared by every socket service so they are documented once.
+
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use serde::{Deserialize, Serialize};
+
+/// Socket settings (see `docs/chatwebsocketshandler.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WsSettings {
+    /// `WS_OUTBOUND_QUEUE`: frames that may wait for one connection. When it is full the
+    /// client cannot keep up and is closed with 4001 (slow consumer).
+    pub outbound_queue: usize,
+    /// `WS_PING_INTERVAL`: how often the server pings each socket.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// `WS_PONG_TIMEOUT`: a socket from which no frame at all (pong or anything else)
+    /// arrived for this long is closed (4002) and dropped.
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    /// `WS_MAX_CONNECTIONS`: sockets one process accepts; further upgrades are refused
+    /// with 503. `0` means no limit.
+    pub max_connections: usize,
+    /// `WS_MAX_MESSAGE_SIZE`: largest frame a client may send, in bytes (larger: close 1009).
+    pub max_message_size: usize,
+    /// `WS_RECENT_EVENTS`: how many recently queued event ids each connection
+    /// remembers, so that a retried forward of the same event is not sent twice.
+    pub recent_events: usize,
+    /// `WS_CLOSE_TIMEOUT`: how long the server tries to deliver a close frame (and
+    /// waits for the client's reply) before dropping the TCP connection.
+    #[serde(with = "humantime_serde")]
+    pub close_timeout: Duration,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        Self {
+            outbound_queue: 256,
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(60),
+            max_connections: 0,
+            max_message_size: 16 * 1024,
+            recent_events: 256,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl WsSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("WS_OUTBOUND_QUEUE", "outbound_queue"),
+        ("WS_PING_INTERVAL", "ping_interval"),
+        ("WS_PONG_TIMEOUT", "pong_timeout"),
+        ("WS_MAX_CONNECTIONS", "max_connections"),
+        ("WS_MAX_MESSAGE_SIZE", "max_message_size"),
+        ("WS_RECENT_EVENTS", "recent_events"),
+        ("WS_CLOSE_TIMEOUT", "close_timeout"),
+    ];
+
+    /// Rejects values that cannot work, naming the variable.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.outbound_queue == 0 {
+            return Err("WS_OUTBOUND_QUEUE must be at least 1".into());
+        }
+        if self.ping_interval.is_zero() {
+            return Err("WS_PING_INTERVAL must be greater than zero".into());
+        }
+        if self.pong_timeout <= self.ping_interval {
+            return Err("WS_PONG_TIMEOUT must be longer than WS_PING_INTERVAL".into());
+        }
+        if self.max_message_size == 0 {
+            return Err("WS_MAX_MESSAGE_SIZE must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Applies the client frame limits to an upgrade.
+    pub fn configure(&self, upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
+        upgrade.max_message_size(self.max_message_size).max_frame_size(self.max_message_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(WsSettings::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn impossible_values_are_rejected_by_name() {
+        let zero_queue = WsSettings { outbound_queue: 0, ..WsSettings::default() };
+        assert!(zero_queue.validate().unwrap_err().contains("WS_OUTBOUND_QUEUE"));
+        let short_timeout = WsSettings { pong_timeout: Duration::from_secs(20), ..WsSettings::default() };
+        assert!(short_timeout.validate().unwrap_err().contains("WS_PONG_TIMEOUT"));
+    }
+}

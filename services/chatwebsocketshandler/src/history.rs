@@ -1,0 +1,110 @@
+//! Reads the messages a reconnecting client missed from chatpersistence.
+//!
+//! Why this module exists: a socket opened with `since=<message_id>` must first get
+//! every message after that id, and only then live ones. MongoDB (through
+//! chatpersistence's internal `GET /chat/messages`) is the source of truth, so the
+//! replay pages through it here, bounded by `HISTORY_REPLAY_LIMIT`.
+
+use chatstream::{ChatMessage, MessageId, StreamId};
+use serde::Deserialize;
+
+use crate::settings::HistorySettings;
+
+/// Why the replay could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("history unavailable: {0}")]
+    Unavailable(String),
+    #[error("more than {limit} messages follow the given since")]
+    TooFarBehind { limit: usize },
+}
+
+/// One page of chatpersistence's history (`{"stream_id", "messages", "has_more"}`);
+/// a bare array of messages is accepted too.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Page {
+    Object {
+        messages: Vec<ChatMessage>,
+        #[serde(default)]
+        has_more: Option<bool>,
+    },
+    Bare(Vec<ChatMessage>),
+}
+
+/// A client of chatpersistence's internal history endpoint.
+#[derive(Clone)]
+pub struct HistoryClient {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    page_size: usize,
+    replay_limit: usize,
+}
+
+impl HistoryClient {
+    pub fn new(settings: &HistorySettings, service_token: &str) -> Result<Self, String> {
+        let http = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout)
+            .build()
+            .map_err(|err| format!("cannot build the history HTTP client: {err}"))?;
+        Ok(Self {
+            http,
+            url: format!("{}/chat/messages", settings.chatpersistence_internal_url.trim_end_matches('/')),
+            token: service_token.to_owned(),
+            page_size: settings.page_size.max(1),
+            replay_limit: settings.replay_limit,
+        })
+    }
+
+    /// Every message of `stream` after `since`, oldest first.
+    pub async fn after(&self, stream: StreamId, since: MessageId) -> Result<Vec<ChatMessage>, HistoryError> {
+        let mut messages: Vec<ChatMessage> = Vec::new();
+        let mut cursor = since;
+        // Each page advances the cursor, so this ends; the bound is a second guard.
+        let max_pages = self.replay_limit / self.page_size + 2;
+        for _ in 0..max_pages {
+            let (page, has_more) = self.page(stream, cursor).await?;
+            let received = page.len();
+            for message in page {
+                // Defensive: only this stream, strictly after the cursor, in order.
+                if message.stream_id == stream && message.message_id > cursor {
+                    cursor = message.message_id;
+                    messages.push(message);
+                }
+            }
+            if messages.len() > self.replay_limit {
+                return Err(HistoryError::TooFarBehind { limit: self.replay_limit });
+            }
+            let more = has_more.unwrap_or(received >= self.page_size);
+            if !more || received == 0 {
+                return Ok(messages);
+            }
+        }
+        Err(HistoryError::TooFarBehind { limit: self.replay_limit })
+    }
+
+    async fn page(&self, stream: StreamId, since: MessageId) -> Result<(Vec<ChatMessage>, Option<bool>), HistoryError> {
+        let limit = self.page_size.min(self.replay_limit + 1).max(1).to_string();
+        let response = self
+            .http
+            .get(&self.url)
+            .bearer_auth(&self.token)
+            .query(&[("stream_id", stream.to_string()), ("since", since.to_string()), ("limit", limit)])
+            .send()
+            .await
+            .map_err(|err| HistoryError::Unavailable(format!("GET {}: {err}", self.url)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(HistoryError::Unavailable(format!("GET {} answered {status}", self.url)));
+        }
+        let body =
+            response.bytes().await.map_err(|err| HistoryError::Unavailable(format!("reading history: {err}")))?;
+        match serde_json::from_slice::<Page>(&body) {
+            Ok(Page::Object { messages, has_more }) => Ok((messages, has_more)),
+            Ok(Page::Bare(messages)) => Ok((messages, None)),
+            Err(err) => Err(HistoryError::Unavailable(format!("unexpected history body: {err}"))),
+        }
+    }
+}

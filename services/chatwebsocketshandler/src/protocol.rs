@@ -1,0 +1,191 @@
+//! The chat socket protocol: the JSON frames the server sends and accepts, the event
+//! ids that make retries and the replay seam idempotent, and the resync close.
+//!
+//! Why this module exists: `docs/socket-protocol.md` is a contract with every
+//! frontend; keeping every frame's shape in one module keeps the code and the
+//! document comparable line by line.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use axum::extract::ws::Utf8Bytes;
+use chatstream::ChatMessage;
+use serde::{Deserialize, Serialize};
+use wsfanout::{close_code, Close, EventId, Frame, Inbound};
+
+/// The kinds of chat events the change handler forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Message,
+    MessageUpdated,
+    MessageDeleted,
+}
+
+/// Every frame the server sends.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Message { message: &'a ChatMessage },
+    MessageUpdated { message: &'a ChatMessage },
+    MessageDeleted { message: &'a ChatMessage },
+    Resync { reason: &'a str },
+    Error { error: ErrorBody<'a> },
+    Pong,
+}
+
+/// The same error shape as the HTTP API's.
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
+}
+
+impl ServerFrame<'_> {
+    pub fn to_text(&self) -> Utf8Bytes {
+        // Serializing these plain structs cannot fail; an empty frame would be
+        // noticed by any client test.
+        Utf8Bytes::from(serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// Frames a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    /// An application-level keep-alive (for clients that cannot see protocol pings).
+    Ping,
+}
+
+/// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
+/// an `error` frame (the socket stays open).
+pub fn answer_client(frame: Inbound<'_>) -> Option<Utf8Bytes> {
+    let problem = match frame {
+        Inbound::Text(text) => match serde_json::from_str::<ClientFrame>(text) {
+            Ok(ClientFrame::Ping) => return Some(ServerFrame::Pong.to_text()),
+            Err(_) => "only {\"type\":\"ping\"} frames are accepted; messages are sent with POST /chat/messages",
+        },
+        Inbound::Binary(_) => "binary frames are not supported",
+    };
+    Some(ServerFrame::Error { error: ErrorBody { code: "unsupported_frame", message: problem } }.to_text())
+}
+
+/// The id under which an event is deduplicated per socket. A new message is always
+/// its message id (the replay seam compares against replayed message ids); an edit
+/// or delete uses the id the caller gave (the change handler's dedup id) or one
+/// derived from the message, so two different edits are never confused.
+pub fn event_id(kind: EventKind, message: &ChatMessage, given: Option<&str>) -> EventId {
+    match (kind, given) {
+        (EventKind::Message, _) => EventId::from(message.message_id.to_string()),
+        (_, Some(given)) => EventId::from(given),
+        (EventKind::MessageUpdated, None) => {
+            let mut hasher = DefaultHasher::new();
+            message.content.as_str().hash(&mut hasher);
+            EventId::from(format!("{}.u:{:016x}", message.message_id, hasher.finish()))
+        }
+        (EventKind::MessageDeleted, None) => EventId::from(format!("{}.d", message.message_id)),
+    }
+}
+
+/// The frame of one event, serialized once for every socket of the stream.
+pub fn event_frame(kind: EventKind, message: &ChatMessage, given_id: Option<&str>) -> Frame {
+    let text = match kind {
+        EventKind::Message => ServerFrame::Message { message },
+        EventKind::MessageUpdated => ServerFrame::MessageUpdated { message },
+        EventKind::MessageDeleted => ServerFrame::MessageDeleted { message },
+    }
+    .to_text();
+    Frame::event(event_id(kind, message, given_id), text)
+}
+
+/// Why a socket is told to resync (the `reason` of the `resync` frame).
+pub mod resync_reason {
+    /// The change handler gave up delivering an event to this stream (failover).
+    pub const STREAM_CLOSED: &str = "stream_closed";
+    /// The history to replay after `since` could not be read.
+    pub const HISTORY_UNAVAILABLE: &str = "history_unavailable";
+    /// More than `HISTORY_REPLAY_LIMIT` messages follow `since`.
+    pub const TOO_FAR_BEHIND: &str = "too_far_behind";
+}
+
+/// Close 4000 preceded by a `resync` frame: fetch history since the last message
+/// seen, then reconnect with `since`.
+pub fn resync(reason: &str) -> Close {
+    Close::new(close_code::RESYNC, reason).with_farewell(ServerFrame::Resync { reason }.to_text())
+}
+
+#[cfg(test)]
+mod tests {
+    use chatstream::{MessageContent, MessageId, StreamId, UserId};
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    fn message(content: &str) -> ChatMessage {
+        let alice = UserId::parse("alice").expect("valid");
+        let bob = UserId::parse("bob").expect("valid");
+        let value = json!({
+            "message_id": MessageId::new(),
+            "stream_id": StreamId::for_pair(&alice, &bob),
+            "sender_id": alice,
+            "receiver_id": bob,
+            "content": MessageContent::parse(content).expect("valid"),
+            "created_at": "2024-05-01T12:00:00Z",
+        });
+        serde_json::from_value(value).expect("valid message")
+    }
+
+    fn parse(text: &str) -> Value {
+        serde_json::from_str(text).expect("frames are JSON")
+    }
+
+    #[test]
+    fn event_frames_have_a_type_and_the_message() {
+        let m = message("hi");
+        let frame = event_frame(EventKind::Message, &m, None);
+        let value = parse(frame.text());
+        assert_eq!(value["type"], "message");
+        assert_eq!(value["message"]["message_id"], m.message_id.to_string());
+        assert_eq!(value["message"]["content"], "hi");
+        assert_eq!(frame.event_id().map(EventId::as_str), Some(m.message_id.to_string().as_str()));
+        assert_eq!(parse(event_frame(EventKind::MessageUpdated, &m, None).text())["type"], "message_updated");
+        assert_eq!(parse(event_frame(EventKind::MessageDeleted, &m, None).text())["type"], "message_deleted");
+    }
+
+    #[test]
+    fn event_ids_tell_creates_edits_and_deletes_apart() {
+        let m = message("first");
+        let mut edited = m.clone();
+        edited.content = MessageContent::parse("second").expect("valid");
+        let create = event_id(EventKind::Message, &m, Some("ignored-for-creates"));
+        assert_eq!(create.as_str(), m.message_id.to_string());
+        let edit_one = event_id(EventKind::MessageUpdated, &m, None);
+        let edit_two = event_id(EventKind::MessageUpdated, &edited, None);
+        assert_ne!(edit_one, edit_two);
+        assert_ne!(create, edit_one);
+        assert_eq!(edit_one, event_id(EventKind::MessageUpdated, &m, None), "a retry has the same id");
+        assert_eq!(event_id(EventKind::MessageUpdated, &m, Some("x.u17")).as_str(), "x.u17");
+        assert_ne!(event_id(EventKind::MessageDeleted, &m, None), create);
+    }
+
+    #[test]
+    fn client_pings_get_pongs_and_anything_else_an_error_frame() {
+        let pong = answer_client(Inbound::Text(r#"{"type":"ping"}"#)).expect("reply");
+        assert_eq!(parse(pong.as_str()), json!({"type": "pong"}));
+        for bad in [r#"{"type":"message","content":"hi"}"#, "not json", "{}"] {
+            let reply = answer_client(Inbound::Text(bad)).expect("reply");
+            let value = parse(reply.as_str());
+            assert_eq!(value["type"], "error", "{bad}");
+            assert_eq!(value["error"]["code"], "unsupported_frame");
+        }
+        let reply = answer_client(Inbound::Binary(b"\x00\x01")).expect("reply");
+        assert_eq!(parse(reply.as_str())["type"], "error");
+    }
+
+    #[test]
+    fn resync_closes_with_4000_after_a_resync_frame() {
+        let close = resync(resync_reason::STREAM_CLOSED);
+        assert_eq!(close.code, 4000);
+        let farewell = close.farewell.expect("a resync frame");
+        assert_eq!(parse(farewell.as_str()), json!({"type": "resync", "reason": "stream_closed"}));
+    }
+}
