@@ -211,6 +211,27 @@ impl ChatFleet {
         Self { stack, persistence, sockets, handlers, handler_env }
     }
 
+    /// Waits until a message posted now travels the whole pipeline (the consumer group
+    /// has joined, the relay holds its lease), so tests can time what they measure.
+    pub async fn warm_up(&self) {
+        let (a, b) = ("warmup-a", "warmup-b");
+        let mut socket = client::ChatSocket::connect(&self.sockets, b, a, None).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = client::post(&self.persistence, a, b, "warm-up", None).await;
+            if status == 201 {
+                let id = body["message_id"].as_str().unwrap_or_default().to_owned();
+                let (seen, _) = socket.collect_messages(Duration::from_secs(5)).await;
+                if seen.contains(&id) {
+                    socket.close().await;
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "the pipeline did not warm up within 60 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Adds another change handler to the same consumer group.
     pub fn add_handler(&mut self) {
         self.handlers.push(Service::start("chatpersistencechangehandler", &self.handler_env));

@@ -41,6 +41,7 @@ fn assert_exactly_once(seen: &[String], expected: &[String], who: &str) {
 #[tokio::test]
 async fn a_message_reaches_both_participants_once() {
     let fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut a = ChatSocket::connect(&fleet.sockets, A, B, None).await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
 
@@ -57,7 +58,7 @@ async fn a_message_reaches_both_participants_once() {
         let (more, _) = socket.collect_messages(Duration::from_millis(500)).await;
         assert!(more.is_empty(), "{who} got extra frames: {more:?}");
     }
-    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {}).await, 1);
+    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await, 1);
     let history = client::history(&fleet.persistence, B, A).await;
     assert_eq!(history.len(), 1);
     assert_eq!(history[0]["message_id"], Value::from(id));
@@ -67,6 +68,7 @@ async fn a_message_reaches_both_participants_once() {
 #[tokio::test]
 async fn a_retried_post_is_written_and_delivered_once() {
     let fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let (s1, first) = client::post(&fleet.persistence, A, B, "only once", Some("client-1")).await;
     let (s2, second) = client::post(&fleet.persistence, A, B, "only once", Some("client-1")).await;
@@ -75,7 +77,7 @@ async fn a_retried_post_is_written_and_delivered_once() {
     assert_eq!(first["message_id"], second["message_id"], "the retry returns the original");
     let (seen, _) = b.collect_messages(Duration::from_secs(2)).await;
     assert_eq!(seen.len(), 1, "exactly one frame: {seen:?}");
-    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {}).await, 1);
+    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await, 1);
 }
 
 /// 3. Redis stopped → messages still delivered (the event store fails open); all
@@ -83,6 +85,7 @@ async fn a_retried_post_is_written_and_delivered_once() {
 #[tokio::test]
 async fn delivery_continues_while_redis_is_down() {
     let mut fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     fleet.stack.redis.stop();
     let mut ids = Vec::new();
@@ -113,6 +116,7 @@ async fn delivery_continues_while_redis_is_down() {
 #[tokio::test]
 async fn socket_pod_outage_is_bridged_by_retries_and_since() {
     let mut fleet = ChatFleet::start(&[("MESSAGE_RETRY_MAX_RETRIES", "12"), ("MESSAGE_RETRY_MAX_INTERVAL", "1s")]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let before = post_ok(&fleet, A, B, "before the outage").await;
     let (seen, _) = b.collect_messages(Duration::from_secs(2)).await;
@@ -144,6 +148,7 @@ async fn exhausted_retries_fail_over_with_resync() {
         ("MESSAGE_RETRY_MAX_INTERVAL", "200ms"),
         ("FORWARD_TIMEOUT", "500ms"),
     ]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     // Paused, the pod keeps its sockets but answers nothing: forwards time out.
     fleet.sockets_pause();
@@ -178,6 +183,7 @@ async fn exhausted_retries_fail_over_with_resync() {
 #[tokio::test]
 async fn change_handler_crash_loses_and_duplicates_nothing() {
     let mut fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let mut ids = Vec::new();
     for i in 0..60 {
@@ -196,6 +202,7 @@ async fn change_handler_crash_loses_and_duplicates_nothing() {
 #[tokio::test]
 async fn relay_crash_and_broker_pause_lose_nothing() {
     let mut fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let mut ids = Vec::new();
     for i in 0..40 {
@@ -219,7 +226,9 @@ async fn relay_crash_and_broker_pause_lose_nothing() {
 #[tokio::test]
 async fn two_handlers_in_one_group_deliver_each_message_once() {
     let mut fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     fleet.add_handler();
+    fleet.warm_up().await;
     let pairs: Vec<(String, String)> = (0..8).map(|i| (format!("u{i}"), format!("v{i}"))).collect();
     let mut sockets = Vec::new();
     for (u, v) in &pairs {
@@ -241,6 +250,7 @@ async fn two_handlers_in_one_group_deliver_each_message_once() {
 #[tokio::test]
 async fn bad_input_writes_and_delivers_nothing() {
     let fleet = ChatFleet::start(&[]);
+    fleet.warm_up().await;
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let http = reqwest::Client::new();
     let url = fleet.persistence.url("/chat/messages");
@@ -274,7 +284,7 @@ async fn bad_input_writes_and_delivers_nothing() {
     );
     assert!(tokio_tungstenite::connect_async(fleet.sockets.ws_url(&path)).await.is_err(), "mallory cannot subscribe");
 
-    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {}).await, 0, "nothing written");
+    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await, 0, "nothing written");
     let (seen, _) = b.collect_messages(Duration::from_secs(2)).await;
     assert!(seen.is_empty(), "nothing delivered: {seen:?}");
 }

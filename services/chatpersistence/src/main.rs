@@ -1,1 +1,94 @@
-fn main() {}
+//! chatpersistence: the chat message API (one durable write per message, history)
+//! and, in outbox mode, the relay that carries new messages to Kafka.
+//!
+//! This file only wires the parts together; see `api`, `store`, `relay` and `lease`.
+
+mod api;
+mod lease;
+mod relay;
+mod settings;
+mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chatauth::Authenticator;
+use servicekit::{Context, Launch, Readiness, Routes, Shutdown};
+use tokio::sync::Notify;
+
+use crate::settings::{CaptureMode, Settings};
+use crate::store::Store;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    servicekit::run("chatpersistence", &Settings::env_map(), build).await
+}
+
+async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
+    settings.validate()?;
+    let auth = Authenticator::new(&settings.auth).map_err(|e| e.to_string())?;
+    let outbox = settings.capture.mode == CaptureMode::Outbox;
+    let store = Store::new(&settings.mongo, outbox).await.map_err(|e| e.to_string())?;
+
+    let indexes_ready = Arc::new(AtomicBool::new(false));
+    tokio::spawn(create_indexes(store.clone(), indexes_ready.clone(), ctx.shutdown.clone()));
+
+    let wake = outbox.then(|| Arc::new(Notify::new()));
+    let state = api::AppState::new(store.clone(), auth, settings.history.clone(), wake.clone(), indexes_ready.clone());
+    let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));
+
+    let ping_store = store.clone();
+    let readiness = Readiness::new()
+        .check_fn("mongodb", move || {
+            let store = ping_store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        })
+        .check_fn("indexes", move || {
+            let ready = indexes_ready.load(Ordering::Acquire);
+            Box::pin(async move { if ready { Ok(()) } else { Err("indexes not created yet".to_owned()) } })
+        });
+    let mut launch = Launch::new(routes).readiness(readiness);
+
+    if let Some(wake) = wake {
+        let mut kafka = settings.kafka.clone();
+        // The relay batches by itself: do not let librdkafka wait for more.
+        if !kafka.effective_properties().contains_key("linger.ms") {
+            kafka.merge_properties([("linger.ms", "0")]);
+        }
+        let producer = kafkawrapper::Producer::new(&kafka).map_err(|e| e.to_string())?;
+        let (lease, handle) = lease::Lease::new(store.clone(), &settings.capture.topic, settings.capture.lease_ttl);
+        tracing::info!(holder = lease.holder(), "outbox relay enabled");
+        tokio::spawn(lease.run(ctx.shutdown.clone()));
+        let relay = relay::Relay::new(store, producer, kafka.brokers.clone(), settings.capture.clone(), wake, handle);
+        launch = launch.worker("outbox relay", relay.run(ctx.shutdown.clone()));
+    } else {
+        tracing::info!("CAPTURE_MODE=debezium: the outbox relay is off");
+    }
+    Ok(launch)
+}
+
+/// Creates the indexes, retrying while MongoDB is unreachable; writes are refused
+/// (503) until they exist, because idempotent retries depend on the unique index.
+async fn create_indexes(store: Store, ready: Arc<AtomicBool>, shutdown: Shutdown) {
+    let mut attempt: u32 = 0;
+    loop {
+        match store.ensure_indexes().await {
+            Ok(()) => {
+                ready.store(true, Ordering::Release);
+                tracing::info!("indexes ready");
+                return;
+            }
+            Err(err) => {
+                if attempt % 10 == 0 {
+                    tracing::warn!(error = %err, attempt, "cannot create indexes yet; retrying");
+                }
+                attempt = attempt.saturating_add(1);
+            }
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

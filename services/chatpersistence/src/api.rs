@@ -1,0 +1,387 @@
+//! The HTTP API: `POST /chat/messages` and `GET /chat/messages` on the public
+//! listener, and the unchecked history read on the internal one.
+//!
+//! Why this module exists: this is the fleet's only write path for chat messages,
+//! so every rule a message must satisfy (who may send it, what it may contain, which
+//! conversation it belongs to, that a retry does not write it twice, that a 201
+//! means durable) is enforced here, before anything reaches MongoDB.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRef, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use chatauth::{AuthUser, Authenticator, ServiceCaller};
+use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
+use chrono::{TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use servicekit::{ApiError, ApiJson, ApiQuery};
+use tokio::sync::{Mutex, Notify};
+
+use crate::settings::HistorySettings;
+use crate::store::{Cursor, Inserted, Store, StoreError};
+
+/// The response header that marks an idempotent replay (`200`, nothing written).
+pub const REPLAY_HEADER: &str = "idempotent-replay";
+
+/// The longest `client_message_id`.
+const MAX_CLIENT_MESSAGE_ID: usize = 128;
+
+/// Inserts of one stream are serialized within a process (by stripe), so message
+/// ids of a conversation are committed in id order and a `since` cursor never skips
+/// a message that committed late.
+const STREAM_LOCK_STRIPES: usize = 64;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    store: Store,
+    auth: Authenticator,
+    history: HistorySettings,
+    /// Wakes the outbox relay after a local insert (outbox mode only).
+    wake: Option<Arc<Notify>>,
+    /// Set once the indexes exist; writes wait for it (idempotency needs the
+    /// unique index).
+    indexes_ready: Arc<AtomicBool>,
+    stream_locks: Arc<Vec<Mutex<()>>>,
+}
+
+impl AppState {
+    pub fn new(
+        store: Store,
+        auth: Authenticator,
+        history: HistorySettings,
+        wake: Option<Arc<Notify>>,
+        indexes_ready: Arc<AtomicBool>,
+    ) -> Self {
+        let stream_locks = Arc::new((0..STREAM_LOCK_STRIPES).map(|_| Mutex::new(())).collect());
+        Self { store, auth, history, wake, indexes_ready, stream_locks }
+    }
+
+    fn stream_lock(&self, stream: &StreamId) -> &Mutex<()> {
+        // Stream ids are hex digests already: their leading bytes are uniform.
+        let head = stream.as_str().get(..8).unwrap_or_default();
+        let stripe = u64::from_str_radix(head, 16).unwrap_or(0) as usize % STREAM_LOCK_STRIPES;
+        &self.stream_locks[stripe]
+    }
+
+    /// A writable store, or 503 while the indexes are not there yet.
+    fn writable(&self) -> Result<&Store, ApiError> {
+        if self.indexes_ready.load(Ordering::Acquire) {
+            Ok(&self.store)
+        } else {
+            Err(ApiError::unavailable("the message store is starting (indexes not ready yet)", RETRY_AFTER))
+        }
+    }
+}
+
+impl FromRef<AppState> for Authenticator {
+    fn from_ref(state: &AppState) -> Self {
+        state.auth.clone()
+    }
+}
+
+/// What clients are told to wait before retrying after a 503.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+fn store_error(err: StoreError) -> ApiError {
+    match err {
+        StoreError::Unavailable(detail) => {
+            tracing::warn!(error = %detail, "MongoDB unavailable");
+            ApiError::unavailable("the message store is unavailable, retry later", RETRY_AFTER)
+        }
+        other => ApiError::internal(other),
+    }
+}
+
+/// The public routes.
+pub fn public_router(state: AppState) -> Router {
+    Router::new().route("/chat/messages", get(public_history).post(post_message)).with_state(state)
+}
+
+/// The internal routes (service token, internal port only).
+pub fn internal_router(state: AppState) -> Router {
+    Router::new().route("/chat/messages", get(internal_history)).with_state(state)
+}
+
+/// `POST /chat/messages` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostMessage {
+    content: String,
+    sender_id: String,
+    receiver_id: String,
+    #[serde(default)]
+    stream_id: Option<String>,
+    #[serde(default)]
+    client_message_id: Option<String>,
+}
+
+/// A validated `POST /chat/messages`.
+#[derive(Debug, PartialEq, Eq)]
+struct NewMessage {
+    sender: UserId,
+    receiver: UserId,
+    stream: StreamId,
+    content: MessageContent,
+    client_message_id: Option<String>,
+}
+
+fn invalid(field: &str, err: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("{field}: {err}"))
+}
+
+/// Checks a post against the caller; every rule of the API in one place.
+fn validate(caller: &UserId, body: PostMessage) -> Result<NewMessage, ApiError> {
+    let sender = UserId::parse(&body.sender_id).map_err(|e| invalid("sender_id", e))?;
+    if &sender != caller {
+        return Err(ApiError::forbidden("sender_id must be the authenticated user"));
+    }
+    let receiver = UserId::parse(&body.receiver_id).map_err(|e| invalid("receiver_id", e))?;
+    if receiver == sender {
+        return Err(invalid("receiver_id", "must differ from sender_id"));
+    }
+    let content = MessageContent::parse(&body.content).map_err(|e| invalid("content", e))?;
+    let stream = StreamId::for_pair(&sender, &receiver);
+    if let Some(given) = body.stream_id.as_deref() {
+        if given != stream.as_str() {
+            return Err(invalid("stream_id", format!("{given:?} is not the stream of sender_id and receiver_id")));
+        }
+    }
+    if let Some(id) = body.client_message_id.as_deref() {
+        let valid_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
+        if id.is_empty() || id.len() > MAX_CLIENT_MESSAGE_ID || !valid_chars {
+            return Err(invalid(
+                "client_message_id",
+                format!("must be 1 to {MAX_CLIENT_MESSAGE_ID} characters of A-Z a-z 0-9 _ . : -"),
+            ));
+        }
+    }
+    Ok(NewMessage { sender, receiver, stream, content, client_message_id: body.client_message_id })
+}
+
+async fn post_message(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiJson(body): ApiJson<PostMessage>,
+) -> Result<Response, ApiError> {
+    let new = validate(&caller, body)?;
+    let store = state.writable()?;
+
+    let started = Instant::now();
+    let outcome = {
+        let _serial = state.stream_lock(&new.stream).lock().await;
+        let now = Utc::now().timestamp_millis();
+        let message = ChatMessage {
+            message_id: MessageId::new(),
+            stream_id: new.stream,
+            sender_id: new.sender.clone(),
+            receiver_id: new.receiver.clone(),
+            content: new.content.clone(),
+            // Milliseconds: what BSON dates and the change events carry.
+            created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
+        };
+        store.insert(&message, new.client_message_id.as_deref()).await.map(|done| (done, message))
+    };
+    metrics::histogram!("message_write_duration_seconds").record(started.elapsed().as_secs_f64());
+
+    match outcome.map_err(store_error)? {
+        (Inserted::Created, message) => {
+            metrics::counter!("messages_written_total").increment(1);
+            if let Some(wake) = &state.wake {
+                wake.notify_one();
+            }
+            Ok((StatusCode::CREATED, Json(message)).into_response())
+        }
+        (Inserted::Replay(original), _) => {
+            if original.receiver_id != new.receiver || original.content != new.content {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "client_message_id_reused",
+                    "client_message_id was already used for a different message",
+                ));
+            }
+            metrics::counter!("idempotent_replays_total").increment(1);
+            let mut response = (StatusCode::OK, Json(original)).into_response();
+            response.headers_mut().insert(REPLAY_HEADER, HeaderValue::from_static("true"));
+            Ok(response)
+        }
+    }
+}
+
+/// `GET /chat/messages` query on the public listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicHistoryQuery {
+    #[serde(default)]
+    stream_id: Option<String>,
+    #[serde(default)]
+    peer_id: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    before: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+    /// Accepted (and read by the authenticator) so browsers can use the query form.
+    #[serde(default, rename = "access_token")]
+    _access_token: Option<String>,
+}
+
+/// `GET /chat/messages` query on the internal listener.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InternalHistoryQuery {
+    stream_id: String,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    before: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// One history page.
+#[derive(Debug, Serialize)]
+pub struct HistoryPage {
+    stream_id: StreamId,
+    /// Oldest first.
+    messages: Vec<ChatMessage>,
+    /// Whether more messages follow in the paging direction (after the last one for
+    /// `since`/no cursor, before the first one for `before`).
+    has_more: bool,
+}
+
+fn cursor(since: Option<&str>, before: Option<&str>) -> Result<Cursor, ApiError> {
+    match (since, before) {
+        (Some(_), Some(_)) => Err(ApiError::bad_request("since and before cannot be used together")),
+        (Some(id), None) => MessageId::parse(id).map(Cursor::Since).map_err(|e| invalid("since", e)),
+        (None, Some(id)) => MessageId::parse(id).map(Cursor::Before).map_err(|e| invalid("before", e)),
+        (None, None) => Ok(Cursor::Start),
+    }
+}
+
+fn page_limit(settings: &HistorySettings, limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(settings.default_limit),
+        Some(0) => Err(invalid("limit", "must be at least 1")),
+        Some(n) => Ok(n.min(settings.max_limit)),
+    }
+}
+
+async fn read_page(state: &AppState, stream: StreamId, cursor: Cursor, limit: u32) -> Result<HistoryPage, ApiError> {
+    let mut messages = state.store.history(&stream, cursor, limit + 1).await.map_err(store_error)?;
+    let has_more = messages.len() > limit as usize;
+    if has_more {
+        match cursor {
+            // The extra one is the oldest of a `before` page, the newest otherwise.
+            Cursor::Before(_) => {
+                messages.remove(0);
+            }
+            _ => messages.truncate(limit as usize),
+        }
+    }
+    Ok(HistoryPage { stream_id: stream, messages, has_more })
+}
+
+async fn public_history(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiQuery(query): ApiQuery<PublicHistoryQuery>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let Some(peer) = query.peer_id.as_deref() else {
+        return Err(invalid("peer_id", "is required (the other participant of the stream)"));
+    };
+    let peer = UserId::parse(peer).map_err(|e| invalid("peer_id", e))?;
+    if peer == caller {
+        return Err(invalid("peer_id", "must differ from the authenticated user"));
+    }
+    // The stream is recomputed from the caller and the peer, never taken on trust.
+    let stream = StreamId::for_pair(&caller, &peer);
+    if let Some(given) = query.stream_id.as_deref() {
+        let given = StreamId::parse(given).map_err(|e| invalid("stream_id", e))?;
+        if given != stream {
+            return Err(ApiError::forbidden("you are not a participant of this stream"));
+        }
+    }
+    let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
+    let limit = page_limit(&state.history, query.limit)?;
+    read_page(&state, stream, cursor, limit).await.map(Json)
+}
+
+async fn internal_history(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<InternalHistoryQuery>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let stream = StreamId::parse(&query.stream_id).map_err(|e| invalid("stream_id", e))?;
+    let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
+    let limit = page_limit(&state.history, query.limit)?;
+    read_page(&state, stream, cursor, limit).await.map(Json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(raw: &str) -> UserId {
+        UserId::parse(raw).expect("valid")
+    }
+
+    fn body(sender: &str, receiver: &str, content: &str) -> PostMessage {
+        PostMessage {
+            content: content.to_owned(),
+            sender_id: sender.to_owned(),
+            receiver_id: receiver.to_owned(),
+            stream_id: None,
+            client_message_id: None,
+        }
+    }
+
+    #[test]
+    fn a_good_post_is_accepted_and_trimmed() {
+        let mut b = body("alice", "bob", "  hi  ");
+        b.stream_id = Some(StreamId::for_pair(&user("alice"), &user("bob")).to_string());
+        b.client_message_id = Some("web:1.2_3-x".into());
+        let new = validate(&user("alice"), b).expect("valid");
+        assert_eq!(new.content.as_str(), "hi");
+        assert_eq!(new.client_message_id.as_deref(), Some("web:1.2_3-x"));
+    }
+
+    #[test]
+    fn bad_posts_are_refused_with_the_right_status() {
+        let alice = user("alice");
+        let status = |b: PostMessage| validate(&alice, b).map(|_| ()).map_err(|e| e.status).err();
+        assert_eq!(status(body("mallory", "bob", "x")), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(body("alice", "alice", "x")), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(body("alice", "b o b", "x")), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(body("alice", "bob", " \n ")), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(body("alice", "bob", &"x".repeat(4001))), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(body("alice", "bob", "bell\u{7}")), Some(StatusCode::BAD_REQUEST));
+        let mut wrong_stream = body("alice", "bob", "x");
+        wrong_stream.stream_id = Some(StreamId::for_pair(&alice, &user("carol")).to_string());
+        assert_eq!(status(wrong_stream), Some(StatusCode::BAD_REQUEST));
+        for bad in ["", "has space", "slash/", &"k".repeat(129)] {
+            let mut b = body("alice", "bob", "x");
+            b.client_message_id = Some(bad.to_owned());
+            assert_eq!(status(b), Some(StatusCode::BAD_REQUEST), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cursors_and_limits() {
+        let id = MessageId::new().to_string();
+        assert!(matches!(cursor(Some(&id), None), Ok(Cursor::Since(_))));
+        assert!(matches!(cursor(None, Some(&id)), Ok(Cursor::Before(_))));
+        assert!(cursor(Some(&id), Some(&id)).is_err());
+        assert!(cursor(Some("nope"), None).is_err());
+        let settings = HistorySettings::default();
+        assert_eq!(page_limit(&settings, None).ok(), Some(50));
+        assert_eq!(page_limit(&settings, Some(500)).ok(), Some(200));
+        assert!(page_limit(&settings, Some(0)).is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! chatpersistence's settings: MongoDB, capture (outbox relay or Debezium), history
+//! paging, plus the shared authentication and Kafka sections.
+//!
+//! Why this module exists: every knob the service has is named here once, with its
+//! documented environment variable and its default, so `docs/chatpersistence.md`
+//! and the code cannot disagree about what a setting is called or what it defaults to.
+
+use std::time::Duration;
+
+use chatauth::AuthSettings;
+use kafkawrapper::KafkaSettings;
+use serde::{Deserialize, Serialize};
+use servicekit::EnvMap;
+
+/// Where messages are stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MongoSettings {
+    /// `MONGODB_URI`: the connection string (a replica set in production).
+    pub uri: String,
+    /// `MONGODB_DATABASE`: the database holding the messages collection.
+    pub database: String,
+    /// `MONGODB_MESSAGES_COLLECTION`: the messages collection (Debezium captures it).
+    pub messages_collection: String,
+    /// `MONGODB_TIMEOUT`: server selection, connect and per-operation bound. A
+    /// MongoDB that does not answer within it makes the API answer 503.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://127.0.0.1:27017".to_owned(),
+            database: "chat".to_owned(),
+            messages_collection: "messages".to_owned(),
+            timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl MongoSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("MONGODB_URI", "uri"),
+        ("MONGODB_DATABASE", "database"),
+        ("MONGODB_MESSAGES_COLLECTION", "messages_collection"),
+        ("MONGODB_TIMEOUT", "timeout"),
+    ];
+}
+
+/// Who puts new messages on the change topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureMode {
+    /// The built-in relay: inserts carry `outbox_pending: true`, the relay publishes
+    /// and clears the marker.
+    #[default]
+    Outbox,
+    /// Debezium captures the collection; the relay is off and no marker is written.
+    Debezium,
+}
+
+/// The outbox relay.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CaptureSettings {
+    /// `CAPTURE_MODE`: `outbox` (default) or `debezium`.
+    pub mode: CaptureMode,
+    /// `CHAT_CHANGES_TOPIC`: where change events go.
+    pub topic: String,
+    /// `KAFKA_TOPIC_PARTITIONS`: partitions the relay creates the topic with when it
+    /// does not exist (an existing topic is left alone).
+    pub partitions: i32,
+    /// `RELAY_BATCH_SIZE`: most messages read from the outbox per scan.
+    pub batch_size: u32,
+    /// `RELAY_POLL_INTERVAL`: fallback scan interval (local inserts wake the relay at
+    /// once; the poll finds other replicas' inserts and leftovers).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// `RELAY_LEASE_TTL`: how long a relay's leadership lasts without renewal; a
+    /// dead leader is replaced within about this long. Renewed every TTL/3.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// `RELAY_MAX_BACKOFF`: the cap of the wait between attempts while the broker
+    /// refuses messages.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for CaptureSettings {
+    fn default() -> Self {
+        Self {
+            mode: CaptureMode::Outbox,
+            topic: "chat.changes".to_owned(),
+            partitions: 6,
+            batch_size: 500,
+            poll_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+impl CaptureSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("CAPTURE_MODE", "mode"),
+        ("CHAT_CHANGES_TOPIC", "topic"),
+        ("KAFKA_TOPIC_PARTITIONS", "partitions"),
+        ("RELAY_BATCH_SIZE", "batch_size"),
+        ("RELAY_POLL_INTERVAL", "poll_interval"),
+        ("RELAY_LEASE_TTL", "lease_ttl"),
+        ("RELAY_MAX_BACKOFF", "max_backoff"),
+    ];
+}
+
+/// History paging.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HistorySettings {
+    /// `HISTORY_DEFAULT_LIMIT`: page size when the request names none.
+    pub default_limit: u32,
+    /// `HISTORY_MAX_LIMIT`: larger requested limits are cut to this.
+    pub max_limit: u32,
+}
+
+impl Default for HistorySettings {
+    fn default() -> Self {
+        Self { default_limit: 50, max_limit: 200 }
+    }
+}
+
+impl HistorySettings {
+    pub const ENV: &'static [(&'static str, &'static str)] =
+        &[("HISTORY_DEFAULT_LIMIT", "default_limit"), ("HISTORY_MAX_LIMIT", "max_limit")];
+}
+
+/// Everything chatpersistence reads besides servicekit's base settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub mongo: MongoSettings,
+    pub capture: CaptureSettings,
+    pub history: HistorySettings,
+    pub auth: AuthSettings,
+    pub kafka: KafkaSettings,
+}
+
+impl Settings {
+    /// The documented environment variables of this service.
+    pub fn env_map() -> EnvMap {
+        EnvMap::new()
+            .section("mongo", MongoSettings::ENV)
+            .section("capture", CaptureSettings::ENV)
+            .section("history", HistorySettings::ENV)
+            .section("auth", AuthSettings::ENV)
+            .section("kafka", KafkaSettings::ENV)
+    }
+
+    /// Rejects combinations that cannot work, naming the variable to fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.mongo.timeout.is_zero() {
+            return Err("MONGODB_TIMEOUT must be greater than zero".into());
+        }
+        if self.history.default_limit == 0 || self.history.max_limit == 0 {
+            return Err("HISTORY_DEFAULT_LIMIT and HISTORY_MAX_LIMIT must be at least 1".into());
+        }
+        if self.history.default_limit > self.history.max_limit {
+            return Err("HISTORY_DEFAULT_LIMIT must not exceed HISTORY_MAX_LIMIT".into());
+        }
+        if self.capture.mode == CaptureMode::Outbox {
+            if self.capture.topic.trim().is_empty() {
+                return Err("CHAT_CHANGES_TOPIC must not be empty".into());
+            }
+            if self.capture.partitions < 1 {
+                return Err("KAFKA_TOPIC_PARTITIONS must be at least 1".into());
+            }
+            if self.capture.batch_size == 0 {
+                return Err("RELAY_BATCH_SIZE must be at least 1".into());
+            }
+            if self.capture.poll_interval.is_zero() {
+                return Err("RELAY_POLL_INTERVAL must be greater than zero".into());
+            }
+            if self.capture.lease_ttl < Duration::from_millis(300) {
+                return Err("RELAY_LEASE_TTL must be at least 300ms".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Settings {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        servicekit::config::load_from(&Settings::env_map(), move |name| map.get(name).cloned()).expect("settings load")
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = load(&[]);
+        assert_eq!(s.mongo.uri, "mongodb://127.0.0.1:27017");
+        assert_eq!(s.mongo.database, "chat");
+        assert_eq!(s.mongo.messages_collection, "messages");
+        assert_eq!(s.mongo.timeout, Duration::from_secs(2));
+        assert_eq!(s.capture.mode, CaptureMode::Outbox);
+        assert_eq!(s.capture.topic, "chat.changes");
+        assert_eq!(s.capture.partitions, 6);
+        assert_eq!(s.history.default_limit, 50);
+        assert_eq!(s.history.max_limit, 200);
+        assert!(s.validate().is_ok());
+    }
+
+    #[test]
+    fn documented_variables_are_read() {
+        let s = load(&[
+            ("MONGODB_URI", "mongodb://db:27017/?replicaSet=rs0"),
+            ("MONGODB_DATABASE", "c2"),
+            ("MONGODB_MESSAGES_COLLECTION", "m2"),
+            ("MONGODB_TIMEOUT", "750ms"),
+            ("CAPTURE_MODE", "debezium"),
+            ("CHAT_CHANGES_TOPIC", "t"),
+            ("KAFKA_TOPIC_PARTITIONS", "3"),
+            ("RELAY_BATCH_SIZE", "10"),
+            ("RELAY_POLL_INTERVAL", "1s"),
+            ("RELAY_LEASE_TTL", "2s"),
+            ("HISTORY_MAX_LIMIT", "100"),
+            ("KAFKA_BROKERS", "k:9092"),
+        ]);
+        assert_eq!(s.mongo.uri, "mongodb://db:27017/?replicaSet=rs0");
+        assert_eq!(s.mongo.database, "c2");
+        assert_eq!(s.mongo.messages_collection, "m2");
+        assert_eq!(s.mongo.timeout, Duration::from_millis(750));
+        assert_eq!(s.capture.mode, CaptureMode::Debezium);
+        assert_eq!(s.capture.topic, "t");
+        assert_eq!(s.capture.partitions, 3);
+        assert_eq!(s.capture.batch_size, 10);
+        assert_eq!(s.capture.poll_interval, Duration::from_secs(1));
+        assert_eq!(s.capture.lease_ttl, Duration::from_secs(2));
+        assert_eq!(s.history.max_limit, 100);
+        assert_eq!(s.kafka.brokers, "k:9092");
+    }
+
+    #[test]
+    fn impossible_combinations_are_refused() {
+        let mut s = load(&[]);
+        s.history.default_limit = 500;
+        assert!(s.validate().is_err());
+        let mut s = load(&[]);
+        s.capture.batch_size = 0;
+        assert!(s.validate().is_err());
+        s.capture.mode = CaptureMode::Debezium;
+        assert!(s.validate().is_ok(), "relay settings do not matter without the relay");
+    }
+}

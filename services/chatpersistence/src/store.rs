@@ -1,0 +1,374 @@
+//! The messages collection in MongoDB: the one write per message, history reads,
+//! the outbox marker the relay scans for, and the indexes all of that needs.
+//!
+//! Why this module exists: MongoDB is the source of truth of the whole pipeline, so
+//! every query against it (and every way it can fail) lives in one place. Driver
+//! errors are sorted here into "MongoDB is unreachable or too slow" (the API answers
+//! 503 and the relay retries), "duplicate key" (an idempotent retry) and the rest.
+//!
+//! Equality filters are written `{field: {$eq: value}}` on purpose. To MongoDB that
+//! is the same query; the local stand-in (nx-27017 on neosqlite) turns a bare
+//! `{field: value}` into SQL that also matches arrays containing the value, which
+//! SQLite cannot answer from an index, so every history read and outbox scan became
+//! a full scan (60 ms at 40k messages instead of under 1 ms).
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
+use chrono::{TimeZone, Utc};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, DateTime, Document};
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
+use mongodb::{Client, Collection, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use crate::settings::MongoSettings;
+
+/// MongoDB's duplicate key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// MongoDB cannot be reached, did not answer in time, or could not make the
+    /// write durable. Retrying later may succeed.
+    #[error("MongoDB unavailable: {0}")]
+    Unavailable(String),
+    /// A unique index refused the document.
+    #[error("duplicate key: {0}")]
+    Duplicate(String),
+    /// A stored document is not a valid chat message.
+    #[error("corrupt message document {id}: {reason}")]
+    Corrupt { id: String, reason: String },
+    /// Anything else the driver or server reported.
+    #[error("MongoDB error: {0}")]
+    Other(String),
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(err: mongodb::error::Error) -> Self {
+        classify(&err)
+    }
+}
+
+fn classify(err: &mongodb::error::Error) -> StoreError {
+    let text = err.to_string();
+    match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
+        ErrorKind::Command(e) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
+        ErrorKind::Write(WriteFailure::WriteConcernError(_))
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Shutdown => StoreError::Unavailable(text),
+        _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
+            StoreError::Unavailable(text)
+        }
+        _ => StoreError::Other(text),
+    }
+}
+
+/// A message document as stored. `_id` is the message id, so the document is
+/// addressed by the same id everywhere (Debezium's record `_id`, the API, the events).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MessageDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    message_id: String,
+    stream_id: String,
+    sender_id: String,
+    receiver_id: String,
+    content: String,
+    created_at: DateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    client_message_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outbox_pending: Option<bool>,
+}
+
+impl MessageDoc {
+    fn new(message: &ChatMessage, client_message_id: Option<&str>, outbox: bool) -> Self {
+        Self {
+            id: message.message_id.to_string(),
+            message_id: message.message_id.to_string(),
+            stream_id: message.stream_id.to_string(),
+            sender_id: message.sender_id.to_string(),
+            receiver_id: message.receiver_id.to_string(),
+            content: message.content.as_str().to_owned(),
+            created_at: DateTime::from_millis(message.created_at.timestamp_millis()),
+            client_message_id: client_message_id.map(str::to_owned),
+            outbox_pending: outbox.then_some(true),
+        }
+    }
+
+    fn into_message(self) -> Result<ChatMessage, StoreError> {
+        let id = self.id.clone();
+        let corrupt = |reason: String| StoreError::Corrupt { id: id.clone(), reason };
+        let message = ChatMessage {
+            message_id: MessageId::parse(&self.message_id).map_err(|e| corrupt(e.to_string()))?,
+            stream_id: StreamId::parse(&self.stream_id).map_err(|e| corrupt(e.to_string()))?,
+            sender_id: UserId::parse(&self.sender_id).map_err(|e| corrupt(e.to_string()))?,
+            receiver_id: UserId::parse(&self.receiver_id).map_err(|e| corrupt(e.to_string()))?,
+            content: MessageContent::parse(&self.content).map_err(|e| corrupt(e.to_string()))?,
+            created_at: Utc
+                .timestamp_millis_opt(self.created_at.timestamp_millis())
+                .single()
+                .ok_or_else(|| corrupt("created_at out of range".into()))?,
+        };
+        Ok(message)
+    }
+}
+
+/// Where a history page starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// The oldest messages of the stream.
+    Start,
+    /// Messages after this id (exclusive).
+    Since(MessageId),
+    /// Messages just before this id (exclusive).
+    Before(MessageId),
+}
+
+/// What an insert did.
+#[derive(Debug)]
+pub enum Inserted {
+    /// The message was written.
+    Created,
+    /// `(sender_id, client_message_id)` was used before: this is the original.
+    Replay(ChatMessage),
+}
+
+/// The messages collection (and the relay's lease collection next to it).
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    messages: Collection<MessageDoc>,
+    leases: Collection<Document>,
+    timeout: Duration,
+    outbox: bool,
+}
+
+impl Store {
+    /// A store on `settings`; `outbox` makes inserts carry the relay's marker.
+    /// Nothing is contacted yet (the driver connects in the background), so a
+    /// MongoDB that is down at start-up does not stop the service from starting.
+    pub async fn new(settings: &MongoSettings, outbox: bool) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(&settings.uri)
+            .await
+            .map_err(|e| StoreError::Other(format!("MONGODB_URI: {e}")))?;
+        options.app_name.get_or_insert_with(|| "chatpersistence".to_owned());
+        options.server_selection_timeout = Some(settings.timeout);
+        options.connect_timeout = Some(settings.timeout);
+        // Notice a MongoDB that came back within about a second.
+        options.heartbeat_freq = Some(Duration::from_secs(1));
+        // A message is acknowledged only once it is durable on a majority (a no-op
+        // against a standalone server, which journals anyway).
+        options.write_concern = Some(WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build());
+        let client = Client::with_options(options).map_err(|e| StoreError::Other(format!("MONGODB_URI: {e}")))?;
+        let db = client.database(&settings.database);
+        Ok(Self {
+            messages: db.collection(&settings.messages_collection),
+            leases: db.collection("relay_leases"),
+            client,
+            timeout: settings.timeout,
+            outbox,
+        })
+    }
+
+    /// Runs `op` within the MongoDB timeout, so a server that accepted the
+    /// connection but stopped answering still fails fast.
+    async fn bounded<T>(&self, op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, op.into_future()).await {
+            Ok(result) => result.map_err(StoreError::from),
+            Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
+        }
+    }
+
+    /// Round trip to the server (readiness).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let db = self.client.database(&self.messages.namespace().db);
+        self.bounded(db.run_command(doc! { "ping": 1 })).await.map(|_| ())
+    }
+
+    /// Creates the indexes the queries rely on (idempotent).
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let indexes = vec![
+            IndexModel::builder()
+                .keys(doc! { "message_id": 1 })
+                .options(IndexOptions::builder().name("message_id_unique".to_owned()).unique(true).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "stream_id": 1, "message_id": 1 })
+                .options(IndexOptions::builder().name("stream_history".to_owned()).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "sender_id": 1, "client_message_id": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("sender_client_message_id_unique".to_owned())
+                        .unique(true)
+                        .partial_filter_expression(doc! { "client_message_id": { "$exists": true } })
+                        .build(),
+                )
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "outbox_pending": 1, "message_id": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("outbox_pending".to_owned())
+                        .partial_filter_expression(doc! { "outbox_pending": true })
+                        .build(),
+                )
+                .build(),
+        ];
+        for index in indexes {
+            self.bounded(self.messages.create_index(index)).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes `message` once. A second write with the same `(sender_id,
+    /// client_message_id)` writes nothing and returns the original.
+    pub async fn insert(&self, message: &ChatMessage, client_message_id: Option<&str>) -> Result<Inserted, StoreError> {
+        let doc = MessageDoc::new(message, client_message_id, self.outbox);
+        match self.bounded(self.messages.insert_one(&doc)).await {
+            Ok(_) => Ok(Inserted::Created),
+            Err(StoreError::Duplicate(detail)) => {
+                let Some(client_message_id) = client_message_id else {
+                    // Only a colliding message id could do this: ids are UUIDv7.
+                    return Err(StoreError::Other(format!("message id collision: {detail}")));
+                };
+                match self.by_client_message_id(&message.sender_id, client_message_id).await? {
+                    Some(original) => Ok(Inserted::Replay(original)),
+                    None => Err(StoreError::Other(format!("duplicate key but no original: {detail}"))),
+                }
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    async fn by_client_message_id(&self, sender: &UserId, client_message_id: &str) -> Result<Option<ChatMessage>, StoreError> {
+        let filter = doc! { "sender_id": { "$eq": sender.as_str() }, "client_message_id": { "$eq": client_message_id } };
+        self.bounded(self.messages.find_one(filter)).await?.map(MessageDoc::into_message).transpose()
+    }
+
+    /// Up to `limit` messages of `stream` from `cursor`, oldest first.
+    pub async fn history(&self, stream: &StreamId, cursor: Cursor, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
+        let mut filter = doc! { "stream_id": { "$eq": stream.as_str() } };
+        let ascending = match cursor {
+            Cursor::Start => true,
+            Cursor::Since(id) => {
+                filter.insert("message_id", doc! { "$gt": id.to_string() });
+                true
+            }
+            Cursor::Before(id) => {
+                filter.insert("message_id", doc! { "$lt": id.to_string() });
+                false
+            }
+        };
+        let order = if ascending { 1 } else { -1 };
+        let find = async {
+            self.messages
+                .find(filter)
+                .sort(doc! { "message_id": order })
+                .limit(i64::from(limit))
+                .await?
+                .try_collect::<Vec<MessageDoc>>()
+                .await
+        };
+        let docs = self.bounded(find).await?;
+        let mut messages = docs.into_iter().map(MessageDoc::into_message).collect::<Result<Vec<_>, _>>()?;
+        if !ascending {
+            messages.reverse();
+        }
+        Ok(messages)
+    }
+
+    /// The oldest `limit` messages still marked for the relay, oldest first.
+    /// Corrupt documents are returned as errors in place so the caller can skip them.
+    pub async fn pending(&self, limit: u32) -> Result<Vec<Result<ChatMessage, StoreError>>, StoreError> {
+        let find = async {
+            self.messages
+                .find(doc! { "outbox_pending": { "$eq": true } })
+                .sort(doc! { "message_id": 1 })
+                .limit(i64::from(limit))
+                .await?
+                .try_collect::<Vec<MessageDoc>>()
+                .await
+        };
+        Ok(self.bounded(find).await?.into_iter().map(MessageDoc::into_message).collect())
+    }
+
+    /// Clears the outbox marker of `ids` (after the broker acknowledged them).
+    pub async fn clear_pending(&self, ids: &[String]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let filter = doc! { "_id": { "$in": ids }, "outbox_pending": { "$eq": true } };
+        let update = doc! { "$unset": { "outbox_pending": "" } };
+        Ok(self.bounded(self.messages.update_many(filter, update)).await?.modified_count)
+    }
+
+    /// How many messages wait for the relay.
+    pub async fn count_pending(&self) -> Result<u64, StoreError> {
+        self.bounded(self.messages.count_documents(doc! { "outbox_pending": { "$eq": true } })).await
+    }
+
+    /// The relay's lease collection.
+    pub fn leases(&self) -> &Collection<Document> {
+        &self.leases
+    }
+
+    /// The bound every operation runs under.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Runs a lease operation under the same bound and error sorting.
+    pub async fn run<T>(&self, op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>) -> Result<T, StoreError> {
+        self.bounded(op).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> ChatMessage {
+        let a = UserId::parse("alice").expect("valid");
+        let b = UserId::parse("bob").expect("valid");
+        ChatMessage {
+            message_id: MessageId::new(),
+            stream_id: StreamId::for_pair(&a, &b),
+            sender_id: a,
+            receiver_id: b,
+            content: MessageContent::parse("hi").expect("valid"),
+            created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
+        }
+    }
+
+    #[test]
+    fn documents_round_trip_and_carry_the_marker_only_in_outbox_mode() {
+        let m = message();
+        let doc = MessageDoc::new(&m, Some("c-1"), true);
+        assert_eq!(doc.id, m.message_id.to_string());
+        assert_eq!(doc.outbox_pending, Some(true));
+        let bson = mongodb::bson::to_document(&doc).expect("serialize");
+        assert!(bson.get_datetime("created_at").is_ok(), "created_at is a BSON date: {bson}");
+        assert_eq!(bson.get_bool("outbox_pending"), Ok(true));
+        let plain = mongodb::bson::to_document(&MessageDoc::new(&m, None, false)).expect("serialize");
+        assert!(!plain.contains_key("outbox_pending") && !plain.contains_key("client_message_id"), "{plain}");
+        assert_eq!(doc.into_message().expect("valid"), m);
+    }
+
+    #[test]
+    fn corrupt_documents_are_reported() {
+        let mut doc = MessageDoc::new(&message(), None, false);
+        doc.stream_id = "nope".into();
+        assert!(matches!(doc.into_message(), Err(StoreError::Corrupt { .. })));
+    }
+}
