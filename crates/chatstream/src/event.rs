@@ -110,6 +110,24 @@ impl ChangeEvent {
 
     /// Reads a record value in either the flattened or the raw Debezium form.
     pub fn parse(payload: &[u8]) -> Result<Self, EventError> {
+        let change = ChangeRecord::parse(payload)?;
+        let message = document_to_message(change.document, change.op)?;
+        Ok(Self { op: change.op, message, source_ts_ms: change.source_ts_ms })
+    }
+}
+
+/// A change record of any captured collection: the operation, when it happened, and
+/// the document's own fields (capture metadata removed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeRecord {
+    pub op: ChangeOp,
+    pub source_ts_ms: i64,
+    pub document: Map<String, Value>,
+}
+
+impl ChangeRecord {
+    /// Unwraps a record value in the flattened or the raw Debezium form.
+    pub fn parse(payload: &[u8]) -> Result<Self, EventError> {
         let value: Value =
             serde_json::from_slice(payload).map_err(|err| EventError::Malformed(format!("not JSON: {err}")))?;
         let mut value = match value {
@@ -140,8 +158,7 @@ impl ChangeEvent {
         };
         let source_ts_ms = doc.get("__source_ts_ms").and_then(Value::as_i64).unwrap_or(0);
         doc.retain(|k, _| !k.starts_with("__"));
-        let message = document_to_message(doc, op)?;
-        Ok(Self { op, message, source_ts_ms })
+        Ok(Self { op, source_ts_ms, document: doc })
     }
 
     fn from_envelope(mut envelope: Map<String, Value>) -> Result<Self, EventError> {
@@ -152,13 +169,27 @@ impl ChangeEvent {
             .and_then(Value::as_i64)
             .or_else(|| envelope.get("ts_ms").and_then(Value::as_i64))
             .unwrap_or(0);
-        let doc = match (envelope.remove("after"), envelope.remove("before")) {
+        let document = match (envelope.remove("after"), envelope.remove("before")) {
             (Some(after), _) if !after.is_null() => document(after)?,
             (_, Some(before)) if !before.is_null() => document(before)?,
             _ => return Err(EventError::Unroutable("the event carries no document".into())),
         };
-        let message = document_to_message(doc, op)?;
-        Ok(Self { op, message, source_ts_ms })
+        Ok(Self { op, source_ts_ms, document })
+    }
+
+    /// The document with extended-JSON wrappers (`{"$oid": …}`, `{"$date": …}`)
+    /// replaced by plain values (dates as RFC 3339), for typed deserialization.
+    pub fn plain_document(&self) -> Result<Map<String, Value>, EventError> {
+        self.document
+            .iter()
+            .map(|(k, v)| {
+                let plain = match v {
+                    Value::Object(map) if map.contains_key("$date") => Value::String(timestamp(v)?.to_rfc3339()),
+                    other => unwrap_string(other),
+                };
+                Ok((k.clone(), plain))
+            })
+            .collect()
     }
 }
 
@@ -219,7 +250,7 @@ fn unwrap_string(value: &Value) -> Value {
 }
 
 /// Millis, `{"$date": millis | iso | {"$numberLong": "millis"}}` or an RFC 3339 string.
-fn timestamp(value: &Value) -> Result<DateTime<Utc>, EventError> {
+pub(crate) fn timestamp(value: &Value) -> Result<DateTime<Utc>, EventError> {
     let bad = || EventError::Malformed(format!("created_at is not a timestamp: {value}"));
     match value {
         Value::Number(n) => n.as_i64().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),

@@ -9,10 +9,11 @@
 //! [`UserId`], [`StreamId`] or [`MessageId`] it is known to be well formed, and code
 //! further down never has to check again.
 
+pub mod domain;
 mod event;
 mod ids;
 mod message;
 
-pub use event::{ChangeEvent, ChangeOp, EventError};
+pub use event::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
 pub use ids::{IdError, MessageId, StreamId, UserId};
 pub use message::{ChatMessage, ContentError, MessageContent, MAX_CONTENT_CHARS};
