@@ -35,6 +35,19 @@ if ! command -v curl >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q curl
 fi
 
+# Development secrets: random, made once, kept in $CHATFLEET_DEV_SECRETS.
+if [[ ! -f "$CHATFLEET_DEV_SECRETS" ]]; then
+  mkdir -p "$(dirname "$CHATFLEET_DEV_SECRETS")"
+  umask 077
+  {
+    printf 'JWT_SECRET=%s\n' "$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')"
+    printf 'INTERNAL_SERVICE_TOKEN=%s\n' "$(head -c 32 /dev/urandom | base64 | tr -d '/+=\n')"
+  } >"$CHATFLEET_DEV_SECRETS"
+  log "made development secrets in $CHATFLEET_DEV_SECRETS"
+fi
+# shellcheck source=env.sh
+source "$here/env.sh"
+
 cd "$CHATFLEET_ROOT"
 if [[ "${CHATFLEET_SKIP_BUILD:-0}" != 1 ]]; then
   log "cargo build --workspace --bins"
@@ -47,6 +60,11 @@ bin_dir="$target_dir/debug"
 port_of() {
   local var
   var="$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')_HTTP_PORT"
+  printf '%s\n' "${!var}"
+}
+internal_port_of() {
+  local var
+  var="$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')_INTERNAL_PORT"
   printf '%s\n' "${!var}"
 }
 port_var_of() { printf '%s_HTTP_PORT\n' "$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]')"; }
@@ -73,7 +91,9 @@ for name in "${services[@]}"; do
   rm -f "$(pidfile_of "$name")"
   port="$(port_of "$name")"
   ensure_port_free "$name" "$port" "$(port_var_of "$name")"
-  HTTP_PORT="$port" HTTP_HOST="$HTTP_HOST" \
+  ensure_port_free "$name" "$(internal_port_of "$name")" \
+    "$(printf '%s' "$name" | tr '[:lower:]' '[:upper:]')_INTERNAL_PORT"
+  HTTP_PORT="$port" INTERNAL_HTTP_PORT="$(internal_port_of "$name")" HTTP_HOST="$HTTP_HOST" \
     spawn "$(pidfile_of "$name")" "$(logfile_of "$name")" "$bin"
   log "$name: started (pid $(read_pid "$(pidfile_of "$name")"), port $port, log $(logfile_of "$name"))"
 done
@@ -127,3 +147,4 @@ if ((${#failed[@]} > 0)); then
   die "not healthy: ${failed[*]}; the others keep running, stop all with $here/down.sh"
 fi
 log "all built services are healthy; stop everything with $here/down.sh"
+log "try it: TOKEN=\$($here/token.sh alice) and see docs/api.md"
