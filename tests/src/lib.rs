@@ -379,6 +379,11 @@ impl ChatFleet {
 }
 
 impl Service {
+    /// The process id, while it runs (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// Sends a signal by name (`STOP`, `CONT`, ...).
     pub fn signal(&self, signal: &str) {
         self.process.signal(signal);

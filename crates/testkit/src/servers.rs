@@ -36,6 +36,11 @@ pub struct Redis {
 }
 
 impl Redis {
+    /// The server's process id, while it runs (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn start() -> Self {
         let dir = scratch("redis");
         let port = free_port();
@@ -103,6 +108,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The server's process id, while it runs (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn start() -> Self {
         let dir = scratch("broker");
         let port = free_port();
@@ -184,6 +194,11 @@ pub struct Mongo {
 }
 
 impl Mongo {
+    /// The server's process id, while it runs (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn start() -> Self {
         let dir = scratch("mongo");
         let port = free_port();
@@ -235,6 +250,11 @@ pub struct SmtpSink {
 }
 
 impl SmtpSink {
+    /// The server's process id, while it runs (for resource measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn start() -> Self {
         let dir = scratch("smtp");
         let port = free_port();
