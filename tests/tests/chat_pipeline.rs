@@ -22,10 +22,19 @@ async fn mongo_count(fleet: &ChatFleet, filter: mongodb::bson::Document) -> u64 
         .expect("count")
 }
 
+/// Posts like a frontend does: a `503` (nothing stored, e.g. a restarting pod) is
+/// retried after a pause; anything else but `201` fails the test.
 async fn post_ok(fleet: &ChatFleet, from: &str, to: &str, content: &str) -> String {
-    let (status, body) = client::post(&fleet.persistence, from, to, content, None).await;
-    assert_eq!(status, 201, "POST answered {status}: {body}");
-    body["message_id"].as_str().expect("message_id").to_owned()
+    for _ in 0..100 {
+        let (status, body) = client::post(&fleet.persistence, from, to, content, None).await;
+        if status == 503 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert_eq!(status, 201, "POST answered {status}: {body}");
+        return body["message_id"].as_str().expect("message_id").to_owned();
+    }
+    panic!("POST kept answering 503 for 10 s");
 }
 
 fn assert_exactly_once(seen: &[String], expected: &[String], who: &str) {

@@ -11,11 +11,13 @@ use std::time::Duration;
 use kafkawrapper::HandlerError;
 use reqwest::StatusCode;
 
-/// An HTTP client for internal endpoints, presenting the service token.
+/// An HTTP client for internal endpoints, presenting the service token. Each pipeline
+/// holds its own copy (sharing the connection pool) so its metrics carry its name.
 #[derive(Clone)]
 pub struct Forwarder {
     client: reqwest::Client,
     token: String,
+    pipeline: String,
 }
 
 impl Forwarder {
@@ -26,7 +28,12 @@ impl Forwarder {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|err| format!("cannot build the HTTP client: {err}"))?;
-        Ok(Self { client, token })
+        Ok(Self { client, token, pipeline: String::new() })
+    }
+
+    /// The same client, labelling its metrics with `pipeline`.
+    pub fn for_pipeline(&self, pipeline: &str) -> Self {
+        Self { pipeline: pipeline.to_owned(), ..self.clone() }
     }
 
     /// POSTs `body` to `url`; maps the outcome to the handler's error kinds.
@@ -38,8 +45,11 @@ impl Forwarder {
             Err(err) if err.is_timeout() => "timeout".to_owned(),
             Err(_) => "error".to_owned(),
         };
-        metrics::histogram!("forward_duration_seconds", "target" => target).record(started.elapsed().as_secs_f64());
-        metrics::counter!("forward_requests_total", "target" => target, "outcome" => outcome).increment(1);
+        let pipeline = self.pipeline.clone();
+        metrics::histogram!("forward_duration_seconds", "pipeline" => pipeline.clone(), "target" => target)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("forward_requests_total", "pipeline" => pipeline, "target" => target, "outcome" => outcome)
+            .increment(1);
         match result {
             Ok(response) => classify(target, response.status(), response.text().await.unwrap_or_default()),
             Err(err) => Err(HandlerError::retryable(format!("{target}: {err}"))),

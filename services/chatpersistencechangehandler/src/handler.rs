@@ -1,68 +1,180 @@
-//! The chat change handler: one Kafka record in, deduplicated concurrent forwards out.
+//! A pipeline's handler: one Kafka record in, deduplicated concurrent forwards out.
 //!
-//! For each change on `chat.changes`:
-//! 1. parse it (flattened or raw Debezium form); unparseable → dead-letter;
-//! 2. claim it in the event store: already done → skip; claimed by a consumer that
-//!    is still working on it (a rebalance race, or a crash whose lease has not run
-//!    out) → wait for that lease, then claim again; Redis down → process anyway;
-//! 3. forward to the socket pod and, for new messages, to the notification service,
-//!    concurrently; both must succeed for the change to count as done;
-//! 4. mark it done (the offset is committed after this returns), or release the
-//!    claim so the retry can take it.
+//! For each record on one of the pipeline's topics:
+//! 1. parse it — a chat change (flattened or raw Debezium form) or, on a domain topic,
+//!    a purchase, payment or shipment document; unparseable → dead-letter;
+//! 2. work out the calls the pipeline's targets make for it (socket frame, chat
+//!    notification for new messages, domain notification); none → done;
+//! 3. claim it in the pipeline's event store under its dedup key (per event, or per
+//!    conversation and recipient): already done → skip; claimed by a consumer that is
+//!    still working on it (a rebalance race, or a crash whose lease has not run out) →
+//!    wait for that lease, then claim again; Redis down → process anyway;
+//! 4. make the calls concurrently; all must succeed for the change to count as done;
+//! 5. mark it done (the offset is committed after this returns), or release the claim
+//!    so the retry can take it.
 //!
-//! When the retries run out, the failover closes the stream's sockets with the
-//! resync code, so the clients fetch what they missed from history.
+//! When the retries run out, the pipeline's `on_exhausted` action runs: failover closes
+//! the stream's sockets with the resync code so the clients fetch what they missed
+//! from history; log-and-skip and dead-letter only log and count (the consumer writes
+//! the dead letter when the pipeline has a dead-letter topic).
 
 use std::time::{Duration, Instant};
 
-use chatstream::{ChangeEvent, ChangeOp, EventError};
-use eventstore::{Claim, ClaimToken, RedisEventStore};
+use chatstream::domain::{DomainEvent, DomainKind};
+use chatstream::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
+use eventstore::{Claim, ClaimToken, EventKey, RedisEventStore};
 use futures::future::join_all;
 use kafkawrapper::{Handler, HandlerError, Record};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::forward::Forwarder;
+use crate::pipeline::{domain_kind, DedupBy, OnExhausted, Pipeline, Target};
 
 /// How often a consumer waiting on another's lease asks again.
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
-pub struct ChatChangeHandler {
+/// One change, as this pipeline reads it.
+#[derive(Debug)]
+enum Change {
+    Chat(ChangeEvent),
+    Domain(DomainEvent),
+    /// A domain document was deleted: nothing to notify.
+    DomainDelete,
+}
+
+/// One HTTP call a target makes for a change.
+struct Call {
+    target: &'static str,
+    url: String,
+    body: Value,
+}
+
+/// The base URLs of the targets.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub chat_websocket_url: String,
+    pub notifications_url: String,
+    pub failover_timeout: Duration,
+}
+
+pub struct PipelineHandler {
+    name: String,
     store: RedisEventStore,
     forwarder: Forwarder,
+    targets: Vec<Target>,
+    dedup_by: DedupBy,
+    on_exhausted: OnExhausted,
     chat_websocket_url: String,
-    notifications_url: Option<String>,
+    notifications_url: String,
     failover_timeout: Duration,
 }
 
-impl ChatChangeHandler {
-    pub fn new(
-        store: RedisEventStore,
-        forwarder: Forwarder,
-        chat_websocket_url: &str,
-        notifications_url: &str,
-        failover_timeout: Duration,
-    ) -> Self {
-        let trim = |url: &str| url.trim_end_matches('/').to_owned();
+impl PipelineHandler {
+    pub fn new(pipeline: &Pipeline, store: RedisEventStore, forwarder: &Forwarder, endpoints: &Endpoints) -> Self {
+        let trim = |url: &str| url.trim().trim_end_matches('/').to_owned();
         Self {
+            name: pipeline.name.clone(),
             store,
-            forwarder,
-            chat_websocket_url: trim(chat_websocket_url),
-            notifications_url: Some(trim(notifications_url)).filter(|u| !u.is_empty()),
-            failover_timeout,
+            forwarder: forwarder.for_pipeline(&pipeline.name),
+            targets: pipeline.targets.clone(),
+            dedup_by: pipeline.dedup_by,
+            on_exhausted: pipeline.on_exhausted,
+            chat_websocket_url: trim(&endpoints.chat_websocket_url),
+            notifications_url: trim(&endpoints.notifications_url),
+            failover_timeout: endpoints.failover_timeout,
         }
     }
 
-    fn parse(record: &Record) -> Result<ChangeEvent, HandlerError> {
+    fn parse(record: &Record) -> Result<Change, HandlerError> {
         let payload = record.payload.as_deref().ok_or_else(|| HandlerError::malformed("record has no value"))?;
-        ChangeEvent::parse(payload).map_err(|err| match err {
+        let map = |err: EventError| match err {
             EventError::Malformed(reason) => HandlerError::malformed(reason),
             EventError::Unroutable(reason) => HandlerError::permanent(reason),
-        })
+        };
+        match domain_kind(&record.topic) {
+            None => ChangeEvent::parse(payload).map(Change::Chat).map_err(map),
+            Some(kind) => Self::parse_domain(kind, payload).map_err(map),
+        }
+    }
+
+    fn parse_domain(kind: DomainKind, payload: &[u8]) -> Result<Change, EventError> {
+        match ChangeRecord::parse(payload) {
+            Ok(record) if record.op == ChangeOp::Delete => return Ok(Change::DomainDelete),
+            // A delete whose envelope carries no document at all.
+            Err(EventError::Unroutable(_)) => return Ok(Change::DomainDelete),
+            Err(err) => return Err(err),
+            Ok(_) => {}
+        }
+        DomainEvent::parse(kind, payload).map(Change::Domain)
+    }
+
+    /// The calls this pipeline's targets make for `change`.
+    fn calls(&self, change: &Change) -> Vec<Call> {
+        let mut calls = Vec::new();
+        for target in &self.targets {
+            match (target, change) {
+                (Target::ChatWebsocket, Change::Chat(event)) => {
+                    let kind = match event.op {
+                        ChangeOp::Create => "message",
+                        ChangeOp::Update => "message_updated",
+                        ChangeOp::Delete => "message_deleted",
+                    };
+                    calls.push(Call {
+                        target: target.name(),
+                        url: format!(
+                            "{}/chat/forward-to-websocket?stream_id={}",
+                            self.chat_websocket_url,
+                            event.stream_id()
+                        ),
+                        body: json!({ "type": kind, "message": event.message }),
+                    });
+                }
+                (Target::ChatNotification, Change::Chat(event)) if event.op == ChangeOp::Create => {
+                    calls.push(Call {
+                        target: target.name(),
+                        url: format!(
+                            "{}/notifications/chat?user_id={}",
+                            self.notifications_url, event.message.receiver_id
+                        ),
+                        body: json!({ "message": event.message }),
+                    });
+                }
+                (Target::DomainNotification, Change::Domain(event)) => {
+                    let document = &event.document;
+                    calls.push(Call {
+                        target: target.name(),
+                        url: format!(
+                            "{}{}?user_id={}",
+                            self.notifications_url,
+                            document.kind().endpoint(),
+                            document.user_id()
+                        ),
+                        body: serde_json::to_value(document).unwrap_or(Value::Null),
+                    });
+                }
+                _ => {}
+            }
+        }
+        calls
+    }
+
+    /// The event-store key `change` is deduplicated under.
+    fn key(&self, change: &Change) -> Option<EventKey> {
+        match (change, self.dedup_by) {
+            (Change::Chat(event), DedupBy::Event) => {
+                Some(self.store.key(&event.dedup_id(), event.stream_id().as_str()))
+            }
+            (Change::Chat(event), DedupBy::Stream) => {
+                Some(self.store.key(event.stream_id().as_str(), event.message.receiver_id.as_str()))
+            }
+            (Change::Domain(event), _) => Some(self.store.key(&event.dedup_id(), event.document.user_id().as_str())),
+            (Change::DomainDelete, _) => None,
+        }
     }
 
     /// Claims the event, waiting out another consumer's live lease. `Ok(None)` means
     /// "already done, skip"; `Ok(Some(None))` means "process without a claim" (Redis down).
-    async fn claim(&self, key: &eventstore::EventKey) -> Result<Option<Option<ClaimToken>>, HandlerError> {
+    async fn claim(&self, key: &EventKey) -> Result<Option<Option<ClaimToken>>, HandlerError> {
         let deadline = Instant::now() + self.store.settings().processing_lease + Duration::from_secs(1);
         loop {
             match self.store.claim(key).await {
@@ -75,27 +187,11 @@ impl ChatChangeHandler {
         }
     }
 
-    async fn forward(&self, event: &ChangeEvent) -> Result<(), HandlerError> {
-        let stream = event.stream_id();
-        let kind = match event.op {
-            ChangeOp::Create => "message",
-            ChangeOp::Update => "message_updated",
-            ChangeOp::Delete => "message_deleted",
-        };
-        let frame = json!({ "type": kind, "message": event.message });
-        let chat_url = format!("{}/chat/forward-to-websocket?stream_id={stream}", self.chat_websocket_url);
-        let notification = match (&self.notifications_url, event.op) {
-            (Some(base), ChangeOp::Create) => Some((
-                format!("{base}/notifications/chat?user_id={}", event.message.receiver_id),
-                json!({ "message": event.message }),
-            )),
-            _ => None,
-        };
-        let mut calls = vec![self.forwarder.post("chat_websocket", &chat_url, &frame)];
-        if let Some((url, body)) = &notification {
-            calls.push(self.forwarder.post("notifications", url, body));
-        }
-        let errors: Vec<HandlerError> = join_all(calls).await.into_iter().filter_map(Result::err).collect();
+    /// Makes the calls concurrently; a retryable failure wins over a permanent one, so
+    /// a change is only given up on at once when nothing could be retried.
+    async fn forward(&self, calls: &[Call]) -> Result<(), HandlerError> {
+        let posts = calls.iter().map(|call| self.forwarder.post(call.target, &call.url, &call.body));
+        let errors: Vec<HandlerError> = join_all(posts).await.into_iter().filter_map(Result::err).collect();
         match errors.iter().find(|e| e.is_retryable()).or(errors.first()) {
             None => Ok(()),
             Some(first) => Err(first.clone()),
@@ -117,7 +213,7 @@ impl ChatChangeHandler {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(err) => {
-                    tracing::error!(stream_id = %event.stream_id(), error = %err, "failover could not close the stream's sockets");
+                    tracing::error!(pipeline = %self.name, stream_id = %event.stream_id(), error = %err, "failover could not close the stream's sockets");
                     return false;
                 }
             }
@@ -125,20 +221,30 @@ impl ChatChangeHandler {
     }
 }
 
-impl Handler for ChatChangeHandler {
+impl Handler for PipelineHandler {
     async fn handle(&self, record: &Record) -> Result<(), HandlerError> {
-        let event = Self::parse(record)?;
-        let key = self.store.key(&event.dedup_id(), event.stream_id().as_str());
-        let Some(token) = self.claim(&key).await? else {
-            metrics::counter!("changes_skipped_duplicate_total").increment(1);
+        let change = Self::parse(record)?;
+        let calls = self.calls(&change);
+        let pipeline = self.name.clone();
+        let (Some(key), false) = (self.key(&change), calls.is_empty()) else {
+            metrics::counter!("changes_skipped_total", "pipeline" => pipeline, "reason" => "no_target").increment(1);
             return Ok(());
         };
-        match self.forward(&event).await {
+        let Some(token) = self.claim(&key).await? else {
+            metrics::counter!("changes_skipped_duplicate_total", "pipeline" => pipeline).increment(1);
+            return Ok(());
+        };
+        match self.forward(&calls).await {
             Ok(()) => {
                 if let Some(token) = token {
                     self.store.mark_done(&key, token).await;
                 }
-                metrics::counter!("changes_forwarded_total", "op" => event.op.code()).increment(1);
+                let op = match &change {
+                    Change::Chat(event) => event.op.code(),
+                    Change::Domain(event) => event.op.code(),
+                    Change::DomainDelete => "d",
+                };
+                metrics::counter!("changes_forwarded_total", "pipeline" => pipeline, "op" => op).increment(1);
                 Ok(())
             }
             Err(err) => {
@@ -151,14 +257,150 @@ impl Handler for ChatChangeHandler {
     }
 
     async fn on_exhausted(&self, record: &Record, error: &HandlerError) {
-        let Ok(event) = Self::parse(record) else { return };
-        tracing::error!(
-            message_id = %event.message_id(),
-            stream_id = %event.stream_id(),
-            error = %error,
-            "giving up on real-time delivery; closing the stream's sockets so clients resync from history"
+        let action = self.on_exhausted.name();
+        metrics::counter!("changes_given_up_total", "pipeline" => self.name.clone(), "action" => action, "kind" => error.kind())
+            .increment(1);
+        match self.on_exhausted {
+            OnExhausted::Failover => {
+                let Ok(Change::Chat(event)) = Self::parse(record) else { return };
+                tracing::error!(
+                    pipeline = %self.name,
+                    message_id = %event.message_id(),
+                    stream_id = %event.stream_id(),
+                    error = %error,
+                    "giving up on real-time delivery; closing the stream's sockets so clients resync from history"
+                );
+                let closed = self.fail_over(&event).await;
+                let outcome = if closed { "closed" } else { "failed" };
+                metrics::counter!("failovers_total", "pipeline" => self.name.clone(), "outcome" => outcome)
+                    .increment(1);
+            }
+            OnExhausted::LogAndSkip => tracing::warn!(
+                pipeline = %self.name,
+                topic = %record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                error = %error,
+                "giving up on this change; skipping it"
+            ),
+            OnExhausted::DeadLetter => tracing::warn!(
+                pipeline = %self.name,
+                topic = %record.topic,
+                partition = record.partition,
+                offset = record.offset,
+                error = %error,
+                "giving up on this change; it goes to the dead-letter topic"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::{resolve, PipelineSettings, RetryOverride, StoreOverride};
+    use crate::settings::Settings;
+
+    fn handler(targets: &[Target], dedup_by: DedupBy, topic: &str) -> PipelineHandler {
+        let mut settings = Settings::default();
+        settings.forward.notifications_url = "http://notify:9/".to_owned();
+        settings.pipelines = vec![PipelineSettings {
+            name: "t".into(),
+            topics: vec![topic.into()],
+            group_id: "g".into(),
+            dead_letter_topic: None,
+            targets: targets.to_vec(),
+            event_store: StoreOverride { key_prefix: Some("p".into()), ..StoreOverride::default() },
+            dedup_by,
+            retry: RetryOverride::default(),
+            on_exhausted: OnExhausted::LogAndSkip,
+        }];
+        let pipeline = resolve(&settings).expect("valid").remove(0);
+        let store = RedisEventStore::new(pipeline.store.clone()).expect("store");
+        let forwarder = Forwarder::new(Duration::from_secs(1), String::new()).expect("client");
+        let endpoints = Endpoints {
+            chat_websocket_url: "http://ws:8".into(),
+            notifications_url: settings.forward.notifications_url.clone(),
+            failover_timeout: Duration::from_secs(1),
+        };
+        PipelineHandler::new(&pipeline, store, &forwarder, &endpoints)
+    }
+
+    fn record(topic: &str, value: Value) -> Record {
+        Record {
+            topic: topic.into(),
+            partition: 0,
+            offset: 0,
+            key: None,
+            payload: Some(value.to_string().into_bytes()),
+            headers: Vec::new(),
+            timestamp: None,
+        }
+    }
+
+    fn chat(op: &str) -> Value {
+        let stream = chatstream::StreamId::for_pair(
+            &chatstream::UserId::parse("alice").expect("valid"),
+            &chatstream::UserId::parse("bob").expect("valid"),
         );
-        let closed = self.fail_over(&event).await;
-        metrics::counter!("failovers_total", "outcome" => if closed { "closed" } else { "failed" }).increment(1);
+        json!({"_id": "m-1", "message_id": "0195c1a4-0000-7000-8000-000000000001", "stream_id": stream.to_string(),
+            "sender_id": "alice", "receiver_id": "bob", "content": "hi", "created_at": 1_760_000_000_000_i64,
+            "__op": op, "__source_ts_ms": 5, "__deleted": "false"})
+    }
+
+    #[tokio::test]
+    async fn chat_targets_make_their_calls() {
+        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
+        let Ok(change) = PipelineHandler::parse(&record("chat.changes", chat("c"))) else { panic!("parses") };
+        let calls = h.calls(&change);
+        assert_eq!(calls.len(), 2);
+        assert!(calls[0].url.starts_with("http://ws:8/chat/forward-to-websocket?stream_id="), "{}", calls[0].url);
+        assert_eq!(calls[0].body["type"], "message");
+        assert_eq!(calls[1].url, "http://notify:9/notifications/chat?user_id=bob");
+        assert_eq!(calls[1].body["message"]["sender_id"], "alice");
+
+        let Ok(edit) = PipelineHandler::parse(&record("chat.changes", chat("u"))) else { panic!("parses") };
+        let calls = h.calls(&edit);
+        assert_eq!(calls.len(), 1, "an edit is not notified");
+        assert_eq!(calls[0].body["type"], "message_updated");
+    }
+
+    #[tokio::test]
+    async fn stream_dedup_keys_on_conversation_and_recipient() {
+        let h = handler(&[Target::ChatNotification], DedupBy::Stream, "chat.changes");
+        let Ok(change) = PipelineHandler::parse(&record("chat.changes", chat("c"))) else { panic!("parses") };
+        let Change::Chat(event) = &change else { panic!("chat") };
+        let key = h.key(&change).expect("key");
+        assert_eq!(key.as_str(), format!("eventstore:p:{}:bob", event.stream_id()));
+        let by_event = handler(&[Target::ChatNotification], DedupBy::Event, "chat.changes");
+        assert_eq!(
+            by_event.key(&change).expect("key").as_str(),
+            format!("eventstore:p:{}:{}", event.message_id(), event.stream_id())
+        );
+    }
+
+    #[tokio::test]
+    async fn domain_records_become_typed_notifications_for_their_user() {
+        let h = handler(&[Target::DomainNotification], DedupBy::Event, "payments.changes");
+        let value = json!({"_id": "pay-1", "payment_id": "pay-1", "user_id": "carol", "status": "overdue",
+            "amount_minor": 1250, "currency": "EUR", "due_date": "2026-01-31T00:00:00Z",
+            "outbox_pending": true, "__op": "c", "__source_ts_ms": 42});
+        let Ok(change) = PipelineHandler::parse(&record("payments.changes", value)) else { panic!("parses") };
+        let calls = h.calls(&change);
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].url, "http://notify:9/notifications/payment-reminder?user_id=carol");
+        assert_eq!(calls[0].body["payment_id"], "pay-1");
+        assert_eq!(calls[0].body["status"], "overdue");
+        assert!(calls[0].body.get("outbox_pending").is_none(), "only the typed document is sent");
+        assert_eq!(h.key(&change).expect("key").as_str(), "eventstore:p:pay-1.overdue.42:carol");
+
+        let deleted = json!({"_id": "pay-1", "__op": "d", "__deleted": "true", "__source_ts_ms": 43});
+        let Ok(change) = PipelineHandler::parse(&record("payments.changes", deleted)) else {
+            panic!("a delete parses")
+        };
+        assert!(h.calls(&change).is_empty(), "a deleted document notifies no one");
+
+        let bad = json!({"payment_id": "pay-1", "user_id": "carol", "status": "lost", "__op": "c"});
+        assert!(matches!(PipelineHandler::parse(&record("payments.changes", bad)), Err(HandlerError::Malformed(_))));
     }
 }

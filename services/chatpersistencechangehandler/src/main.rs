@@ -1,10 +1,14 @@
-//! chatpersistencechangehandler: consumes `chat.changes` and forwards each change to
-//! the WebSocket pod holding the stream and to the notification service.
+//! chatpersistencechangehandler: consumes the change topics (chat, purchases,
+//! payments, shipments) and forwards each change to the WebSocket pod holding the
+//! stream and to the notification service, through configured pipelines.
 //!
-//! This file only wires: settings → event store, forwarder, handler → consumer group.
+//! This file only wires: settings → pipelines → one event store, handler and consumer
+//! group per pipeline → one worker running them all (docs/pipelines.md).
 
 mod forward;
 mod handler;
+mod pipeline;
+mod runner;
 mod settings;
 
 use axum::Router;
@@ -13,42 +17,42 @@ use kafkawrapper::ConsumerGroup;
 use servicekit::{Launch, Readiness, Routes};
 
 use crate::forward::Forwarder;
-use crate::handler::ChatChangeHandler;
+use crate::handler::{Endpoints, PipelineHandler};
 use crate::settings::Settings;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     servicekit::run("chatpersistencechangehandler", &Settings::env_map(), |ctx, settings: Settings| async move {
-        let topics: Vec<(&str, i32)> = settings
-            .kafka
-            .topics
-            .iter()
-            .map(String::as_str)
-            .chain(settings.kafka.dead_letter_topic())
-            .map(|topic| (topic, 1))
-            .collect();
-        // Topics normally exist already (created by the operator or the relay); this
-        // only covers a fresh local broker, which does not auto-create them.
+        let pipelines = pipeline::resolve(&settings)?;
+        // Topics normally exist already (created by the operator, the relay or the
+        // connector); this only covers a fresh local broker, which does not auto-create.
+        let topics = runner::topics_to_ensure(&pipelines, settings.topic_partitions);
+        let topics: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
         if let Err(err) = kafkawrapper::ensure_topics(&settings.kafka.brokers, &topics).await {
             tracing::warn!(error = %err, "could not ensure topics exist");
         }
-        let store = RedisEventStore::new(settings.eventstore.clone()).map_err(|e| e.to_string())?;
         let forwarder = Forwarder::new(settings.forward.timeout, settings.forward.service_token.clone())?;
-        let handler = ChatChangeHandler::new(
-            store,
-            forwarder,
-            &settings.forward.chat_websocket_url,
-            &settings.forward.notifications_url,
-            settings.forward.failover_timeout,
-        );
-        let consumer = ConsumerGroup::new(settings.kafka.clone(), settings.retry.clone(), handler)
-            .map_err(|e| e.to_string())?;
-        let shutdown = ctx.shutdown.token();
+        let endpoints = Endpoints {
+            chat_websocket_url: settings.forward.chat_websocket_url.clone(),
+            notifications_url: settings.forward.notifications_url.clone(),
+            failover_timeout: settings.forward.failover_timeout,
+        };
+        let mut groups = Vec::new();
+        for pipeline in &pipelines {
+            let store = RedisEventStore::new(pipeline.store.clone())
+                .map_err(|e| format!("pipeline `{}`: event store: {e}", pipeline.name))?;
+            let handler = PipelineHandler::new(pipeline, store, &forwarder, &endpoints);
+            let group = ConsumerGroup::new(pipeline.kafka.clone(), pipeline.retry.clone(), handler)
+                .map_err(|e| format!("pipeline `{}`: {e}", pipeline.name))?;
+            runner::describe(pipeline);
+            groups.push((pipeline.name.clone(), group));
+        }
+        let shutdown = ctx.shutdown.clone();
         let readiness = Readiness::new().tcp("kafka", &settings.kafka.brokers);
         Ok::<_, String>(
             Launch::new(Routes::new(Router::new()))
                 .readiness(readiness)
-                .worker("chat.changes consumer", async move { consumer.run(shutdown).await.map_err(|e| e.to_string()) }),
+                .worker("pipelines", runner::run_all(groups, shutdown)),
         )
     })
     .await

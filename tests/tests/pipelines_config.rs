@@ -1,0 +1,153 @@
+//! A pipeline configuration that cannot work stops chatpersistencechangehandler at
+//! start, with a message naming the pipeline and the problem — before it connects to
+//! anything. (The rules themselves are unit-tested in the service's `pipeline.rs`;
+//! this checks the real binary refuses to start and says why.)
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chatfleet_tests::binary;
+
+/// Runs the handler with `config` as its `CHATFLEET_CONFIG`; returns exit success and
+/// everything it printed. Fails the test if it is still running after 20 s.
+fn start_with(config: &str, extra: &[(&str, &str)]) -> (bool, String) {
+    let dir = testkit::scratch("pipelines-config");
+    let path = dir.join("pipelines.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut command = Command::new(binary("chatpersistencechangehandler"));
+    command
+        .env("CHATFLEET_CONFIG", &path)
+        .env("HTTP_HOST", "127.0.0.1")
+        .env("HTTP_PORT", testkit::free_port().to_string())
+        .env("INTERNAL_HTTP_PORT", testkit::free_port().to_string())
+        // Nothing listens here: a configuration error must be reported before any connection.
+        .env("KAFKA_BROKERS", format!("127.0.0.1:{}", testkit::free_port()))
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", testkit::free_port()))
+        .env("CHAT_WEBSOCKET_URL", "http://127.0.0.1:9")
+        .env("NOTIFICATIONS_URL", "http://127.0.0.1:9")
+        .env("LOG_FORMAT", "text")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("start the handler");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the handler kept running with configuration:\n{config}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut output = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut output);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut output);
+    }
+    (status.success(), output)
+}
+
+fn assert_refused(config: &str, extra: &[(&str, &str)], expected: &[&str]) {
+    let (ok, output) = start_with(config, extra);
+    assert!(!ok, "the handler must refuse to start; output:\n{output}");
+    for part in expected {
+        assert!(output.contains(part), "missing {part:?} in the start-up error:\n{output}");
+    }
+}
+
+#[test]
+fn duplicate_group_ids_stop_the_start() {
+    assert_refused(
+        r#"
+[[pipelines]]
+name = "chat"
+topics = ["chat.changes"]
+group_id = "shared"
+targets = ["chat_websocket"]
+on_exhausted = "failover"
+event_store = { key_prefix = "a" }
+
+[[pipelines]]
+name = "notify"
+topics = ["chat.changes"]
+group_id = "shared"
+targets = ["chat_notification"]
+on_exhausted = "log_and_skip"
+event_store = { key_prefix = "b" }
+"#,
+        &[],
+        &["invalid pipeline configuration", "pipeline `notify`: group_id `shared` is used by another pipeline"],
+    );
+}
+
+#[test]
+fn a_chat_target_on_a_domain_topic_stops_the_start() {
+    assert_refused(
+        r#"
+[[pipelines]]
+name = "wrong"
+topics = ["shipments.changes"]
+group_id = "g"
+targets = ["chat_notification"]
+on_exhausted = "log_and_skip"
+"#,
+        &[],
+        &["pipeline `wrong`: target chat_notification reads chat changes", "shipments.changes"],
+    );
+}
+
+#[test]
+fn an_empty_target_list_stops_the_start() {
+    assert_refused(
+        r#"
+[[pipelines]]
+name = "idle"
+topics = ["chat.changes"]
+group_id = "g"
+targets = []
+on_exhausted = "log_and_skip"
+"#,
+        &[],
+        &["pipeline `idle`: targets is empty"],
+    );
+}
+
+#[test]
+fn an_unknown_target_or_field_stops_the_start() {
+    assert_refused(
+        r#"
+[[pipelines]]
+name = "typo"
+topics = ["chat.changes"]
+group_id = "g"
+targets = ["chat_sockets"]
+on_exhausted = "failover"
+"#,
+        &[],
+        &["chat_sockets"],
+    );
+}
+
+#[test]
+fn an_unknown_enabled_pipeline_stops_the_start() {
+    assert_refused(
+        r#"
+[[pipelines]]
+name = "chat"
+topics = ["chat.changes"]
+group_id = "g"
+targets = ["chat_websocket"]
+on_exhausted = "failover"
+"#,
+        &[("PIPELINES_ENABLED", "chat,emails")],
+        &["PIPELINES_ENABLED names `emails`"],
+    );
+}
