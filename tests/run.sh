@@ -48,6 +48,7 @@ fi
 command -v cargo >/dev/null || { say "cargo not found (install Rust with rustup)"; exit 1; }
 
 phase install "$root/deploy/local/install.sh"
+phase deploy-tools "$root/deploy/check/install.sh" --with-apt
 # Binary paths that did not exist before the install resolve now.
 # shellcheck source=deploy/local/env.sh
 source "$root/deploy/local/env.sh"

@@ -1,0 +1,201 @@
+//! `deploy/envoy/envoy.yaml`: Envoy 1.40 itself validates it (`--mode validate`, no
+//! deprecated fields), then the routes are held to the design: public paths only on
+//! the public listener, WebSocket upgrades on the socket routes, ring hash on the
+//! `stream_id` / `user_id` query parameters, the same keys and the same ring (per-pod
+//! `hash_key`s) on the internal listener, long-lived socket timeouts, health checks.
+//! `multipod_envoy.rs` runs the same file live.
+//!
+//! Why this test exists: a route that loses its hash policy or a cluster whose ring
+//! differs between public and internal still "works" with one pod and silently
+//! drops messages with two.
+
+mod multipod_support;
+
+use std::collections::BTreeMap;
+
+use multipod_support::check_py;
+use serde_json::Value;
+
+pub fn config() -> Value {
+    let docs: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
+    docs[0].clone()
+}
+
+/// Route name → route object, for the listener `name`.
+pub fn routes(config: &Value, name: &str) -> BTreeMap<String, Value> {
+    let listener = config["static_resources"]["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("listener {name}"));
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let hosts = hcm["route_config"]["virtual_hosts"].as_array().expect("virtual hosts");
+    assert_eq!(hosts.len(), 1, "one virtual host per listener");
+    hosts[0]["routes"]
+        .as_array()
+        .expect("routes")
+        .iter()
+        .map(|r| (r["name"].as_str().expect("every route is named").to_owned(), r.clone()))
+        .collect()
+}
+
+fn hash_key(route: &Value) -> Option<String> {
+    route["route"]["hash_policy"][0]["query_parameter"]["name"].as_str().map(str::to_owned)
+}
+
+fn websocket(route: &Value) -> bool {
+    route["route"]["upgrade_configs"]
+        .as_array()
+        .is_some_and(|u| u.iter().any(|c| c["upgrade_type"] == "websocket" && c["enabled"] == true))
+}
+
+fn matcher(route: &Value) -> String {
+    let m = &route["match"];
+    m["path"]
+        .as_str()
+        .map(|p| format!("={p}"))
+        .or_else(|| m["prefix"].as_str().map(|p| format!("^{p}")))
+        .expect("match")
+}
+
+pub fn cluster<'a>(config: &'a Value, name: &str) -> &'a Value {
+    config["static_resources"]["clusters"]
+        .as_array()
+        .expect("clusters")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("cluster {name}"))
+}
+
+/// Per endpoint: (hash_key, address, port, health-check port).
+pub fn members(cluster: &Value) -> Vec<(String, String, u64, u64)> {
+    cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        .as_array()
+        .expect("lb_endpoints")
+        .iter()
+        .map(|e| {
+            let address = &e["endpoint"]["address"]["socket_address"];
+            let port = address["port_value"].as_u64().expect("port");
+            (
+                e["metadata"]["filter_metadata"]["envoy.lb"]["hash_key"].as_str().unwrap_or_default().to_owned(),
+                address["address"].as_str().expect("address").to_owned(),
+                port,
+                e["endpoint"]["health_check_config"]["port_value"].as_u64().unwrap_or(port),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn envoy_accepts_the_configuration_without_deprecated_fields() {
+    let root = testkit::workspace_root();
+    let output = std::process::Command::new(multipod_support::deploy_python())
+        .arg(root.join("deploy/check/check.py"))
+        .args(["envoy-validate", "deploy/envoy/envoy.yaml"])
+        .current_dir(&root)
+        .output()
+        .expect("check.py runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "envoy --mode validate refused the configuration:\n{text}");
+    assert!(text.contains("OK"), "{text}");
+    assert!(!text.contains("Deprecated field"), "the configuration uses deprecated fields:\n{text}");
+}
+
+#[test]
+fn public_listener_serves_only_public_paths_and_hashes_sockets() {
+    let config = config();
+    let public = routes(&config, "public");
+    let table: Vec<(String, String, Option<String>, bool)> = public
+        .values()
+        .map(|r| {
+            let cluster = r["route"]["cluster"].as_str().unwrap_or("(direct)").to_owned();
+            (matcher(r), cluster, hash_key(r), websocket(r))
+        })
+        .collect();
+    let expect = |path: &str, cluster: &str, key: Option<&str>, ws: bool| {
+        assert!(
+            table.contains(&(path.to_owned(), cluster.to_owned(), key.map(str::to_owned), ws)),
+            "public route {path} → {cluster} (hash {key:?}, websocket {ws}) missing; table: {table:#?}"
+        );
+    };
+    expect("=/chat/messages", "chatpersistence_public", None, false);
+    expect("=/chat/subscribe", "chatwebsocketshandler_public", Some("stream_id"), true);
+    expect("=/notifications/subscribe", "generalnotificationshandler_public", Some("user_id"), true);
+    expect("=/presence", "generalnotificationshandler_public", Some("user_id"), false);
+    expect("^/", "(direct)", None, false);
+    for (path, cluster, _, _) in &table {
+        assert!(!cluster.ends_with("_internal"), "public route {path} reaches an internal cluster {cluster}");
+        for internal in ["forward-to-websocket", "close-stream"] {
+            assert!(!path.contains(internal), "public listener exposes {path}");
+        }
+    }
+    let catch_all = &public["not-found"];
+    assert_eq!(catch_all["direct_response"]["status"], 404, "anything else is 404 on the public listener");
+    // Long-lived sockets: no response timeout, an idle timeout, retries on refused
+    // connections to the next ring member.
+    for name in ["chat-subscribe", "notifications-subscribe"] {
+        let route = &public[name]["route"];
+        assert_eq!(route["timeout"], "0s", "{name}: a socket has no response timeout");
+        assert!(route["idle_timeout"].is_string(), "{name}: idle timeout");
+        assert!(route["retry_policy"]["retry_on"].as_str().unwrap_or_default().contains("connect-failure"));
+    }
+    // The catch-all must be the last route (routes match in order).
+    let listener = config["static_resources"]["listeners"][0].clone();
+    let ordered = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
+        ["routes"]
+        .as_array()
+        .cloned()
+        .expect("routes");
+    assert_eq!(ordered.last().map(|r| r["name"].clone()), Some(Value::from("not-found")));
+    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    assert!(hcm["stream_idle_timeout"].is_string(), "stream idle timeout set for sockets");
+}
+
+#[test]
+fn internal_listener_hashes_forwards_with_the_same_keys() {
+    let config = config();
+    let internal = routes(&config, "internal");
+    let get = |name: &str| internal.get(name).unwrap_or_else(|| panic!("internal route {name}"));
+    for (name, path, cluster, key) in [
+        ("chat-forward", "=/chat/forward-to-websocket", "chatwebsocketshandler_internal", Some("stream_id")),
+        ("chat-close-stream", "=/chat/close-stream", "chatwebsocketshandler_internal", Some("stream_id")),
+        ("notifications", "^/notifications/", "generalnotificationshandler_internal", Some("user_id")),
+        ("presence", "=/presence", "generalnotificationshandler_internal", Some("user_id")),
+        ("chat-history", "=/chat/messages", "chatpersistence_internal", None),
+    ] {
+        let route = get(name);
+        assert_eq!(matcher(route), path, "{name}");
+        assert_eq!(route["route"]["cluster"], cluster, "{name}");
+        assert_eq!(hash_key(route).as_deref(), key, "{name}: hash key");
+    }
+    // The same query parameter as on subscribe.
+    let public = routes(&config, "public");
+    assert_eq!(hash_key(&public["chat-subscribe"]), hash_key(get("chat-forward")));
+    assert_eq!(hash_key(&public["notifications-subscribe"]), hash_key(get("notifications")));
+}
+
+#[test]
+fn public_and_internal_clusters_build_the_same_ring() {
+    let config = config();
+    for service in ["chatwebsocketshandler", "generalnotificationshandler"] {
+        let public = cluster(&config, &format!("{service}_public"));
+        let internal = cluster(&config, &format!("{service}_internal"));
+        for c in [public, internal] {
+            assert!(matches!(c["lb_policy"].as_str(), Some("RING_HASH") | Some("MAGLEV")), "{}", c["name"]);
+            assert_eq!(c["common_lb_config"]["healthy_panic_threshold"]["value"], 0, "{}: no panic routing", c["name"]);
+            assert_eq!(c["health_checks"][0]["http_health_check"]["path"], "/readyz", "{}", c["name"]);
+        }
+        let (p, i) = (members(public), members(internal));
+        assert!(p.len() >= 2, "{service}: two pods in compose");
+        assert_eq!(p.len(), i.len(), "{service}: same members");
+        for ((pk, pa, pport, phc), (ik, ia, iport, ihc)) in p.iter().zip(&i) {
+            assert!(!pk.is_empty(), "{service}: every member has an envoy.lb hash_key");
+            assert_eq!(pk, ik, "{service}: the rings differ");
+            assert_eq!(pa, ia, "{service}: same pod");
+            assert_ne!(pport, iport, "{service}: public and internal ports");
+            assert_eq!(phc, ihc, "{service}: both clusters health-check the same (public) port");
+            assert_eq!(*phc, *pport, "{service}: health checked on the public port");
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! Two socket pods of each kind behind nginx with the shipped configuration
+//! (`deploy/nginx/chatfleet.conf.template` via `deploy/nginx/render.sh`): routing by
+//! `stream_id` / `user_id` on the public and internal paths, and recovery when a pod
+//! is killed. Needs Debian's nginx (`apt-get install nginx`; `NGINX_BIN` overrides).
+//!
+//! Why this test exists: it is the live proof that the consistent-hash routing the
+//! design depends on works with a real proxy and real processes: a forward reaches
+//! the pod that holds the stream's sockets, and losing a pod loses no message.
+
+mod multipod_support;
+
+use multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nginx_routes_streams_to_their_pod_and_survives_losing_one() {
+    two_pods_route_by_key_and_survive_losing_one(ProxyKind::Nginx).await;
+}

@@ -1,0 +1,767 @@
+//! A fleet with several socket pods behind a real L7 proxy (nginx or Envoy), for the
+//! multi-pod routing tests (`multipod_nginx.rs`, `multipod_envoy.rs`).
+//!
+//! Why this module exists: the whole design rests on one routing rule: a stream's
+//! subscribes (public) and its forwards (internal) reach the same pod because the
+//! proxy hashes both on `stream_id` over the same ring (`user_id` for notifications).
+//! A single-pod test cannot show that. This starts two `chatwebsocketshandler` and two
+//! `generalnotificationshandler` processes, puts the shipped proxy configuration in
+//! front of them (`deploy/nginx/render.sh`, `deploy/envoy/envoy.yaml` with addresses
+//! rewritten to loopback ports), points the change handler and the clients only at the
+//! proxy, and drives many streams through it, including a pod that dies.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chatfleet_tests::{token, Service, Stack};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use testkit::{free_port, wait_for_port, workspace_root, ServerProcess};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Which proxy stands in front of the pods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    Nginx,
+    Envoy,
+}
+
+/// A running proxy with a public and an internal listener on loopback.
+pub struct Proxy {
+    pub public_port: u16,
+    pub internal_port: u16,
+    pub admin_port: Option<u16>,
+    process: ServerProcess,
+    pub dir: PathBuf,
+}
+
+/// A pod as the proxy sees it: a stable name and its two ports.
+#[derive(Debug, Clone)]
+pub struct PodAddr {
+    pub name: String,
+    pub public_port: u16,
+    pub internal_port: u16,
+}
+
+impl PodAddr {
+    pub fn of(name: &str, service: &Service) -> Self {
+        Self { name: name.to_owned(), public_port: service.public_port, internal_port: service.internal_port }
+    }
+}
+
+/// A short private directory (unix socket paths must stay under 108 bytes).
+fn short_dir(kind: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(testkit::unique(kind).replace(&format!("{kind}-"), "cf-"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    dir
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(1) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// The nginx binary: `NGINX_BIN`, Debian's `/usr/sbin/nginx`, or `PATH`.
+pub fn nginx_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("NGINX_BIN").filter(|p| !p.is_empty()) {
+        return PathBuf::from(path);
+    }
+    let debian = PathBuf::from("/usr/sbin/nginx");
+    if debian.is_file() {
+        return debian;
+    }
+    which("nginx").unwrap_or_else(|| panic!("nginx not found: apt-get install nginx (or set NGINX_BIN)"))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Runs `deploy/check/install.sh` (idempotent, locked) and returns the venv's python.
+pub fn deploy_python() -> PathBuf {
+    let root = workspace_root();
+    let status = Command::new(root.join("deploy/check/install.sh"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("deploy/check/install.sh runs");
+    assert!(status.success(), "deploy/check/install.sh failed");
+    let venv = std::env::var_os("DEPLOY_VENV").map(PathBuf::from).unwrap_or_else(|| root.join(".local/deploy-venv"));
+    venv.join("bin/python")
+}
+
+/// Runs `deploy/check/check.py ARGS`, returning stdout; panics with stderr on failure.
+pub fn check_py(args: &[&str]) -> String {
+    let root = workspace_root();
+    let output = Command::new(deploy_python())
+        .arg(root.join("deploy/check/check.py"))
+        .args(args)
+        .current_dir(&root)
+        .output()
+        .expect("check.py runs");
+    assert!(
+        output.status.success(),
+        "check.py {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+impl Proxy {
+    /// nginx with `deploy/nginx/chatfleet.conf.template` rendered for these pods.
+    pub fn nginx(
+        public_port: u16,
+        internal_port: u16,
+        persistence: &PodAddr,
+        chat: &[PodAddr],
+        notify: &[PodAddr],
+    ) -> Self {
+        let dir = short_dir("nginx");
+        let root = workspace_root();
+        let mut render = Command::new(root.join("deploy/nginx/render.sh"));
+        render
+            .args(["--public-listen", &format!("127.0.0.1:{public_port}")])
+            .args(["--internal-listen", &format!("127.0.0.1:{internal_port}")])
+            .args(["--run-dir", &dir.display().to_string()])
+            .args(["--persistence", &format!("127.0.0.1:{}:{}", persistence.public_port, persistence.internal_port)]);
+        for pod in chat {
+            render.args(["--chat", &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port)]);
+        }
+        for pod in notify {
+            render.args([
+                "--notifications",
+                &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port),
+            ]);
+        }
+        let output = render.output().expect("render.sh runs");
+        assert!(output.status.success(), "render.sh failed: {}", String::from_utf8_lossy(&output.stderr));
+        std::fs::write(dir.join("chatfleet.conf"), &output.stdout).expect("write chatfleet.conf");
+        let main = format!(
+            "{user}pid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+             fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+             include {d}/chatfleet.conf;\n}}\n",
+            user = if running_as_root() { "user root root;\n" } else { "" },
+            d = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), main).expect("write nginx.conf");
+        let binary = nginx_binary();
+        let args: Vec<String> = vec![
+            "-p".into(),
+            dir.display().to_string(),
+            "-c".into(),
+            dir.join("nginx.conf").display().to_string(),
+            "-g".into(),
+            "daemon off;".into(),
+        ];
+        let test = Command::new(&binary).args(&args).arg("-t").output().expect("nginx -t runs");
+        assert!(test.status.success(), "nginx -t failed:\n{}", String::from_utf8_lossy(&test.stderr));
+        let process = ServerProcess::start("nginx", &binary, &args, &dir.join("nginx.out"));
+        assert!(wait_for_port(public_port, Duration::from_secs(10)), "nginx did not listen on {public_port}");
+        assert!(wait_for_port(internal_port, Duration::from_secs(10)), "nginx did not listen on {internal_port}");
+        Self { public_port, internal_port, admin_port: None, process, dir }
+    }
+
+    /// A real Envoy with `deploy/envoy/envoy.yaml`, its listeners and endpoints moved to
+    /// loopback ports; routes, hash policies, hash keys and health checks are untouched.
+    pub fn envoy(
+        public_port: u16,
+        internal_port: u16,
+        persistence: &PodAddr,
+        chat: &[PodAddr],
+        notify: &[PodAddr],
+    ) -> Self {
+        let dir = short_dir("envoy");
+        let docs: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
+        let mut config = docs[0].clone();
+        let admin_port = free_port();
+        config["admin"]["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": admin_port});
+        for listener in config["static_resources"]["listeners"].as_array_mut().expect("listeners") {
+            let port = match listener["name"].as_str() {
+                Some("public") => public_port,
+                Some("internal") => internal_port,
+                other => panic!("unexpected listener {other:?}"),
+            };
+            listener["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": port});
+        }
+        // Compose host names → the test's pods, in order.
+        let mut hosts: HashMap<String, PodAddr> = HashMap::new();
+        hosts.insert("chatpersistence".into(), persistence.clone());
+        for (i, pod) in chat.iter().enumerate() {
+            hosts.insert(format!("chatwebsocketshandler-{}", i + 1), pod.clone());
+        }
+        for (i, pod) in notify.iter().enumerate() {
+            hosts.insert(format!("generalnotificationshandler-{}", i + 1), pod.clone());
+        }
+        for cluster in config["static_resources"]["clusters"].as_array_mut().expect("clusters") {
+            let internal = cluster["name"].as_str().is_some_and(|n| n.ends_with("_internal"));
+            for group in cluster["load_assignment"]["endpoints"].as_array_mut().expect("endpoints") {
+                let lb_endpoints = group["lb_endpoints"].as_array_mut().expect("lb_endpoints");
+                lb_endpoints.retain(|e| {
+                    hosts.contains_key(e["endpoint"]["address"]["socket_address"]["address"].as_str().unwrap_or(""))
+                });
+                for endpoint in lb_endpoints {
+                    let host = endpoint["endpoint"]["address"]["socket_address"]["address"]
+                        .as_str()
+                        .expect("address")
+                        .to_owned();
+                    let pod = &hosts[&host];
+                    let port = if internal { pod.internal_port } else { pod.public_port };
+                    endpoint["endpoint"]["address"]["socket_address"] =
+                        json!({"address": "127.0.0.1", "port_value": port});
+                    if endpoint["endpoint"].get("health_check_config").is_some() {
+                        endpoint["endpoint"]["health_check_config"]["port_value"] = json!(pod.public_port);
+                    }
+                }
+            }
+        }
+        let path = dir.join("envoy.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("serialize")).expect("write envoy.json");
+        let binary = PathBuf::from(check_py(&["envoy-bin"]).trim());
+        let args: Vec<String> =
+            ["-c", &path.display().to_string(), "--disable-hot-restart", "--concurrency", "1", "--log-level", "warn"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let process = ServerProcess::start("envoy", &binary, &args, &dir.join("envoy.log"));
+        let proxy = Self { public_port, internal_port, admin_port: Some(admin_port), process, dir };
+        proxy.wait_envoy_ready();
+        proxy
+    }
+
+    fn wait_envoy_ready(&self) {
+        let admin = self.admin_port.expect("envoy has an admin port");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if blocking_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("envoy did not become ready; log:\n{}", self.process.log_tail(40));
+    }
+
+    /// The health Envoy's active checks currently give each host of `cluster`
+    /// (`host:port` → healthy).
+    pub fn envoy_host_health(&self, cluster: &str) -> HashMap<String, bool> {
+        let admin = self.admin_port.expect("envoy");
+        let text = blocking_get(admin, "/clusters");
+        let mut health = HashMap::new();
+        for line in text.lines() {
+            let mut parts = line.split("::");
+            if parts.next() != Some(cluster) {
+                continue;
+            }
+            let (Some(host), Some("health_flags"), Some(flags)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            health.insert(host.to_owned(), flags == "healthy");
+        }
+        health
+    }
+
+    pub fn public_http(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.public_port)
+    }
+
+    pub fn public_ws(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.public_port)
+    }
+
+    pub fn internal_http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.internal_port)
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.process.log_tail(lines)
+    }
+
+    pub fn error_log_tail(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log"))
+            .map(|s| s.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Proxy {
+    /// SIGTERM first: nginx's master then stops its workers (a SIGKILLed master
+    /// leaves them running, holding the ports).
+    fn drop(&mut self) {
+        self.process.terminate(Duration::from_secs(5));
+    }
+}
+
+fn blocking_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    // HTTP/1.1: Envoy's admin answers HTTP/1.0 with 426.
+    let _ = write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
+/// `gauge{labels}` from a pod's `/metrics` (0 when absent).
+pub fn gauge(port: u16, series: &str) -> f64 {
+    blocking_get(port, "/metrics")
+        .lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// The whole fleet: servers, chatpersistence, socket pods, notification pods, the
+/// proxy and the change handler (which reaches the pods only through the proxy).
+pub struct Fleet {
+    pub stack: Stack,
+    pub persistence: Service,
+    pub chat: Vec<Service>,
+    pub notify: Vec<Service>,
+    pub proxy: Proxy,
+    pub handler: Service,
+}
+
+impl Fleet {
+    pub fn start(kind: ProxyKind, chat_pods: usize, notify_pods: usize) -> Self {
+        let stack = Stack::start();
+        for topic in ["purchases.changes", "payments.changes", "shipments.changes", "domain-notifications.dlq"] {
+            stack.broker.create_topic(topic, 1);
+        }
+        let public_port = free_port();
+        let internal_port = free_port();
+        let mut base = stack.env();
+        base.push(("CAPTURE_MODE".into(), "outbox".into()));
+        base.push(("KAFKA_GROUP_ID".into(), testkit::unique("multipod")));
+        base.push(("MESSAGE_RETRY_INITIAL_INTERVAL".into(), "100ms".into()));
+        base.push(("MESSAGE_RETRY_MAX_INTERVAL".into(), "1s".into()));
+        base.push(("MESSAGE_RETRY_MAX_RETRIES".into(), "8".into()));
+        base.push(("FORWARD_TIMEOUT".into(), "3s".into()));
+        base.push(("WS_PING_INTERVAL".into(), "2s".into()));
+        base.push(("WS_PONG_TIMEOUT".into(), "10s".into()));
+        let persistence = Service::start("chatpersistence", &base);
+        // The pods read replay history through the proxy's internal listener, as in
+        // compose and Helm.
+        let mut pod_env = base.clone();
+        pod_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), format!("http://127.0.0.1:{internal_port}")));
+        let chat: Vec<Service> = (0..chat_pods).map(|_| Service::start("chatwebsocketshandler", &pod_env)).collect();
+        let notify: Vec<Service> =
+            (0..notify_pods).map(|_| Service::start("generalnotificationshandler", &pod_env)).collect();
+        let chat_addrs: Vec<PodAddr> =
+            chat.iter().enumerate().map(|(i, s)| PodAddr::of(&format!("c{}", i + 1), s)).collect();
+        let notify_addrs: Vec<PodAddr> =
+            notify.iter().enumerate().map(|(i, s)| PodAddr::of(&format!("n{}", i + 1), s)).collect();
+        let persistence_addr = PodAddr::of("chatpersistence", &persistence);
+        let proxy = match kind {
+            ProxyKind::Nginx => Proxy::nginx(public_port, internal_port, &persistence_addr, &chat_addrs, &notify_addrs),
+            ProxyKind::Envoy => Proxy::envoy(public_port, internal_port, &persistence_addr, &chat_addrs, &notify_addrs),
+        };
+        let mut handler_env = base;
+        handler_env.push(("CHAT_WEBSOCKET_URL".into(), proxy.internal_http()));
+        handler_env.push(("NOTIFICATIONS_URL".into(), proxy.internal_http()));
+        let handler = Service::start("chatpersistencechangehandler", &handler_env);
+        Self { stack, persistence, chat, notify, proxy, handler }
+    }
+
+    /// Sum of `ws_connections` over the running pods of a kind, and per pod.
+    pub fn connections(pods: &mut [Service], hub: &str) -> Vec<f64> {
+        let series = format!("ws_connections{{hub=\"{hub}\"}}");
+        pods.iter_mut().map(|pod| if pod.is_running() { gauge(pod.public_port, &series) } else { 0.0 }).collect()
+    }
+
+    /// Waits until a message posted through the proxy reaches a socket opened through
+    /// the proxy (consumer group joined, relay leading).
+    pub async fn warm_up(&self) {
+        let (a, b) = ("warm-a", "warm-b");
+        let mut socket = Socket::connect(&self.proxy.public_ws(&chat_path(b, a, None))).await.expect("subscribe");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let id = post(&self.proxy, a, b, "warm-up").await;
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                match socket.next(Duration::from_millis(500)).await {
+                    Event::Frame(frame) if frame["message"]["message_id"] == id.as_str() => {
+                        socket.close().await;
+                        return;
+                    }
+                    Event::Closed => panic!("warm-up socket closed"),
+                    _ => {}
+                }
+            }
+            assert!(Instant::now() < deadline, "the pipeline did not warm up through the proxy within 90 s");
+        }
+    }
+}
+
+pub fn stream_id(a: &str, b: &str) -> String {
+    chatfleet_tests::client::stream_id(a, b)
+}
+
+/// `/chat/subscribe?…` for `user` in the conversation with `peer`.
+pub fn chat_path(user: &str, peer: &str, since: Option<&str>) -> String {
+    let mut path = format!(
+        "/chat/subscribe?stream_id={}&sender_id={user}&receiver_id={peer}&access_token={}",
+        stream_id(user, peer),
+        token(user)
+    );
+    if let Some(since) = since {
+        path.push_str(&format!("&since={since}"));
+    }
+    path
+}
+
+pub fn notify_path(user: &str) -> String {
+    format!("/notifications/subscribe?user_id={user}&access_token={}", token(user))
+}
+
+/// `POST /chat/messages` through the proxy; returns the message id (retries a 5xx).
+pub async fn post(proxy: &Proxy, from: &str, to: &str, content: &str) -> String {
+    let client = reqwest::Client::new();
+    for attempt in 0..20 {
+        let response = client
+            .post(proxy.public_http("/chat/messages"))
+            .bearer_auth(token(from))
+            .json(&json!({"sender_id": from, "receiver_id": to, "content": content}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        if let Ok(response) = response {
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            if status == 201 {
+                return body["message_id"].as_str().expect("message_id").to_owned();
+            }
+            assert!(status >= 500, "POST through the proxy answered {status}: {body}");
+        }
+        tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+    }
+    panic!("POST /chat/messages through the proxy kept failing");
+}
+
+/// A raw WebSocket client.
+pub struct Socket {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Frame(Value),
+    Closed,
+    Nothing,
+}
+
+impl Socket {
+    pub async fn connect(url: &str) -> Result<Self, String> {
+        match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url)).await {
+            Ok(Ok((ws, _))) => Ok(Self { ws }),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    pub async fn next(&mut self, timeout: Duration) -> Event {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return Event::Nothing,
+                Ok(None) | Ok(Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return Event::Closed,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Event::Frame(serde_json::from_str(text.as_str()).unwrap_or(Value::Null))
+                }
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.send(Message::Close(None)).await;
+    }
+}
+
+/// What one client saw over its whole life, reconnects included.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Every message id in arrival order (a repeat is a duplicate).
+    pub ids: Vec<String>,
+    pub reconnects: u32,
+    pub connected: bool,
+}
+
+/// A client that holds a socket, reconnects when it drops (with `since` = the last
+/// message id it saw, for chat), and records what it saw, until `stop` is set.
+pub fn spawn_client(
+    proxy_ws: String,
+    path: impl Fn(Option<&str>) -> String + Send + 'static,
+    id_of: fn(&Value) -> Option<String>,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let state = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut socket: Option<Socket> = None;
+        let mut failures = 0u32;
+        while !stop.load(Ordering::Relaxed) {
+            let Some(open) = socket.as_mut() else {
+                let since = state.lock().expect("lock").ids.last().cloned();
+                match Socket::connect(&format!("{proxy_ws}{}", path(since.as_deref()))).await {
+                    Ok(new) => {
+                        let mut s = state.lock().expect("lock");
+                        if failures > 0 || !s.ids.is_empty() || s.reconnects > 0 || s.connected {
+                            s.reconnects += 1;
+                        }
+                        s.connected = true;
+                        failures = 0;
+                        socket = Some(new);
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        assert!(failures < 100, "a client could not reconnect through the proxy");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                continue;
+            };
+            match open.next(Duration::from_millis(200)).await {
+                Event::Frame(frame) => {
+                    if let Some(id) = id_of(&frame) {
+                        state.lock().expect("lock").ids.push(id);
+                    }
+                }
+                Event::Closed => {
+                    state.lock().expect("lock").connected = false;
+                    socket = None;
+                    // Clients back off a little before reconnecting (socket-protocol.md).
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Event::Nothing => {}
+            }
+        }
+        if let Some(open) = socket {
+            open.close().await;
+        }
+    });
+    (seen, task)
+}
+
+pub fn chat_message_id(frame: &Value) -> Option<String> {
+    (frame["type"] == "message").then(|| frame["message"]["message_id"].as_str().map(str::to_owned)).flatten()
+}
+
+pub fn chat_notification_id(frame: &Value) -> Option<String> {
+    (frame["type"] == "notification" && frame["kind"] == "chat")
+        .then(|| frame["data"]["message_id"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// Waits until `done()` or `timeout`; true when done.
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    done()
+}
+
+/// Ids a client must have seen, and the problems with what it did see.
+pub fn problems(who: &str, seen: &Seen, expected: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for id in &seen.ids {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    for id in expected {
+        match counts.get(id.as_str()) {
+            None => out.push(format!("{who}: missing {id}")),
+            Some(n) if *n > 1 => out.push(format!("{who}: {id} seen {n} times")),
+            _ => {}
+        }
+    }
+    for id in counts.keys() {
+        if !expected.iter().any(|e| e == id) {
+            out.push(format!("{who}: unexpected {id}"));
+        }
+    }
+    out
+}
+
+pub fn has_all(seen: &Seen, expected: &[String]) -> bool {
+    expected.iter().all(|id| seen.ids.contains(id))
+}
+
+pub fn path_of(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// The multi-pod scenario both proxies must pass:
+///
+/// 1. 40 conversations (80 chat sockets) and 40 notification sockets are opened
+///    through the proxy's public listener; both pods of each kind get some.
+/// 2. Three messages per conversation are posted through the proxy; the change
+///    handler forwards through the proxy's internal listener. Every chat socket gets
+///    its stream's three messages exactly once, every receiver its two chat
+///    notifications: the forwards reached the pods that hold the sockets.
+/// 3. One chat pod and one notification pod are SIGKILLed and a message is posted to
+///    every conversation at once. Clients of the dead pods reconnect through the
+///    proxy (chat with `since` = the last id they saw) and land on the surviving pod.
+/// 4. Another message per conversation. In the end every chat socket has seen every
+///    message of its stream exactly once (replay + live, no gap, no duplicate), and
+///    every receiver got the notifications posted while its socket was open.
+pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
+    const PAIRS: usize = 40;
+    let mut fleet = Fleet::start(kind, 2, 2);
+    fleet.warm_up().await;
+    let ws = fleet.proxy.public_ws("");
+    let stop = Arc::new(AtomicBool::new(false));
+    let pairs: Vec<(String, String)> = (0..PAIRS).map(|i| (format!("mp{i}-a"), format!("mp{i}-b"))).collect();
+
+    let mut chat_clients = Vec::new();
+    let mut notify_clients = Vec::new();
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        for (user, peer) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
+            let who = format!("chat socket of {user} (stream {})", stream_id(&user, &peer));
+            let (seen, task) =
+                spawn_client(ws.clone(), move |since| chat_path(&user, &peer, since), chat_message_id, stop.clone());
+            chat_clients.push((i, who, seen, task));
+        }
+        let user = b.clone();
+        let (seen, task) = spawn_client(ws.clone(), move |_| notify_path(&user), chat_notification_id, stop.clone());
+        notify_clients.push((i, format!("notification socket of {b}"), seen, task));
+    }
+
+    let all_open = wait_until(Duration::from_secs(30), || {
+        Fleet::connections(&mut fleet.chat, "chat").iter().sum::<f64>() == (2 * PAIRS) as f64
+            && Fleet::connections(&mut fleet.notify, "notifications").iter().sum::<f64>() == PAIRS as f64
+    })
+    .await;
+    let chat_before = Fleet::connections(&mut fleet.chat, "chat");
+    let notify_before = Fleet::connections(&mut fleet.notify, "notifications");
+    assert!(all_open, "not every socket registered: chat pods {chat_before:?}, notification pods {notify_before:?}");
+    assert!(chat_before.iter().all(|n| *n > 0.0), "the proxy sent every conversation to one chat pod: {chat_before:?}");
+    assert!(
+        notify_before.iter().all(|n| *n > 0.0),
+        "the proxy sent every user to one notification pod: {notify_before:?}"
+    );
+
+    // Round 1: both pods alive.
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); PAIRS];
+    let mut notified: Vec<Vec<String>> = vec![Vec::new(); PAIRS];
+    let mut maybe_notified: Vec<Vec<String>> = vec![Vec::new(); PAIRS];
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        for (from, to) in [(a, b), (a, b), (b, a)] {
+            let id = post(&fleet.proxy, from, to, &format!("round 1 from {from}")).await;
+            if from == a {
+                notified[i].push(id.clone());
+            }
+            expected[i].push(id);
+        }
+    }
+    let delivered = wait_until(Duration::from_secs(30), || {
+        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &notified[*i]))
+    })
+    .await;
+    let mut trouble: Vec<String> = chat_clients
+        .iter()
+        .flat_map(|(i, who, seen, _)| problems(who, &seen.lock().expect("lock"), &expected[*i]))
+        .collect();
+    trouble.extend(
+        notify_clients.iter().flat_map(|(i, who, seen, _)| problems(who, &seen.lock().expect("lock"), &notified[*i])),
+    );
+    assert!(
+        delivered && trouble.is_empty(),
+        "with both pods up, forwards did not reach the sockets' pods:\n{}\nproxy:\n{}{}",
+        trouble.join("\n"),
+        fleet.proxy.log_tail(20),
+        fleet.proxy.error_log_tail()
+    );
+
+    // A chat pod and a notification pod die; messages keep coming at once.
+    fleet.chat[0].kill();
+    fleet.notify[0].kill();
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let id = post(&fleet.proxy, a, b, "round 2, while a pod is gone").await;
+        expected[i].push(id.clone());
+        maybe_notified[i].push(id);
+    }
+    let moved = wait_until(Duration::from_secs(45), || {
+        Fleet::connections(&mut fleet.chat, "chat")[1] == (2 * PAIRS) as f64
+            && Fleet::connections(&mut fleet.notify, "notifications")[1] == PAIRS as f64
+    })
+    .await;
+    assert!(
+        moved,
+        "the dead pods' clients did not all reconnect to the surviving pods: chat {:?}, notifications {:?}",
+        Fleet::connections(&mut fleet.chat, "chat"),
+        Fleet::connections(&mut fleet.notify, "notifications")
+    );
+    if kind == ProxyKind::Envoy {
+        // Active health checks take the dead pod out of both rings (public and
+        // internal judge it on the same port, so they agree).
+        let dead = format!("127.0.0.1:{}", fleet.chat[0].public_port);
+        let dead_internal = format!("127.0.0.1:{}", fleet.chat[0].internal_port);
+        let marked = wait_until(Duration::from_secs(15), || {
+            fleet.proxy.envoy_host_health("chatwebsocketshandler_public").get(&dead) == Some(&false)
+                && fleet.proxy.envoy_host_health("chatwebsocketshandler_internal").get(&dead_internal) == Some(&false)
+        })
+        .await;
+        assert!(marked, "envoy did not mark the dead pod unhealthy in both chat clusters");
+    }
+
+    // Round 3: everyone is on the surviving pods.
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let id = post(&fleet.proxy, a, b, "round 3, after the failover").await;
+        expected[i].push(id.clone());
+        notified[i].push(id);
+    }
+    let complete = wait_until(Duration::from_secs(45), || {
+        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &notified[*i]))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut chat_reconnects = 0;
+    let mut trouble = Vec::new();
+    for (i, who, seen, task) in chat_clients {
+        let _ = task.await;
+        let seen = seen.lock().expect("lock").clone();
+        chat_reconnects += seen.reconnects;
+        trouble.extend(problems(&who, &seen, &expected[i]));
+    }
+    let mut notify_reconnects = 0;
+    for (i, who, seen, task) in notify_clients {
+        let _ = task.await;
+        let seen = seen.lock().expect("lock").clone();
+        notify_reconnects += seen.reconnects;
+        // Notification sockets have no replay: a notification forwarded while its
+        // socket was down is gone (the chat socket and the history still have it).
+        let mut allowed = notified[i].clone();
+        allowed.extend(seen.ids.iter().filter(|id| maybe_notified[i].contains(id)).cloned());
+        trouble.extend(problems(&who, &seen, &allowed));
+    }
+    assert!(
+        complete && trouble.is_empty(),
+        "after losing a pod, not every message arrived exactly once:\n{}\nproxy:\n{}{}",
+        trouble.join("\n"),
+        fleet.proxy.log_tail(20),
+        fleet.proxy.error_log_tail()
+    );
+    assert!(
+        chat_reconnects as f64 >= chat_before[0],
+        "{} chat sockets were on the dead pod but only {chat_reconnects} reconnects happened",
+        chat_before[0]
+    );
+    assert!(notify_reconnects as f64 >= notify_before[0], "notification clients of the dead pod did not reconnect");
+}
