@@ -33,9 +33,8 @@ pub fn token(user: &str) -> String {
 
 /// Where cargo put the service binaries.
 pub fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
     let profile = std::env::var("CHATFLEET_TEST_PROFILE").unwrap_or_else(|_| "debug".to_owned());
     let path = target.join(profile).join(name);
     assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` first", path.display());

@@ -180,7 +180,7 @@ async fn exhausted_retries_fail_over_with_resync() {
 
     // The client resyncs from history and reconnects; later messages flow.
     let history = client::history(&fleet.persistence, B, A).await;
-    assert!(history.iter().any(|m| m["message_id"] == Value::from(lost_in_realtime.clone())));
+    assert!(history.iter().any(|m| m["message_id"].as_str() == Some(lost_in_realtime.as_str())));
     let mut b = ChatSocket::connect(&fleet.sockets, B, A, None).await;
     let later = post_ok(&fleet, A, B, "after failover").await;
     let (seen, _) = b.collect_messages(Duration::from_secs(5)).await;
@@ -265,25 +265,82 @@ async fn bad_input_writes_and_delivers_nothing() {
     let url = fleet.persistence.url("/chat/messages");
     let good = serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x"});
     let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
-        ("malformed JSON", http.post(&url).bearer_auth(chatfleet_tests::token(A)).header("content-type", "application/json").body("{")),
-        ("missing field", http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(&serde_json::json!({"sender_id": A, "content": "x"}))),
-        ("extra field", http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x", "admin": true}))),
-        ("mismatched stream", http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x", "stream_id": "0000000000000000"}))),
-        ("empty content", http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "   "}))),
-        ("oversize content", http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x".repeat(4001)}))),
-        ("invalid UTF-8", http.post(&url).bearer_auth(chatfleet_tests::token(A)).header("content-type", "application/json").body(b"{\"sender_id\":\"alice\",\"receiver_id\":\"bob\",\"content\":\"\xff\xfe\"}".to_vec())),
+        (
+            "malformed JSON",
+            http.post(&url).bearer_auth(chatfleet_tests::token(A)).header("content-type", "application/json").body("{"),
+        ),
+        (
+            "missing field",
+            http.post(&url)
+                .bearer_auth(chatfleet_tests::token(A))
+                .json(&serde_json::json!({"sender_id": A, "content": "x"})),
+        ),
+        (
+            "extra field",
+            http.post(&url)
+                .bearer_auth(chatfleet_tests::token(A))
+                .json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x", "admin": true})),
+        ),
+        (
+            "mismatched stream",
+            http.post(&url).bearer_auth(chatfleet_tests::token(A)).json(
+                &serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x", "stream_id": "0000000000000000"}),
+            ),
+        ),
+        (
+            "empty content",
+            http.post(&url)
+                .bearer_auth(chatfleet_tests::token(A))
+                .json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "   "})),
+        ),
+        (
+            "oversize content",
+            http.post(&url)
+                .bearer_auth(chatfleet_tests::token(A))
+                .json(&serde_json::json!({"sender_id": A, "receiver_id": B, "content": "x".repeat(4001)})),
+        ),
+        (
+            "invalid UTF-8",
+            http.post(&url)
+                .bearer_auth(chatfleet_tests::token(A))
+                .header("content-type", "application/json")
+                .body(b"{\"sender_id\":\"alice\",\"receiver_id\":\"bob\",\"content\":\"\xff\xfe\"}".to_vec()),
+        ),
         ("no token", http.post(&url).json(&good)),
-        ("forged token", http.post(&url).bearer_auth(chatauth::mint_hs256("not-the-secret-0123456789", &chatstream::UserId::parse(A).expect("valid"), Duration::from_secs(60), None, None)).json(&good)),
-        ("expired token", http.post(&url).bearer_auth(chatauth::mint_hs256_expiring_at(chatfleet_tests::JWT_SECRET, A, 1_000)).json(&good)),
+        (
+            "forged token",
+            http.post(&url)
+                .bearer_auth(chatauth::mint_hs256(
+                    "not-the-secret-0123456789",
+                    &chatstream::UserId::parse(A).expect("valid"),
+                    Duration::from_secs(60),
+                    None,
+                    None,
+                ))
+                .json(&good),
+        ),
+        (
+            "expired token",
+            http.post(&url)
+                .bearer_auth(chatauth::mint_hs256_expiring_at(chatfleet_tests::JWT_SECRET, A, 1_000))
+                .json(&good),
+        ),
         ("someone else's name", http.post(&url).bearer_auth(chatfleet_tests::token("mallory")).json(&good)),
-        ("internal endpoint on the public port", http.post(fleet.sockets.url(&format!("/chat/forward-to-websocket?stream_id={}", client::stream_id(A, B)))).json(&good)),
+        (
+            "internal endpoint on the public port",
+            http.post(fleet.sockets.url(&format!("/chat/forward-to-websocket?stream_id={}", client::stream_id(A, B))))
+                .json(&good),
+        ),
     ];
     for (what, request) in cases {
         let response = request.send().await.expect("answers");
         let status = response.status().as_u16();
         assert!((400..500).contains(&status), "{what}: answered {status}");
         let body: Value = response.json().await.unwrap_or(Value::Null);
-        assert!(body["error"]["code"].is_string() && body["error"]["message"].is_string(), "{what}: clear error body {body}");
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "{what}: clear error body {body}"
+        );
     }
     // Subscribing to someone else's conversation is refused before the upgrade.
     let path = format!(
@@ -293,7 +350,11 @@ async fn bad_input_writes_and_delivers_nothing() {
     );
     assert!(tokio_tungstenite::connect_async(fleet.sockets.ws_url(&path)).await.is_err(), "mallory cannot subscribe");
 
-    assert_eq!(mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await, 0, "nothing written");
+    assert_eq!(
+        mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await,
+        0,
+        "nothing written"
+    );
     let (seen, _) = b.collect_messages(Duration::from_secs(2)).await;
     assert!(seen.is_empty(), "nothing delivered: {seen:?}");
 }

@@ -30,9 +30,14 @@ fn declared_names(source: &str) -> Vec<String> {
         let mut rest = code;
         while let Some(at) = rest.find(marker) {
             rest = &rest[at + marker.len()..];
-            let name: String = rest.chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
+            let name: String =
+                rest.chars().take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_').collect();
             let closes = rest[name.len()..].starts_with("\",");
-            if closes && name.len() >= 4 && name.contains('_') && name.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+            if closes
+                && name.len() >= 4
+                && name.contains('_')
+                && name.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+            {
                 names.push(name);
             }
         }

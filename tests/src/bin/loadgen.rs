@@ -45,7 +45,9 @@ fn options() -> Options {
             "--drain" => o.drain = value.parse().unwrap_or(o.drain),
             "--sweep" => o.sweep = value.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
             other => {
-                eprintln!("unknown option {other}; options: --pairs N --rate R --duration S --sweep R1,R2,.. --drain S");
+                eprintln!(
+                    "unknown option {other}; options: --pairs N --rate R --duration S --sweep R1,R2,.. --drain S"
+                );
                 std::process::exit(2);
             }
         }
