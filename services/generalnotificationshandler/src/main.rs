@@ -1,32 +1,22 @@
 //! generalnotificationshandler: user-scoped notification sockets (chat, purchase,
-//! payment reminder, shipping), routed by user_id.
+//! payment reminder, shipping), grouped by user id, and presence in Redis.
 //!
-//! At this stage it starts, reports health and metrics, and shuts down cleanly; the
-//! notification endpoints and sockets arrive with the notifications issue.
+//! Clients subscribe on the public port (`GET /notifications/subscribe?user_id=…`) and
+//! may ask whether someone is online (`GET /presence`); the change handler and the
+//! domain pipelines post notifications to the internal port
+//! (`POST /notifications/{chat,purchase,payment-reminder,shipping}?user_id=…`), which
+//! an L7 proxy routes to the pod holding the user's sockets by hashing on `user_id`.
+//! The socket plumbing is the shared `wsfanout` crate. `main` only wires.
 
-use axum::Router;
-use serde::{Deserialize, Serialize};
-use servicekit::{EnvMap, Launch, Readiness, Routes};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default)]
-struct Settings {
-    /// `REDIS_URL`: presence keys live here.
-    redis_url: String,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self { redis_url: "redis://127.0.0.1:6379".to_owned() }
-    }
-}
+mod app;
+mod notify;
+mod online;
+mod presence;
+mod protocol;
+mod settings;
+mod subscribe;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let env = EnvMap::new().var("REDIS_URL", "redis_url");
-    servicekit::run("generalnotificationshandler", &env, |_, settings: Settings| async move {
-        let readiness = Readiness::new().tcp("redis", &settings.redis_url);
-        Ok::<_, String>(Launch::new(Routes::new(Router::new()).internal(Router::new())).readiness(readiness))
-    })
-    .await
+    servicekit::run("generalnotificationshandler", &settings::Settings::env_map(), app::launch).await
 }

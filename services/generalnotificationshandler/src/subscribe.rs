@@ -1,0 +1,88 @@
+//! `GET /notifications/subscribe?user_id=…`: who may open a notification socket.
+//!
+//! Why this module exists: the checks before an upgrade are the socket's whole
+//! security (a refused upgrade gets a JSON error and never a socket): a valid user
+//! token whose subject is the `user_id` asked for. A user may hold several sockets
+//! (tabs, devices); each is registered with the hub under the user id and tracked
+//! for presence from the moment it is admitted until it has finished.
+
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use chatauth::AuthUser;
+use chatstream::UserId;
+use servicekit::{ApiError, ApiQuery};
+use wsfanout::{Driver, Ended, RegisterError, Registration};
+
+use crate::app::{AppState, UserQuery};
+use crate::presence::Tracked;
+use crate::protocol;
+
+/// The checks of a subscription: a well-formed user id that is the caller's own.
+fn authorize(caller: &UserId, query: &UserQuery) -> Result<UserId, ApiError> {
+    let user = query.user()?;
+    if &user != caller {
+        return Err(ApiError::forbidden("you may only subscribe to your own notifications"));
+    }
+    Ok(user)
+}
+
+/// `GET /notifications/subscribe?user_id=…` (user JWT in `Authorization` or `access_token`).
+pub async fn subscribe(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiQuery(query): ApiQuery<UserQuery>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let user = authorize(&caller, &query)?;
+    let upgrade = upgrade.map_err(|rejection| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            format!("this endpoint only opens WebSockets ({rejection})"),
+        )
+    })?;
+    // Registered before the upgrade completes: notifications for the user reach this
+    // socket from here on, and the connection cap is enforced atomically.
+    let registration = state.hub.register(user.clone()).map_err(|err| match err {
+        RegisterError::Full { .. } => ApiError::unavailable(err.to_string(), Duration::from_secs(5)),
+    })?;
+    let tracked = state.presence.track(user.clone());
+    tracing::debug!(%user, connection = %registration.id(), "socket admitted");
+    Ok(state.hub.settings().configure(upgrade).on_upgrade(move |socket| serve(state, socket, registration, tracked)))
+}
+
+/// Runs one upgraded socket until it ends.
+async fn serve(state: AppState, socket: WebSocket, registration: Registration<UserId>, tracked: Tracked) {
+    let user = registration.key().clone();
+    let ended =
+        Driver::new(socket, registration, state.shutdown.token()).on_client(protocol::answer_client).run().await;
+    // The registration is gone now: the presence worker sees the user's real count.
+    drop(tracked);
+    if let Ended::HeartbeatTimeout = ended {
+        tracing::info!(%user, "socket dropped: no pong within WS_PONG_TIMEOUT");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(user: Option<&str>) -> UserQuery {
+        serde_json::from_value(serde_json::json!({ "user_id": user })).expect("query")
+    }
+
+    #[test]
+    fn only_the_user_themself_may_subscribe() {
+        let alice = UserId::parse("alice").expect("valid");
+        assert_eq!(authorize(&alice, &query(Some("alice"))).ok(), Some(alice.clone()));
+        let status = |q: UserQuery| authorize(&alice, &q).err().map(|e| e.status);
+        assert_eq!(status(query(Some("bob"))), Some(StatusCode::FORBIDDEN));
+        assert_eq!(status(query(Some("a l i c e"))), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(query(None)), Some(StatusCode::BAD_REQUEST));
+    }
+}
