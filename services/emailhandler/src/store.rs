@@ -1,0 +1,87 @@
+//! The MongoDB connection and how its failures are sorted.
+//!
+//! Why this module exists: every MongoDB call of the service (user lookups, digest
+//! reads and writes, readiness) must be bounded in time and must tell "MongoDB is
+//! unreachable or slow, retry later" from "a unique index refused the write" (which
+//! the digest store uses as its compare-and-swap signal).
+
+use std::future::Future;
+use std::time::Duration;
+
+use mongodb::bson::doc;
+use mongodb::error::{ErrorKind, WriteFailure};
+use mongodb::options::ClientOptions;
+use mongodb::{Client, Database};
+
+use crate::settings::MongoSettings;
+
+/// MongoDB's duplicate key error code.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// Why a MongoDB operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// MongoDB did not answer in time or cannot be reached: retry later.
+    #[error("MongoDB unavailable: {0}")]
+    Unavailable(String),
+    /// A unique index refused the write.
+    #[error("duplicate key: {0}")]
+    Duplicate(String),
+    /// A stored document does not have the expected shape.
+    #[error("corrupt document: {0}")]
+    Corrupt(String),
+    /// Anything else the server or driver reported.
+    #[error("MongoDB error: {0}")]
+    Other(String),
+}
+
+impl From<mongodb::error::Error> for StoreError {
+    fn from(err: mongodb::error::Error) -> Self {
+        let text = err.to_string();
+        match err.kind.as_ref() {
+            ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
+            ErrorKind::Command(e) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
+            ErrorKind::ServerSelection { .. }
+            | ErrorKind::Io(_)
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. }
+            | ErrorKind::Write(WriteFailure::WriteConcernError(_)) => StoreError::Unavailable(text),
+            _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
+                StoreError::Unavailable(text)
+            }
+            _ => StoreError::Other(text),
+        }
+    }
+}
+
+/// Runs one MongoDB operation, failing with `Unavailable` if it takes longer than `timeout`.
+pub async fn with_timeout<T, F>(timeout: Duration, operation: F) -> Result<T, StoreError>
+where
+    F: Future<Output = Result<T, mongodb::error::Error>>,
+{
+    match tokio::time::timeout(timeout, operation).await {
+        Ok(result) => result.map_err(StoreError::from),
+        Err(_) => Err(StoreError::Unavailable(format!("no answer within {timeout:?}"))),
+    }
+}
+
+/// A client for `settings.uri` (connecting lazily, so a MongoDB that is down at start
+/// is not an error) and the configured database.
+pub async fn connect(settings: &MongoSettings) -> Result<(Client, Database), String> {
+    let mut options =
+        ClientOptions::parse(&settings.uri).await.map_err(|err| format!("MONGODB_URI is not usable: {err}"))?;
+    options.server_selection_timeout = Some(settings.timeout);
+    options.connect_timeout = Some(settings.timeout);
+    options.app_name = Some("emailhandler".to_owned());
+    let client = Client::with_options(options).map_err(|err| format!("cannot build the MongoDB client: {err}"))?;
+    let database = client.database(&settings.database);
+    Ok((client, database))
+}
+
+/// Readiness: MongoDB answers `ping`.
+pub async fn ping(database: &Database, timeout: Duration) -> Result<(), String> {
+    with_timeout(timeout, async { database.run_command(doc! { "ping": 1 }).await })
+        .await
+        .map(|_| ())
+        .map_err(|err| err.to_string())
+}
