@@ -76,7 +76,8 @@ async fn post(service: &Service, as_user: &str, body: &Value) -> (u16, reqwest::
 }
 
 async fn send(from: &str, to: &str, content: &str, service: &Service) -> Value {
-    let (status, _, body) = post(service, from, &json!({"sender_id": from, "receiver_id": to, "content": content})).await;
+    let (status, _, body) =
+        post(service, from, &json!({"sender_id": from, "receiver_id": to, "content": content})).await;
     assert_eq!(status, 201, "POST answered {status}: {body}");
     body
 }
@@ -127,7 +128,8 @@ async fn a_post_is_stored_once_and_read_back() {
     assert_eq!(body["sender_id"], json!(ALICE));
     assert_eq!(body["receiver_id"], json!(BOB));
     assert_eq!(body["content"], json!("hello bob"), "content is stored trimmed");
-    let parsed: chatstream::ChatMessage = serde_json::from_value(body.clone()).expect("a ChatMessage with RFC 3339 created_at");
+    let parsed: chatstream::ChatMessage =
+        serde_json::from_value(body.clone()).expect("a ChatMessage with RFC 3339 created_at");
 
     // Exactly one document, with the documented shape.
     assert_eq!(count(&mongo).await, 1);
@@ -170,7 +172,9 @@ async fn history_is_oldest_first_and_pages_both_ways() {
     let mut sent = Vec::new();
     for i in 0..7 {
         let (from, to) = if i % 2 == 0 { (ALICE, BOB) } else { (BOB, ALICE) };
-        sent.push(send(from, to, &format!("message {i}"), &service).await["message_id"].as_str().expect("id").to_owned());
+        sent.push(
+            send(from, to, &format!("message {i}"), &service).await["message_id"].as_str().expect("id").to_owned(),
+        );
     }
     // Another conversation must not leak in.
     send(ALICE, "carol", "not yours", &service).await;
@@ -218,7 +222,8 @@ async fn a_retry_with_the_same_client_message_id_writes_nothing() {
     let service = start(&mongo);
     wait_ready(&service).await;
 
-    let body = json!({"sender_id": ALICE, "receiver_id": BOB, "content": "only once", "client_message_id": "web-1:a.b_c"});
+    let body =
+        json!({"sender_id": ALICE, "receiver_id": BOB, "content": "only once", "client_message_id": "web-1:a.b_c"});
     let (s1, h1, first) = post(&service, ALICE, &body).await;
     let (s2, h2, second) = post(&service, ALICE, &body).await;
     assert_eq!(s1, 201, "{first}");
@@ -237,7 +242,8 @@ async fn a_retry_with_the_same_client_message_id_writes_nothing() {
     assert_clear_error("reused client_message_id", status, &error, 409);
 
     // Keys are per sender.
-    let bobs = json!({"sender_id": BOB, "receiver_id": ALICE, "content": "only once", "client_message_id": "web-1:a.b_c"});
+    let bobs =
+        json!({"sender_id": BOB, "receiver_id": ALICE, "content": "only once", "client_message_id": "web-1:a.b_c"});
     let (status, _, reply) = post(&service, BOB, &bobs).await;
     assert_eq!(status, 201, "{reply}");
     assert_ne!(reply["message_id"], first["message_id"]);
@@ -271,7 +277,11 @@ async fn bad_input_and_bad_credentials_are_refused_and_write_nothing() {
     let cases: Vec<(&str, reqwest::RequestBuilder, u16)> = vec![
         ("malformed JSON", raw(b"{\"sender_id\": "), 400),
         ("not an object", raw(b"[1, 2]"), 422),
-        ("missing field", http.post(&url).bearer_auth(token(ALICE)).json(&json!({"sender_id": ALICE, "content": "x"})), 422),
+        (
+            "missing field",
+            http.post(&url).bearer_auth(token(ALICE)).json(&json!({"sender_id": ALICE, "content": "x"})),
+            422,
+        ),
         ("extra field", with(json!({"admin": true})), 422),
         ("content of the wrong type", with(json!({"content": 5})), 422),
         ("sender_id of the wrong type", with(json!({"sender_id": ["alice"]})), 422),
@@ -288,11 +298,7 @@ async fn bad_input_and_bad_credentials_are_refused_and_write_nothing() {
         ("empty client_message_id", with(json!({"client_message_id": ""})), 400),
         ("client_message_id with a space", with(json!({"client_message_id": "a b"})), 400),
         ("client_message_id of 129 characters", with(json!({"client_message_id": "k".repeat(129)})), 400),
-        (
-            "invalid UTF-8",
-            raw(b"{\"sender_id\":\"alice\",\"receiver_id\":\"bob\",\"content\":\"\xff\xfe\"}"),
-            400,
-        ),
+        ("invalid UTF-8", raw(b"{\"sender_id\":\"alice\",\"receiver_id\":\"bob\",\"content\":\"\xff\xfe\"}"), 400),
         ("no content type", http.post(&url).bearer_auth(token(ALICE)).body(good.to_string()), 415),
         ("no token", http.post(&url).json(&good), 401),
         ("not a bearer token", http.post(&url).header("authorization", "Basic YWxpY2U6eA==").json(&good), 401),
@@ -338,7 +344,11 @@ async fn history_and_internal_reads_are_access_checked() {
     assert_eq!(status, 200);
     assert!(ids(&page).is_empty(), "{page}");
 
-    let no_token = http.get(service.url(&format!("/chat/messages?stream_id={stream}&peer_id={BOB}"))).send().await.expect("answers");
+    let no_token = http
+        .get(service.url(&format!("/chat/messages?stream_id={stream}&peer_id={BOB}")))
+        .send()
+        .await
+        .expect("answers");
     let status = no_token.status().as_u16();
     assert_clear_error("history without a token", status, &no_token.json().await.unwrap_or(Value::Null), 401);
 
@@ -410,7 +420,10 @@ async fn a_mongodb_outage_is_a_quick_503_and_writes_resume_after() {
     let took = started.elapsed();
     assert_eq!(response.status().as_u16(), 503, "MongoDB down must be 503");
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
-    assert!(retry_after.as_deref().is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)), "Retry-After: {retry_after:?}");
+    assert!(
+        retry_after.as_deref().is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)),
+        "Retry-After: {retry_after:?}"
+    );
     let error: Value = response.json().await.unwrap_or(Value::Null);
     assert_clear_error("MongoDB down", 503, &error, 503);
     assert!(took < Duration::from_millis(3500), "503 must come quickly, took {took:?}");
@@ -434,4 +447,61 @@ async fn a_mongodb_outage_is_a_quick_503_and_writes_resume_after() {
     let (status, page) = history(&service, ALICE, &format!("peer_id={BOB}")).await;
     assert_eq!(status, 200);
     assert_eq!(page["messages"].as_array().map(Vec::len), Some(2), "one message before, one after: {page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_posts_and_concurrent_retries_are_each_written_once() {
+    let mongo = Mongo::start();
+    let service = start(&mongo);
+    wait_ready(&service).await;
+
+    // Many conversations at once: they share insert batches (group commit).
+    let mut posts = Vec::new();
+    for i in 0..60 {
+        let url = service.url("/chat/messages");
+        posts.push(tokio::spawn(async move {
+            let (from, to) = (format!("sender{}", i % 20), format!("receiver{i}"));
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token(&from))
+                .json(&json!({"sender_id": from, "receiver_id": to, "content": format!("message {i}")}))
+                .send()
+                .await
+                .expect("answers");
+            (response.status().as_u16(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for post in posts {
+        let (status, body) = post.await.expect("task");
+        assert_eq!(status, 201, "{body}");
+        ids.insert(body["message_id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(ids.len(), 60, "sixty distinct messages");
+    assert_eq!(count(&mongo).await, 60);
+
+    // The same client_message_id sent ten times at once, to different receivers
+    // (so the requests do not queue behind one conversation): one document.
+    let mut retries = Vec::new();
+    for i in 0..10 {
+        let url = service.url("/chat/messages");
+        retries.push(tokio::spawn(async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token(ALICE))
+                .json(&json!({"sender_id": ALICE, "receiver_id": format!("friend{i}"), "content": "same key", "client_message_id": "burst-1"}))
+                .send()
+                .await
+                .expect("answers");
+            (response.status().as_u16(), response.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+    }
+    let mut statuses = Vec::new();
+    for retry in retries {
+        statuses.push(retry.await.expect("task").0);
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1, "exactly one written: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "the others are refused as reused keys: {statuses:?}");
+    assert_eq!(count(&mongo).await, 61);
 }

@@ -362,22 +362,42 @@ async fn two_replicas_have_one_leader_and_publish_everything() {
         now = leaders(&[&first, &second]).await;
     }
     assert_eq!(now.iter().sum::<f64>(), 1.0, "exactly one leader: {now:?}");
+    let (leader, follower) = if now[0] == 1.0 { (&first, &second) } else { (&second, &first) };
 
+    // Round one: one conversation written through both replicas. Everything is
+    // published; the follower's messages wait for the leader's sweep.
     let mut ids = Vec::new();
     for i in 0..30 {
-        let replica = if i % 2 == 0 { &first } else { &second };
-        ids.push(id_of(&post_ok(replica, "alice", "bob", &format!("via replica {}", i % 2)).await));
+        let replica = if i % 2 == 0 { leader } else { follower };
+        ids.push(id_of(&post_ok(replica, "alice", "bob", &format!("round one {i}")).await));
     }
     let missing = changes.until_all(&ids, Duration::from_secs(30)).await;
     assert!(missing.is_empty(), "{} never published", missing.len());
+
+    // The leader noticed another replica takes writes and publishes in id order.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(leader, "relay_ordered_mode").await != 1.0 && Instant::now() < deadline {
+        ids.push(id_of(&post_ok(follower, "alice", "bob", "nudge").await));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(leader, "relay_ordered_mode").await, 1.0, "ordered mode after foreign writes");
+    let mut round_two = Vec::new();
+    for i in 0..30 {
+        let replica = if i % 2 == 0 { leader } else { follower };
+        round_two.push(id_of(&post_ok(replica, "bob", "alice", &format!("round two {i}")).await));
+    }
+    ids.extend(round_two.iter().cloned());
+    let missing = changes.until_all(&ids, Duration::from_secs(30)).await;
+    assert!(missing.is_empty(), "{} never published", missing.len());
+    let order = changes.first_seen_order(&stream_of("alice", "bob"));
+    let tail = order[order.len() - round_two.len()..].to_vec();
+    assert_eq!(tail, round_two, "in ordered mode one conversation through two replicas stays in order");
+
     // Still exactly one leader, and only it published.
-    let now = leaders(&[&first, &second]).await;
-    assert_eq!(now.iter().sum::<f64>(), 1.0, "{now:?}");
-    let (leader, follower) = if now[0] == 1.0 { (&first, &second) } else { (&second, &first) };
-    assert!(metric(leader, "relay_published_total").await >= 30.0);
+    assert_eq!(leaders(&[&first, &second]).await.iter().sum::<f64>(), 1.0);
+    assert!(metric(leader, "relay_published_total").await >= ids.len() as f64);
     assert_eq!(metric(follower, "relay_published_total").await, 0.0, "the follower never publishes");
-    let copies = changes.seen.len();
-    assert_eq!(copies, ids.len(), "no duplicates without failures ({copies} records)");
+    assert_eq!(changes.seen.len(), ids.len(), "no duplicates without failures");
 }
 
 #[tokio::test]
@@ -440,7 +460,11 @@ async fn relay_latency_probe() {
     let seconds: u64 = std::env::var("RELAY_PROBE_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let log_level = std::env::var("RELAY_PROBE_LOG_LEVEL").unwrap_or_else(|_| "info".to_owned());
     let stack = Stack::start();
-    let service = Service::start("chatpersistence", &env(&stack, &[("LOG_LEVEL", &log_level)]));
+    // Extra settings for the service: `RELAY_PROBE_ENV="MONGODB_INSERT_BATCH=1,..."`.
+    let extra = std::env::var("RELAY_PROBE_ENV").unwrap_or_default();
+    let mut vars: Vec<(&str, &str)> = extra.split(',').filter_map(|kv| kv.split_once('=')).collect();
+    vars.push(("LOG_LEVEL", &log_level));
+    let service = Service::start("chatpersistence", &env(&stack, &vars));
     wait_ready(&service).await;
     let mut changes = Changes::new(&stack);
     // Warm up the consumer (group join) and the relay.
@@ -499,7 +523,48 @@ async fn relay_latency_probe() {
             v.last().copied().unwrap_or_default()
         )
     };
-    eprintln!("rate {rate}/s for {seconds}s: {} posted, {} accepted, {} on the topic", posts.len(), accepted.len(), relay_latency.len());
+    eprintln!(
+        "rate {rate}/s for {seconds}s: {} posted, {} accepted, {} on the topic",
+        posts.len(),
+        accepted.len(),
+        relay_latency.len()
+    );
     eprintln!("POST latency:            {}", show(&post_latency));
     eprintln!("POST → topic (consumer): {}", show(&relay_latency));
+    let text = reqwest::get(service.url("/metrics")).await.expect("metrics").text().await.unwrap_or_default();
+    for line in text.lines().filter(|l| l.starts_with("relay_") || l.starts_with("message_write_")) {
+        eprintln!("  {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_with_sigterm_hands_over_at_once() {
+    let stack = Stack::start();
+    let env = env(&stack, &[("RELAY_LEASE_TTL", "9s")]);
+    let mut first = Service::start("chatpersistence", &env);
+    wait_ready(&first).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&first, "relay_is_leader").await != 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = Service::start("chatpersistence", &env);
+    wait_ready(&second).await;
+    let mut changes = Changes::new(&stack);
+    let before = id_of(&post_ok(&first, "alice", "bob", "before the handover").await);
+
+    let stopped_at = Instant::now();
+    let status = tokio::task::block_in_place(|| first.terminate(Duration::from_secs(15)));
+    assert!(status.is_some_and(|s| s.success()), "clean exit on SIGTERM: {status:?}");
+    let after = id_of(&post_ok(&second, "alice", "bob", "after the handover").await);
+    // Released, not expired: the successor's next attempt (every TTL/3 = 3 s) takes
+    // it; waiting for expiry would take at least TTL - TTL/3 = 6 s.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while metric(&second, "relay_is_leader").await != 1.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = stopped_at.elapsed();
+    assert_eq!(metric(&second, "relay_is_leader").await, 1.0, "no takeover within {took:?}");
+    assert!(took < Duration::from_millis(5500), "a released lease is taken before it would expire ({took:?})");
+    let missing = changes.until_all(&[before, after], Duration::from_secs(15)).await;
+    assert!(missing.is_empty(), "lost across the handover: {missing:?}");
 }

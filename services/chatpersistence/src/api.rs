@@ -20,8 +20,9 @@ use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
 use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 use servicekit::{ApiError, ApiJson, ApiQuery};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::Mutex;
 
+use crate::relay::RelayFeed;
 use crate::settings::HistorySettings;
 use crate::store::{Cursor, Inserted, Store, StoreError};
 
@@ -42,8 +43,8 @@ pub struct AppState {
     store: Store,
     auth: Authenticator,
     history: HistorySettings,
-    /// Wakes the outbox relay after a local insert (outbox mode only).
-    wake: Option<Arc<Notify>>,
+    /// Hands local inserts to the outbox relay (outbox mode only).
+    feed: Option<Arc<RelayFeed>>,
     /// Set once the indexes exist; writes wait for it (idempotency needs the
     /// unique index).
     indexes_ready: Arc<AtomicBool>,
@@ -55,11 +56,11 @@ impl AppState {
         store: Store,
         auth: Authenticator,
         history: HistorySettings,
-        wake: Option<Arc<Notify>>,
+        feed: Option<Arc<RelayFeed>>,
         indexes_ready: Arc<AtomicBool>,
     ) -> Self {
         let stream_locks = Arc::new((0..STREAM_LOCK_STRIPES).map(|_| Mutex::new(())).collect());
-        Self { store, auth, history, wake, indexes_ready, stream_locks }
+        Self { store, auth, history, feed, indexes_ready, stream_locks }
     }
 
     fn stream_lock(&self, stream: &StreamId) -> &Mutex<()> {
@@ -185,16 +186,18 @@ async fn post_message(
             // Milliseconds: what BSON dates and the change events carry.
             created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
         };
-        store.insert(&message, new.client_message_id.as_deref()).await.map(|done| (done, message))
+        let outcome = store.insert(&message, new.client_message_id.as_deref()).await;
+        if let (Ok(Inserted::Created), Some(feed)) = (&outcome, &state.feed) {
+            // Still under the stream lock: the relay sees a stream in commit order.
+            feed.offer(message.clone());
+        }
+        outcome.map(|done| (done, message))
     };
     metrics::histogram!("message_write_duration_seconds").record(started.elapsed().as_secs_f64());
 
     match outcome.map_err(store_error)? {
         (Inserted::Created, message) => {
             metrics::counter!("messages_written_total").increment(1);
-            if let Some(wake) = &state.wake {
-                wake.notify_one();
-            }
             Ok((StatusCode::CREATED, Json(message)).into_response())
         }
         (Inserted::Replay(original), _) => {

@@ -94,7 +94,8 @@ impl Lease {
             "$or": [ { "holder": &self.holder }, { "expires_at": { "$lt": now } } ],
         };
         let update = doc! { "$set": { "holder": &self.holder, "expires_at": now + ttl_ms } };
-        let op = self.store.leases().find_one_and_update(filter, update).upsert(true).return_document(ReturnDocument::After);
+        let op =
+            self.store.leases().find_one_and_update(filter, update).upsert(true).return_document(ReturnDocument::After);
         match self.store.run(op).await {
             Ok(Some(lease)) => Ok(lease.get_str("holder").is_ok_and(|h| h == self.holder)),
             // Another live holder: MongoDB refuses the upsert as a duplicate _id

@@ -8,6 +8,7 @@ mod lease;
 mod relay;
 mod settings;
 mod store;
+mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use chatauth::Authenticator;
 use servicekit::{Context, Launch, Readiness, Routes, Shutdown};
-use tokio::sync::Notify;
 
 use crate::settings::{CaptureMode, Settings};
 use crate::store::Store;
@@ -34,8 +34,9 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
     let indexes_ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(create_indexes(store.clone(), indexes_ready.clone(), ctx.shutdown.clone()));
 
-    let wake = outbox.then(|| Arc::new(Notify::new()));
-    let state = api::AppState::new(store.clone(), auth, settings.history.clone(), wake.clone(), indexes_ready.clone());
+    let feed = outbox.then(|| relay::RelayFeed::new(settings.capture.batch_size as usize * 8));
+    let api_feed = feed.as_ref().map(|(feed, _)| feed.clone());
+    let state = api::AppState::new(store.clone(), auth, settings.history.clone(), api_feed, indexes_ready.clone());
     let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));
 
     let ping_store = store.clone();
@@ -46,22 +47,39 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         })
         .check_fn("indexes", move || {
             let ready = indexes_ready.load(Ordering::Acquire);
-            Box::pin(async move { if ready { Ok(()) } else { Err("indexes not created yet".to_owned()) } })
+            Box::pin(async move {
+                if ready {
+                    Ok(())
+                } else {
+                    Err("indexes not created yet".to_owned())
+                }
+            })
         });
     let mut launch = Launch::new(routes).readiness(readiness);
 
-    if let Some(wake) = wake {
+    if let Some(feed) = feed {
         let mut kafka = settings.kafka.clone();
+        let set = kafka.effective_properties();
         // The relay batches by itself: do not let librdkafka wait for more.
-        if !kafka.effective_properties().contains_key("linger.ms") {
+        if !set.contains_key("linger.ms") {
             kafka.merge_properties([("linger.ms", "0")]);
+        }
+        // Kafka Connect's (Java) partitioner: with the same key bytes Debezium puts a
+        // conversation in the same partition, so switching capture modes keeps order.
+        if !set.contains_key("partitioner") {
+            kafka.merge_properties([("partitioner", "murmur2_random")]);
         }
         let producer = kafkawrapper::Producer::new(&kafka).map_err(|e| e.to_string())?;
         let (lease, handle) = lease::Lease::new(store.clone(), &settings.capture.topic, settings.capture.lease_ttl);
         tracing::info!(holder = lease.holder(), "outbox relay enabled");
-        tokio::spawn(lease.run(ctx.shutdown.clone()));
-        let relay = relay::Relay::new(store, producer, kafka.brokers.clone(), settings.capture.clone(), wake, handle);
-        launch = launch.worker("outbox relay", relay.run(ctx.shutdown.clone()));
+        let lease_shutdown = ctx.shutdown.clone();
+        let relay = relay::Relay::new(store, producer, kafka.brokers.clone(), settings.capture.clone(), feed, handle);
+        launch = launch
+            .worker("relay lease", async move {
+                lease.run(lease_shutdown).await;
+                Ok(())
+            })
+            .worker("outbox relay", relay.run(ctx.shutdown.clone()));
     } else {
         tracing::info!("CAPTURE_MODE=debezium: the outbox relay is off");
     }
@@ -71,7 +89,7 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
 /// Creates the indexes, retrying while MongoDB is unreachable; writes are refused
 /// (503) until they exist, because idempotent retries depend on the unique index.
 async fn create_indexes(store: Store, ready: Arc<AtomicBool>, shutdown: Shutdown) {
-    let mut attempt: u32 = 0;
+    let mut last_warning: Option<std::time::Instant> = None;
     loop {
         match store.ensure_indexes().await {
             Ok(()) => {
@@ -80,10 +98,10 @@ async fn create_indexes(store: Store, ready: Arc<AtomicBool>, shutdown: Shutdown
                 return;
             }
             Err(err) => {
-                if attempt % 10 == 0 {
-                    tracing::warn!(error = %err, attempt, "cannot create indexes yet; retrying");
+                if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(error = %err, "cannot create indexes yet; retrying every second");
+                    last_warning = Some(std::time::Instant::now());
                 }
-                attempt = attempt.saturating_add(1);
             }
         }
         tokio::select! {

@@ -7,18 +7,31 @@
 //! the same guarantees: at-least-once, nothing lost when the relay dies at any point
 //! or the broker is away for a while, one conversation in order, and low latency.
 //!
-//! How: the insert itself sets `outbox_pending: true` (one atomic write). The relay
-//! wakes on a local insert (a `Notify`), on `RELAY_POLL_INTERVAL` as a fallback (other
-//! replicas' inserts, leftovers of a crash) or when it becomes leader; scans the
-//! oldest pending messages (sorted by message id); and publishes each one keyed by
-//! its stream id. The marker is cleared only for messages whose delivery the broker
-//! acknowledged, so a crash between publish and clear republishes them (consumers
-//! deduplicate by message id). Publishing is pipelined: the next scan does not wait
-//! for earlier deliveries or clears; messages already in flight are skipped, and the
-//! producer keeps per-partition order (idempotent, `acks=all`). Only the holder of
-//! the lease ([`crate::lease`]) scans and publishes.
+//! How:
+//! - The insert itself sets `outbox_pending: true` (one atomic write). Only the
+//!   replica holding the lease ([`crate::lease`]) publishes.
+//! - Fast path: after a successful insert the API hands the message to the relay
+//!   ([`RelayFeed::offer`], sent under the per-stream lock, so in commit order). The
+//!   leader publishes it at once, without reading MongoDB back.
+//! - Sweeps: a scan of the oldest pending documents (sorted by message id) runs on
+//!   `RELAY_POLL_INTERVAL`, when leadership is gained, after a failed publish (once
+//!   the backoff has passed) and when the feed overflowed. It finds what the fast
+//!   path could not know about: other replicas' inserts, leftovers of a crash,
+//!   failed publishes. The routine (poll interval) sweep runs beside the fast path;
+//!   the others *hold* it: fed messages wait until the sweep is done (it covers
+//!   them too), so older messages always go first. The loop never waits on
+//!   MongoDB or the broker itself: scans, deliveries and clears are futures it polls.
+//! - Ordered mode: when a sweep finds recent pending messages this replica did not
+//!   insert (another replica takes writes), every wake-up becomes a sweep for a
+//!   while, so one conversation written through two replicas is still published in
+//!   message id order.
+//! - A marker is cleared (in coalesced `update_many` batches) only after the broker
+//!   acknowledged the message; a crash in between republishes it after restart, and
+//!   consumers deduplicate by message id. Publishing is pipelined and the producer
+//!   keeps per-partition order (idempotent, `acks=all`).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatstream::{ChangeEvent, ChangeOp, ChatMessage};
@@ -27,7 +40,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use kafkawrapper::Producer;
 use servicekit::Shutdown;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::lease::LeaseHandle;
 use crate::settings::CaptureSettings;
@@ -37,11 +50,42 @@ use crate::store::{Store, StoreError};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// The first wait after a failure; doubled per failure up to `RELAY_MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// Acknowledged markers are cleared in batches at most this often (sooner when a
+/// full batch is waiting). Delivery does not wait for clears; a later clear only
+/// means a larger re-publish after a crash.
+const CLEAR_DELAY: Duration = Duration::from_millis(50);
+/// A pending message at least this old that this relay is not publishing was
+/// written by another replica (local ones reach the fast path within milliseconds).
+const FOREIGN_AGE: Duration = Duration::from_millis(100);
+/// How long ordered mode lasts after the last foreign message was seen.
+const ORDERED_HOLD: Duration = Duration::from_secs(10);
 
 /// A delivery's outcome: the message id, and whether the broker acknowledged it.
 type Delivery = (String, Result<(), kafkawrapper::Error>);
 /// A marker clear's outcome: the ids it covered, and what MongoDB said.
 type Clear = (Vec<String>, Result<u64, StoreError>);
+
+/// The API's side of the fast path.
+pub struct RelayFeed {
+    tx: mpsc::Sender<ChatMessage>,
+    overflow: Notify,
+}
+
+impl RelayFeed {
+    /// A feed holding up to `capacity` messages, and the relay's end of it.
+    pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<ChatMessage>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Arc::new(Self { tx, overflow: Notify::new() }), rx)
+    }
+
+    /// Hands a just-inserted message to the relay. Never waits: when the feed is
+    /// full the relay is told to sweep instead (the message is in MongoDB, marked).
+    pub fn offer(&self, message: ChatMessage) {
+        if self.tx.try_send(message).is_err() {
+            self.overflow.notify_one();
+        }
+    }
+}
 
 /// The relay task.
 pub struct Relay {
@@ -49,7 +93,8 @@ pub struct Relay {
     producer: Producer,
     brokers: String,
     settings: CaptureSettings,
-    wake: std::sync::Arc<Notify>,
+    feed: Arc<RelayFeed>,
+    rx: mpsc::Receiver<ChatMessage>,
     lease: LeaseHandle,
 }
 
@@ -78,14 +123,62 @@ impl Backoff {
 
 /// The relay's working state between wake-ups.
 struct Pipeline {
-    /// Published or being published, marker not cleared yet: never scanned again.
+    /// Published or being published, marker not cleared yet: never published again.
     in_flight: HashSet<String>,
     deliveries: FuturesUnordered<BoxFuture<'static, Delivery>>,
-    /// Acknowledged, waiting for the next clear.
+    /// Acknowledged, waiting for the next clear, and when the oldest was acknowledged.
     acked: Vec<String>,
+    acked_since: Option<Instant>,
     clearing: Option<BoxFuture<'static, Clear>>,
+    /// Fed messages taken from the feed, not published yet.
+    queued: VecDeque<ChatMessage>,
+    /// Fed messages handed over to the next sweep instead (so it knows they are local).
+    deferred: HashSet<String>,
     /// Pending documents that are not valid messages (logged once, skipped).
     poisoned: HashSet<String>,
+    /// Markers cleared while a scan runs: the scan may still report them as pending.
+    cleared_during_scan: HashSet<String>,
+    /// The scan running now, its limit, and whether the fast path waits for it.
+    sweeping: Option<BoxFuture<'static, Scan>>,
+    sweep_limit: usize,
+    sweep_holds: bool,
+    /// A sweep the fast path must wait for (older messages may be pending).
+    hold_due: bool,
+    /// A routine sweep (poll interval): runs beside the fast path.
+    tick_due: bool,
+    count_pending: bool,
+    ordered_until: Option<Instant>,
+    resume_at: Option<Instant>,
+}
+
+/// A scan's outcome: the pending messages found, oldest first.
+type Scan = Result<Vec<Result<ChatMessage, StoreError>>, StoreError>;
+
+impl Pipeline {
+    fn ordered(&self) -> bool {
+        self.ordered_until.is_some_and(|until| Instant::now() < until)
+    }
+
+    /// A holding sweep runs: fed messages wait (in the feed) until it is done.
+    fn held(&self) -> bool {
+        self.sweeping.is_some() && self.sweep_holds
+    }
+
+    /// Whether fed messages are taken from the feed now: when they can be dropped
+    /// (not leader), deferred to a sweep that is about to start (backoff, or a due
+    /// holding sweep that can start) or published (fast path). Otherwise they wait in
+    /// the bounded feed, which asks for a sweep when it overflows.
+    fn takes_feed(&self, leader: bool, max_in_flight: usize) -> bool {
+        let can_sweep = self.sweeping.is_none() && self.in_flight.len() < max_in_flight;
+        !leader || self.resume_at.is_some() || (!self.held() && (!self.hold_due || can_sweep))
+    }
+
+    /// Fed messages go to the next sweep instead of the fast path.
+    fn defer_queued(&mut self) {
+        for message in self.queued.drain(..) {
+            self.deferred.insert(message.message_id.to_string());
+        }
+    }
 }
 
 impl Relay {
@@ -94,10 +187,10 @@ impl Relay {
         producer: Producer,
         brokers: String,
         settings: CaptureSettings,
-        wake: std::sync::Arc<Notify>,
+        feed: (Arc<RelayFeed>, mpsc::Receiver<ChatMessage>),
         lease: LeaseHandle,
     ) -> Self {
-        Self { store, producer, brokers, settings, wake, lease }
+        Self { store, producer, brokers, settings, feed: feed.0, rx: feed.1, lease }
     }
 
     /// Creates the topic if needed, retrying (with backoff) until the broker answers.
@@ -120,53 +213,109 @@ impl Relay {
     }
 
     /// Runs until shutdown. Never gives up on the broker or MongoDB: it backs off.
+    ///
+    /// The loop never waits for MongoDB or the broker itself: scans, deliveries and
+    /// marker clears are futures it polls, so a slow scan never delays the fast path
+    /// (except a holding scan, which the fast path must wait for to keep order).
     pub async fn run(mut self, shutdown: Shutdown) -> Result<(), String> {
         if !self.ensure_topic(&shutdown).await {
             return Ok(());
         }
         tracing::info!(topic = %self.settings.topic, "outbox relay running");
 
-        let max_in_flight = (self.settings.batch_size as usize).saturating_mul(4).max(1);
+        let batch = self.settings.batch_size as usize;
+        let max_in_flight = batch.saturating_mul(4).max(1);
         let mut pipe = Pipeline {
             in_flight: HashSet::new(),
             deliveries: FuturesUnordered::new(),
             acked: Vec::new(),
+            acked_since: None,
             clearing: None,
+            queued: VecDeque::new(),
+            deferred: HashSet::new(),
             poisoned: HashSet::new(),
+            cleared_during_scan: HashSet::new(),
+            sweeping: None,
+            sweep_limit: 0,
+            sweep_holds: false,
+            hold_due: true,
+            tick_due: false,
+            count_pending: true,
+            ordered_until: None,
+            resume_at: None,
         };
         let mut backoff = Backoff::new(self.settings.max_backoff);
-        let mut resume_at: Option<Instant> = None;
-        let mut next_poll = Instant::now();
-        let mut need_scan = true;
-        let mut count_pending = true;
+        let mut next_poll = Instant::now() + self.settings.poll_interval;
+        let mut was_leader = false;
         let mut stop = std::pin::pin!(shutdown.wait());
 
         loop {
-            if need_scan && resume_at.is_none() && pipe.in_flight.len() < max_in_flight && self.lease.is_leader() {
-                need_scan = false;
-                match self.scan(&mut pipe, count_pending).await {
-                    Ok(full) => {
-                        count_pending = false;
-                        // A full batch means more may be waiting: scan again at once.
-                        need_scan = full;
-                    }
-                    Err(err) => {
-                        let wait = backoff.fail();
-                        tracing::warn!(error = %err, ?wait, "outbox scan failed");
-                        resume_at = Some(Instant::now() + wait);
-                    }
+            let leader = self.lease.is_leader();
+            if leader && !was_leader {
+                // Whatever the previous leader left is older than anything fed now.
+                pipe.hold_due = true;
+            }
+            was_leader = leader;
+            if pipe.takes_feed(leader, max_in_flight) {
+                while let Ok(message) = self.rx.try_recv() {
+                    pipe.queued.push_back(message);
                 }
             }
-            if pipe.clearing.is_none() && !pipe.acked.is_empty() && resume_at.is_none() {
+
+            if !leader {
+                // The leader (maybe this replica, later) finds these in its sweeps.
+                pipe.queued.clear();
+                pipe.deferred.clear();
+            } else if pipe.resume_at.is_some() {
+                // Backing off: the sweep after the backoff publishes them, in order.
+                pipe.defer_queued();
+            } else if !pipe.held() {
+                if pipe.ordered() && !pipe.queued.is_empty() {
+                    pipe.hold_due = true;
+                }
+                if !pipe.hold_due {
+                    // Fast path: this replica's own inserts, in commit order.
+                    while let Some(message) = pipe.queued.pop_front() {
+                        if pipe.in_flight.len() >= max_in_flight {
+                            pipe.queued.push_front(message);
+                            pipe.hold_due = true;
+                            break;
+                        }
+                        let id = message.message_id.to_string();
+                        if pipe.in_flight.insert(id.clone()) {
+                            pipe.deliveries.push(self.publish(id, message));
+                        }
+                    }
+                }
+                let due = pipe.hold_due || pipe.tick_due;
+                if due && pipe.sweeping.is_none() && pipe.in_flight.len() < max_in_flight {
+                    pipe.sweep_holds = pipe.hold_due;
+                    if pipe.sweep_holds {
+                        // Committed before the scan starts: the scan sees them.
+                        pipe.defer_queued();
+                    }
+                    pipe.hold_due = false;
+                    pipe.tick_due = false;
+                    pipe.sweep_limit = batch + pipe.in_flight.len() + pipe.poisoned.len();
+                    let store = self.store.clone();
+                    let limit = u32::try_from(pipe.sweep_limit).unwrap_or(u32::MAX);
+                    pipe.sweeping = Some(Box::pin(async move { store.pending(limit).await }));
+                }
+            }
+
+            let clear_at =
+                pipe.acked_since.map(|since| if pipe.acked.len() >= batch { since } else { since + CLEAR_DELAY });
+            if pipe.clearing.is_none() && pipe.resume_at.is_none() && clear_at.is_some_and(|at| at <= Instant::now()) {
+                pipe.acked_since = None;
                 let ids = std::mem::take(&mut pipe.acked);
                 let store = self.store.clone();
                 pipe.clearing = Some(Box::pin(async move {
-                    let t = Instant::now();
                     let result = store.clear_pending(&ids).await;
-                    tracing::debug!(count = ids.len(), took = ?t.elapsed(), "clear");
                     (ids, result)
                 }));
             }
+            let clear_timer = clear_at.filter(|_| pipe.clearing.is_none() && pipe.resume_at.is_none());
+            let take_feed = pipe.takes_feed(leader, max_in_flight);
 
             tokio::select! {
                 _ = &mut stop => break,
@@ -175,17 +324,34 @@ impl Relay {
                         Ok(()) => {
                             metrics::counter!("relay_published_total").increment(1);
                             pipe.acked.push(id);
+                            pipe.acked_since.get_or_insert_with(Instant::now);
                         }
                         Err(err) => {
                             metrics::counter!("relay_publish_failures_total").increment(1);
-                            // Not acknowledged: the marker stays, the next scan retries it.
+                            // Not acknowledged: the marker stays and a sweep retries
+                            // it (with everything newer, in order) after the backoff.
                             pipe.in_flight.remove(&id);
-                            if resume_at.is_none() {
+                            if pipe.resume_at.is_none() {
                                 let wait = backoff.fail();
                                 tracing::warn!(message_id = %id, error = %err, ?wait, "publish failed; backing off");
-                                resume_at = Some(Instant::now() + wait);
+                                pipe.resume_at = Some(Instant::now() + wait);
                             }
-                            need_scan = true;
+                        }
+                    }
+                }
+                scan = next_of(&mut pipe.sweeping), if pipe.sweeping.is_some() => {
+                    pipe.sweeping = None;
+                    match scan {
+                        Ok(found) => {
+                            if self.take_found(&mut pipe, found) {
+                                // A full batch: more may be waiting, older than the feed.
+                                pipe.hold_due = true;
+                            }
+                        }
+                        Err(err) => {
+                            let wait = backoff.fail();
+                            tracing::warn!(error = %err, ?wait, "outbox scan failed");
+                            pipe.resume_at = Some(Instant::now() + wait);
                         }
                     }
                 }
@@ -197,6 +363,9 @@ impl Relay {
                             for id in &ids {
                                 pipe.in_flight.remove(id);
                             }
+                            if pipe.sweeping.is_some() {
+                                pipe.cleared_during_scan.extend(ids);
+                            }
                         }
                         Err(err) => {
                             // Still published: keep them in flight (not republished)
@@ -204,21 +373,26 @@ impl Relay {
                             let wait = backoff.fail();
                             tracing::warn!(error = %err, count = ids.len(), ?wait, "clearing outbox markers failed");
                             pipe.acked.extend(ids);
-                            resume_at = Some(Instant::now() + wait);
+                            pipe.acked_since.get_or_insert_with(Instant::now);
+                            pipe.resume_at = Some(Instant::now() + wait);
                         }
                     }
                 }
-                _ = self.wake.notified() => need_scan = true,
-                _ = self.lease.changed() => need_scan = true,
+                Some(message) = self.rx.recv(), if take_feed => pipe.queued.push_back(message),
+                _ = self.feed.overflow.notified() => pipe.hold_due = true,
+                // Gaining leadership is noticed at the top of the loop.
+                _ = self.lease.changed() => {}
                 _ = tokio::time::sleep_until(next_poll.into()) => {
                     next_poll = Instant::now() + self.settings.poll_interval;
-                    need_scan = true;
-                    count_pending = true;
+                    metrics::gauge!("relay_ordered_mode").set(if pipe.ordered() { 1.0 } else { 0.0 });
+                    pipe.tick_due = true;
+                    pipe.count_pending = true;
                 }
-                _ = tokio::time::sleep_until(resume_at.unwrap_or_else(Instant::now).into()), if resume_at.is_some() => {
-                    resume_at = None;
-                    need_scan = true;
+                _ = sleep_until_opt(pipe.resume_at), if pipe.resume_at.is_some() => {
+                    pipe.resume_at = None;
+                    pipe.hold_due = true;
                 }
+                _ = sleep_until_opt(clear_timer), if clear_timer.is_some() => {}
             }
         }
 
@@ -226,29 +400,38 @@ impl Relay {
         Ok(())
     }
 
-    /// Scans the outbox once and hands new messages to the producer. Returns whether
-    /// the batch was full (more may be pending).
-    async fn scan(&self, pipe: &mut Pipeline, count_pending: bool) -> Result<bool, StoreError> {
+    /// Publishes what a scan found that is not in flight yet, oldest first, and
+    /// updates the outbox gauges. Returns whether the scan was full (more may be
+    /// pending).
+    fn take_found(&self, pipe: &mut Pipeline, found: Vec<Result<ChatMessage, StoreError>>) -> bool {
         let batch = self.settings.batch_size as usize;
-        let limit = u32::try_from(batch + pipe.in_flight.len() + pipe.poisoned.len()).unwrap_or(u32::MAX);
-        let scan_started = Instant::now();
-        let pending = self.store.pending(limit).await?;
-        let found = pending.len();
-        tracing::debug!(found, in_flight = pipe.in_flight.len(), took = ?scan_started.elapsed(), "outbox scan");
+        let limit = pipe.sweep_limit;
+        let count = found.len();
+        let deferred = std::mem::take(&mut pipe.deferred);
+        // Published and cleared after the scan read them: not pending any more.
+        let cleared = std::mem::take(&mut pipe.cleared_during_scan);
 
-        let oldest = pending.iter().filter_map(|m| m.as_ref().ok()).map(|m| m.created_at).min();
-        let lag = oldest.map(|t| (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
+        let now = chrono::Utc::now();
+        let oldest = found.iter().filter_map(|m| m.as_ref().ok()).map(|m| m.created_at).min();
+        let lag = oldest.map(|t| (now - t).num_milliseconds().max(0) as f64 / 1000.0).unwrap_or(0.0);
         metrics::gauge!("relay_lag_seconds").set(lag);
-        if found < limit as usize {
-            metrics::gauge!("relay_pending").set(found as f64);
-        } else if count_pending {
-            if let Ok(count) = self.store.count_pending().await {
-                metrics::gauge!("relay_pending").set(count as f64);
-            }
+        if count < limit {
+            metrics::gauge!("relay_pending").set(count as f64);
+        } else if std::mem::take(&mut pipe.count_pending) {
+            // Rare (a backlog), and a count is a full scan on some servers: at most
+            // once per poll interval, in the background.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Ok(count) = store.count_pending().await {
+                    metrics::gauge!("relay_pending").set(count as f64);
+                }
+            });
         }
 
-        let mut started = 0;
-        for item in pending {
+        let foreign_before = now - chrono::Duration::from_std(FOREIGN_AGE).unwrap_or_default();
+        let mut published = 0;
+        let mut foreign = 0;
+        for item in found {
             let message = match item {
                 Ok(message) => message,
                 Err(StoreError::Corrupt { id, reason }) => {
@@ -257,25 +440,39 @@ impl Relay {
                     }
                     continue;
                 }
-                Err(other) => return Err(other),
+                Err(other) => {
+                    tracing::warn!(error = %other, "unexpected scan item");
+                    continue;
+                }
             };
             let id = message.message_id.to_string();
-            if pipe.in_flight.contains(&id) {
+            if pipe.in_flight.contains(&id) || cleared.contains(&id) {
                 continue;
             }
-            if started == batch || !self.lease.is_leader() {
-                return Ok(true);
+            if published == batch || !self.lease.is_leader() {
+                return true;
+            }
+            if !deferred.contains(&id) && message.created_at < foreign_before {
+                foreign += 1;
             }
             pipe.in_flight.insert(id.clone());
             pipe.deliveries.push(self.publish(id, message));
-            started += 1;
+            published += 1;
         }
-        Ok(found >= limit as usize)
+        if foreign > 0 {
+            if !pipe.ordered() {
+                tracing::info!(foreign, "found messages written by another replica; publishing in ordered mode");
+            }
+            pipe.ordered_until = Some(Instant::now() + ORDERED_HOLD);
+            metrics::gauge!("relay_ordered_mode").set(1.0);
+        }
+        tracing::debug!(found = count, published, "outbox sweep");
+        count >= limit
     }
 
     /// One delivery: resolves once the broker acknowledged (or refused) it. The
     /// producer enqueues on the first poll, and `FuturesUnordered` first-polls in
-    /// push order, so messages reach the producer in scan (message id) order.
+    /// push order, so messages reach the producer in the order they were pushed.
     fn publish(&self, id: String, message: ChatMessage) -> BoxFuture<'static, Delivery> {
         let producer = self.producer.clone();
         let topic = self.settings.topic.clone();
@@ -286,9 +483,9 @@ impl Relay {
         let key = event.key();
         let payload = event.to_flattened().to_string();
         Box::pin(async move {
-            let t = Instant::now();
+            let started = Instant::now();
             let result = producer.send(&topic, key.as_bytes(), payload.as_bytes(), &[]).await.map(|_| ());
-            tracing::debug!(took = ?t.elapsed(), "delivery");
+            metrics::histogram!("relay_publish_duration_seconds").record(started.elapsed().as_secs_f64());
             (id, result)
         })
     }
@@ -325,6 +522,14 @@ async fn next_of<T>(slot: &mut Option<BoxFuture<'static, T>>) -> T {
     }
 }
 
+/// Sleeps until `at`; never resolves for `None`.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,5 +541,30 @@ mod tests {
         assert_eq!(waits, vec![100, 200, 400, 500, 500]);
         b.reset();
         assert_eq!(b.fail(), Duration::from_millis(100));
+    }
+
+    fn message() -> ChatMessage {
+        let a = chatstream::UserId::parse("alice").expect("valid");
+        let b = chatstream::UserId::parse("bob").expect("valid");
+        ChatMessage {
+            message_id: chatstream::MessageId::new(),
+            stream_id: chatstream::StreamId::for_pair(&a, &b),
+            sender_id: a,
+            receiver_id: b,
+            content: chatstream::MessageContent::parse("hi").expect("valid"),
+            created_at: chrono::Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_feed_asks_for_a_sweep_instead_of_waiting() {
+        let (feed, mut rx) = RelayFeed::new(1);
+        feed.offer(message());
+        feed.offer(message());
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "the second one was not queued");
+        // The overflow left a permit: the relay's next wait returns at once.
+        let woke = tokio::time::timeout(Duration::from_millis(50), feed.overflow.notified()).await.is_ok();
+        assert!(woke);
     }
 }

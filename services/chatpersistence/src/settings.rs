@@ -26,6 +26,11 @@ pub struct MongoSettings {
     /// MongoDB that does not answer within it makes the API answer 503.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// `MONGODB_INSERT_BATCH`: most messages written by one `insert_many` (group
+    /// commit: requests arriving during a write share the next one).
+    pub insert_batch: usize,
+    /// `MONGODB_INSERT_WRITERS`: batches written concurrently.
+    pub insert_writers: usize,
 }
 
 impl Default for MongoSettings {
@@ -35,6 +40,8 @@ impl Default for MongoSettings {
             database: "chat".to_owned(),
             messages_collection: "messages".to_owned(),
             timeout: Duration::from_secs(2),
+            insert_batch: 128,
+            insert_writers: 1,
         }
     }
 }
@@ -45,6 +52,8 @@ impl MongoSettings {
         ("MONGODB_DATABASE", "database"),
         ("MONGODB_MESSAGES_COLLECTION", "messages_collection"),
         ("MONGODB_TIMEOUT", "timeout"),
+        ("MONGODB_INSERT_BATCH", "insert_batch"),
+        ("MONGODB_INSERT_WRITERS", "insert_writers"),
     ];
 }
 
@@ -160,6 +169,9 @@ impl Settings {
     pub fn validate(&self) -> Result<(), String> {
         if self.mongo.timeout.is_zero() {
             return Err("MONGODB_TIMEOUT must be greater than zero".into());
+        }
+        if self.mongo.insert_batch == 0 || self.mongo.insert_writers == 0 {
+            return Err("MONGODB_INSERT_BATCH and MONGODB_INSERT_WRITERS must be at least 1".into());
         }
         if self.history.default_limit == 0 || self.history.max_limit == 0 {
             return Err("HISTORY_DEFAULT_LIMIT and HISTORY_MAX_LIMIT must be at least 1".into());

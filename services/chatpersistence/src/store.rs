@@ -25,12 +25,13 @@ use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::MongoSettings;
+use crate::writer::Writer;
 
 /// MongoDB's duplicate key error code.
 const DUPLICATE_KEY: i32 = 11000;
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// MongoDB cannot be reached, did not answer in time, or could not make the
     /// write durable. Retrying later may succeed.
@@ -74,7 +75,7 @@ fn classify(err: &mongodb::error::Error) -> StoreError {
 /// A message document as stored. `_id` is the message id, so the document is
 /// addressed by the same id everywhere (Debezium's record `_id`, the API, the events).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct MessageDoc {
+pub(crate) struct MessageDoc {
     #[serde(rename = "_id")]
     id: String,
     message_id: String,
@@ -147,6 +148,7 @@ pub enum Inserted {
 pub struct Store {
     client: Client,
     messages: Collection<MessageDoc>,
+    writer: Writer<MessageDoc>,
     leases: Collection<Document>,
     timeout: Duration,
     outbox: bool,
@@ -157,9 +159,8 @@ impl Store {
     /// Nothing is contacted yet (the driver connects in the background), so a
     /// MongoDB that is down at start-up does not stop the service from starting.
     pub async fn new(settings: &MongoSettings, outbox: bool) -> Result<Self, StoreError> {
-        let mut options = ClientOptions::parse(&settings.uri)
-            .await
-            .map_err(|e| StoreError::Other(format!("MONGODB_URI: {e}")))?;
+        let mut options =
+            ClientOptions::parse(&settings.uri).await.map_err(|e| StoreError::Other(format!("MONGODB_URI: {e}")))?;
         options.app_name.get_or_insert_with(|| "chatpersistence".to_owned());
         options.server_selection_timeout = Some(settings.timeout);
         options.connect_timeout = Some(settings.timeout);
@@ -170,18 +171,17 @@ impl Store {
         options.write_concern = Some(WriteConcern::builder().w(Acknowledgment::Majority).journal(true).build());
         let client = Client::with_options(options).map_err(|e| StoreError::Other(format!("MONGODB_URI: {e}")))?;
         let db = client.database(&settings.database);
-        Ok(Self {
-            messages: db.collection(&settings.messages_collection),
-            leases: db.collection("relay_leases"),
-            client,
-            timeout: settings.timeout,
-            outbox,
-        })
+        let messages: Collection<MessageDoc> = db.collection(&settings.messages_collection);
+        let writer = Writer::start(messages.clone(), settings.insert_writers, settings.insert_batch, settings.timeout);
+        Ok(Self { messages, writer, leases: db.collection("relay_leases"), client, timeout: settings.timeout, outbox })
     }
 
     /// Runs `op` within the MongoDB timeout, so a server that accepted the
     /// connection but stopped answering still fails fast.
-    async fn bounded<T>(&self, op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>) -> Result<T, StoreError> {
+    async fn bounded<T>(
+        &self,
+        op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, op.into_future()).await {
             Ok(result) => result.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
@@ -235,8 +235,8 @@ impl Store {
     /// client_message_id)` writes nothing and returns the original.
     pub async fn insert(&self, message: &ChatMessage, client_message_id: Option<&str>) -> Result<Inserted, StoreError> {
         let doc = MessageDoc::new(message, client_message_id, self.outbox);
-        match self.bounded(self.messages.insert_one(&doc)).await {
-            Ok(_) => Ok(Inserted::Created),
+        match self.writer.insert(doc).await {
+            Ok(()) => Ok(Inserted::Created),
             Err(StoreError::Duplicate(detail)) => {
                 let Some(client_message_id) = client_message_id else {
                     // Only a colliding message id could do this: ids are UUIDv7.
@@ -251,8 +251,13 @@ impl Store {
         }
     }
 
-    async fn by_client_message_id(&self, sender: &UserId, client_message_id: &str) -> Result<Option<ChatMessage>, StoreError> {
-        let filter = doc! { "sender_id": { "$eq": sender.as_str() }, "client_message_id": { "$eq": client_message_id } };
+    async fn by_client_message_id(
+        &self,
+        sender: &UserId,
+        client_message_id: &str,
+    ) -> Result<Option<ChatMessage>, StoreError> {
+        let filter =
+            doc! { "sender_id": { "$eq": sender.as_str() }, "client_message_id": { "$eq": client_message_id } };
         self.bounded(self.messages.find_one(filter)).await?.map(MessageDoc::into_message).transpose()
     }
 
@@ -310,7 +315,10 @@ impl Store {
         }
         let filter = doc! { "_id": { "$in": ids }, "outbox_pending": { "$eq": true } };
         let update = doc! { "$unset": { "outbox_pending": "" } };
-        Ok(self.bounded(self.messages.update_many(filter, update)).await?.modified_count)
+        // Not journaled: a clear lost in a crash only means the message is
+        // published once more, and skipping the journal flush keeps clears cheap.
+        let unjournaled = WriteConcern::builder().w(Acknowledgment::Nodes(1)).journal(false).build();
+        Ok(self.bounded(self.messages.update_many(filter, update).write_concern(unjournaled)).await?.modified_count)
     }
 
     /// How many messages wait for the relay.
@@ -329,7 +337,10 @@ impl Store {
     }
 
     /// Runs a lease operation under the same bound and error sorting.
-    pub async fn run<T>(&self, op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>) -> Result<T, StoreError> {
+    pub async fn run<T>(
+        &self,
+        op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
+    ) -> Result<T, StoreError> {
         self.bounded(op).await
     }
 }
