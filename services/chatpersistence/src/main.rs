@@ -4,6 +4,7 @@
 //! This file only wires the parts together; see `api`, `store`, `relay` and `lease`.
 
 mod api;
+mod domain_relay;
 mod lease;
 mod relay;
 mod settings;
@@ -73,8 +74,25 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         let (lease, handle) = lease::Lease::new(store.clone(), &settings.capture.topic, settings.capture.lease_ttl);
         tracing::info!(holder = lease.holder(), "outbox relay enabled");
         let lease_shutdown = ctx.shutdown.clone();
+        let (domain_lease, domain_handle) =
+            lease::Lease::new(store.clone(), "domain-collections", settings.capture.lease_ttl);
+        let domain_relay = domain_relay::DomainRelay::new(
+            store.clone(),
+            producer.clone(),
+            kafka.brokers.clone(),
+            domain_handle,
+            settings.capture.poll_interval,
+            settings.capture.batch_size,
+            settings.capture.partitions,
+        );
+        let domain_shutdown = ctx.shutdown.clone();
         let relay = relay::Relay::new(store, producer, kafka.brokers.clone(), settings.capture.clone(), feed, handle);
         launch = launch
+            .worker("domain capture lease", async move {
+                domain_lease.run(domain_shutdown).await;
+                Ok(())
+            })
+            .worker("domain capture", domain_relay.run(ctx.shutdown.clone()))
             .worker("relay lease", async move {
                 lease.run(lease_shutdown).await;
                 Ok(())

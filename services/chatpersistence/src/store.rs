@@ -326,6 +326,11 @@ impl Store {
         self.bounded(self.messages.count_documents(doc! { "outbox_pending": { "$eq": true } })).await
     }
 
+    /// Another collection of the same database (the domain collections).
+    pub fn collection(&self, name: &str) -> Collection<Document> {
+        self.client.database(&self.messages.namespace().db).collection(name)
+    }
+
     /// The relay's lease collection.
     pub fn leases(&self) -> &Collection<Document> {
         &self.leases
