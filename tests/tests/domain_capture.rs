@@ -56,16 +56,16 @@ async fn documents_created_by_hand_become_notifications() {
     handler_env.push(("KAFKA_GROUP_ID".into(), testkit::unique("chat")));
     let _handler = Service::start("chatpersistencechangehandler", &handler_env);
 
-    let url = notifications
-        .ws_url(&format!("/notifications/subscribe?user_id=dave&access_token={}", token("dave")));
+    let url = notifications.ws_url(&format!("/notifications/subscribe?user_id=dave&access_token={}", token("dave")));
     let (mut dave, _) = tokio_tungstenite::connect_async(url).await.expect("dave subscribes");
-    let url = notifications
-        .ws_url(&format!("/notifications/subscribe?user_id=erin&access_token={}", token("erin")));
+    let url = notifications.ws_url(&format!("/notifications/subscribe?user_id=erin&access_token={}", token("erin")));
     let (mut erin, _) = tokio_tungstenite::connect_async(url).await.expect("erin subscribes");
 
-    for (kind, status, expected_kind) in
-        [("purchase", "paid", "purchase"), ("payment", "overdue", "payment_reminder"), ("shipment", "in_transit", "shipping")]
-    {
+    for (kind, status, expected_kind) in [
+        ("purchase", "paid", "purchase"),
+        ("payment", "overdue", "payment_reminder"),
+        ("shipment", "in_transit", "shipping"),
+    ] {
         create_event(&stack, kind, "dave", status);
         // The first one waits for the consumer group to join and the relay's lease.
         let frame = next_notification(&mut dave, Duration::from_secs(45))
@@ -75,6 +75,9 @@ async fn documents_created_by_hand_become_notifications() {
         assert_eq!(frame["data"]["user_id"], "dave");
         assert_eq!(frame["data"]["status"], status);
     }
-    assert!(next_notification(&mut erin, Duration::from_secs(1)).await.is_none(), "erin is not notified of dave's events");
+    assert!(
+        next_notification(&mut erin, Duration::from_secs(1)).await.is_none(),
+        "erin is not notified of dave's events"
+    );
     assert!(next_notification(&mut dave, Duration::from_secs(2)).await.is_none(), "each document notifies once");
 }

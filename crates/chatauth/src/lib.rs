@@ -164,19 +164,18 @@ impl Authenticator {
         } else {
             validation.set_audience(&[settings.jwt_audience.as_str()]);
         }
-        Ok(Self {
-            inner: Arc::new(Inner { key, validation, service_token: settings.internal_service_token.clone() }),
-        })
+        Ok(Self { inner: Arc::new(Inner { key, validation, service_token: settings.internal_service_token.clone() }) })
     }
 
     /// The user a token speaks for.
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.inner.key, &self.inner.validation).map_err(|err| {
-            match err.kind() {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.inner.key, &self.inner.validation).map_err(|err| match err
+                .kind()
+            {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(err.to_string()),
-            }
-        })?;
+            })?;
         UserId::parse(&data.claims.sub).map_err(|err| AuthError::BadSubject(err.to_string()))
     }
 

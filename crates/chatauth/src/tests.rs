@@ -36,12 +36,9 @@ fn forged_expired_and_garbage_tokens_are_rejected() {
 
 #[test]
 fn issuer_and_audience_are_enforced_when_configured() {
-    let auth = Authenticator::new(&AuthSettings {
-        jwt_issuer: "chatfleet".into(),
-        jwt_audience: "web".into(),
-        ..settings()
-    })
-    .expect("configured");
+    let auth =
+        Authenticator::new(&AuthSettings { jwt_issuer: "chatfleet".into(), jwt_audience: "web".into(), ..settings() })
+            .expect("configured");
     let good = mint_hs256(SECRET, &alice(), Duration::from_secs(60), Some("chatfleet"), Some("web"));
     assert!(auth.verify(&good).is_ok());
     let wrong_iss = mint_hs256(SECRET, &alice(), Duration::from_secs(60), Some("other"), Some("web"));

@@ -256,11 +256,9 @@ pub(crate) fn timestamp(value: &Value) -> Result<DateTime<Utc>, EventError> {
         Value::Number(n) => n.as_i64().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
         Value::String(s) => DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&Utc)).map_err(|_| bad()),
         Value::Object(map) => match map.get("$date").or_else(|| map.get("$numberLong")) {
-            Some(Value::String(s)) if s.chars().all(|c| c.is_ascii_digit() || c == '-') => s
-                .parse::<i64>()
-                .ok()
-                .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
-                .ok_or_else(bad),
+            Some(Value::String(s)) if s.chars().all(|c| c.is_ascii_digit() || c == '-') => {
+                s.parse::<i64>().ok().and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad)
+            }
             Some(inner) => timestamp(inner),
             None => Err(bad()),
         },

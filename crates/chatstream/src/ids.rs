@@ -34,9 +34,8 @@ impl UserId {
         if len == 0 || len > Self::MAX_LEN {
             return Err(IdError::UserIdLength { len });
         }
-        if let Some(found) = raw
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')))
+        if let Some(found) =
+            raw.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')))
         {
             return Err(IdError::UserIdCharacter { found });
         }
@@ -200,7 +199,9 @@ mod tests {
     #[test]
     fn stream_id_parse_rejects_bad_input() {
         assert!(StreamId::parse("a83ab2505ace9a87").is_ok());
-        for bad in ["", "a83ab2505ace9a8", "a83ab2505ace9a877", "A83AB2505ACE9A87", "g83ab2505ace9a87", "a83ab2505ace9a8 "] {
+        for bad in
+            ["", "a83ab2505ace9a8", "a83ab2505ace9a877", "A83AB2505ACE9A87", "g83ab2505ace9a87", "a83ab2505ace9a8 "]
+        {
             assert_eq!(StreamId::parse(bad), Err(IdError::StreamIdFormat), "{bad:?}");
         }
     }

@@ -90,8 +90,7 @@ impl Connection {
         if let Some(manager) = lock(&self.current).clone() {
             return Ok(manager);
         }
-        let manager =
-            ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
+        let manager = ConnectionManager::new_with_config(self.client.clone(), self.config.clone()).await?;
         *lock(&self.current) = Some(manager.clone());
         Ok(manager)
     }
@@ -102,10 +101,7 @@ impl Connection {
         match *failing_since {
             None => *failing_since = Some(now),
             Some(since) if now.duration_since(since) >= self.reset_after => {
-                tracing::debug!(
-                    "event store connection failing for {:?}, reconnecting from scratch",
-                    self.reset_after
-                );
+                tracing::debug!("event store connection failing for {:?}, reconnecting from scratch", self.reset_after);
                 *lock(&self.current) = None;
                 *failing_since = Some(now);
             }
@@ -116,7 +112,5 @@ impl Connection {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Plain values: a panic elsewhere cannot leave them inconsistent.
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -25,19 +25,13 @@ pub const METRIC_LEASE_LOST: &str = "eventstore_lease_lost_total";
 
 /// Registers the metric descriptions (idempotent, cheap).
 pub(crate) fn describe() {
-    metrics::describe_gauge!(
-        METRIC_UP,
-        "1 while the event store reaches Redis, 0 during an outage"
-    );
+    metrics::describe_gauge!(METRIC_UP, "1 while the event store reaches Redis, 0 during an outage");
     metrics::describe_counter!(
         METRIC_UNAVAILABLE,
         "Event store operations that failed open (processed without deduplication)"
     );
     metrics::describe_counter!(METRIC_CLAIMS, "Event claims by outcome");
-    metrics::describe_counter!(
-        METRIC_LEASE_LOST,
-        "Events marked done after their processing lease had expired"
-    );
+    metrics::describe_counter!(METRIC_LEASE_LOST, "Events marked done after their processing lease had expired");
 }
 
 #[derive(Debug, Default)]
@@ -58,11 +52,7 @@ pub(crate) struct Health {
 
 impl Health {
     pub(crate) fn new(prefix: &str) -> Self {
-        Self {
-            prefix: prefix.to_owned(),
-            up: AtomicBool::new(false),
-            outage: Mutex::new(Outage::default()),
-        }
+        Self { prefix: prefix.to_owned(), up: AtomicBool::new(false), outage: Mutex::new(Outage::default()) }
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -76,9 +66,7 @@ impl Health {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Outage> {
         // The state is a few plain fields: a panic elsewhere cannot leave it broken.
-        self.outage
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.outage.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Redis answered.
@@ -95,10 +83,7 @@ impl Health {
         self.up.store(true, Ordering::Relaxed);
         metrics::gauge!(METRIC_UP, "prefix" => self.prefix.clone()).set(1.0);
         if was_down {
-            let lasted = outage
-                .since
-                .map(|since| since.elapsed())
-                .unwrap_or_default();
+            let lasted = outage.since.map(|since| since.elapsed()).unwrap_or_default();
             tracing::info!(
                 prefix = %self.prefix,
                 outage_secs = lasted.as_secs_f64(),
@@ -112,12 +97,7 @@ impl Health {
 
     /// Redis did not answer (or answered with an error). `operation` is counted as
     /// failed open when `failed_open` is set.
-    pub(crate) fn failure(
-        &self,
-        operation: &'static str,
-        error: &EventStoreError,
-        failed_open: bool,
-    ) {
+    pub(crate) fn failure(&self, operation: &'static str, error: &EventStoreError, failed_open: bool) {
         if failed_open {
             metrics::counter!(METRIC_UNAVAILABLE, "prefix" => self.prefix.clone(), "operation" => operation)
                 .increment(1);

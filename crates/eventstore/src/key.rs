@@ -29,12 +29,7 @@ impl EventKey {
     /// `eventstore:{prefix}:{first}:{second}`; `first` and `second` are escaped as
     /// described in the module documentation, `prefix` is used as is.
     pub fn new(prefix: &str, first: &str, second: &str) -> Self {
-        Self(format!(
-            "{}:{prefix}:{}:{}",
-            Self::NAMESPACE,
-            escape(first),
-            escape(second)
-        ))
+        Self(format!("{}:{prefix}:{}:{}", Self::NAMESPACE, escape(first), escape(second)))
     }
 
     /// The key of a chat message event: `eventstore:{prefix}:{message_id}:{stream_id}`.
@@ -81,14 +76,10 @@ mod tests {
 
     #[test]
     fn message_keys_have_the_documented_format() {
-        let message_id =
-            MessageId::parse("0192f1a4-7b3c-7d2e-8f10-1a2b3c4d5e6f").expect("valid id");
+        let message_id = MessageId::parse("0192f1a4-7b3c-7d2e-8f10-1a2b3c4d5e6f").expect("valid id");
         let stream_id = StreamId::parse("a83ab2505ace9a87").expect("valid id");
         let key = EventKey::for_message("chat-cdc", &message_id, &stream_id);
-        assert_eq!(
-            key.as_str(),
-            "eventstore:chat-cdc:0192f1a4-7b3c-7d2e-8f10-1a2b3c4d5e6f:a83ab2505ace9a87"
-        );
+        assert_eq!(key.as_str(), "eventstore:chat-cdc:0192f1a4-7b3c-7d2e-8f10-1a2b3c4d5e6f:a83ab2505ace9a87");
         assert_eq!(key.to_string(), key.as_str());
     }
 
@@ -110,9 +101,6 @@ mod tests {
         assert_eq!(b.as_str(), "eventstore:p:a:b%3Ac");
         // An escaped-looking part cannot collide with an escaped one either.
         assert_ne!(EventKey::new("p", "a%3Ab", "c"), a);
-        assert_eq!(
-            EventKey::new("p", "100%", "x").as_str(),
-            "eventstore:p:100%25:x"
-        );
+        assert_eq!(EventKey::new("p", "100%", "x").as_str(), "eventstore:p:100%25:x");
     }
 }

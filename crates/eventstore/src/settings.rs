@@ -96,10 +96,7 @@ mod tests {
 
     #[test]
     fn env_names_map_to_existing_fields() {
-        let names: Vec<&str> = EventStoreSettings::ENV
-            .iter()
-            .map(|(env, _)| *env)
-            .collect();
+        let names: Vec<&str> = EventStoreSettings::ENV.iter().map(|(env, _)| *env).collect();
         assert_eq!(
             names,
             [
@@ -112,39 +109,26 @@ mod tests {
         );
         let serialized = serde_json::to_value(EventStoreSettings::default()).expect("serializes");
         for (env, field) in EventStoreSettings::ENV {
-            assert!(
-                serialized.get(field).is_some(),
-                "{env} maps to unknown field {field}"
-            );
+            assert!(serialized.get(field).is_some(), "{env} maps to unknown field {field}");
         }
     }
 
     #[test]
     fn durations_are_humantime() {
         let s: EventStoreSettings =
-            serde_json::from_str(r#"{"ttl":"6h","processing_lease":"45s","timeout":"250ms"}"#)
-                .expect("parses");
+            serde_json::from_str(r#"{"ttl":"6h","processing_lease":"45s","timeout":"250ms"}"#).expect("parses");
         assert_eq!(s.ttl, Duration::from_secs(6 * 3600));
         assert_eq!(s.processing_lease, Duration::from_secs(45));
         assert_eq!(s.timeout, Duration::from_millis(250));
-        assert_eq!(
-            s.key_prefix, "chat-cdc",
-            "missing fields keep their defaults"
-        );
+        assert_eq!(s.key_prefix, "chat-cdc", "missing fields keep their defaults");
     }
 
     #[test]
     fn debug_hides_the_password() {
-        let s = EventStoreSettings {
-            redis_url: "redis://user:s3cret@redis:6379/0".to_owned(),
-            ..Default::default()
-        };
+        let s = EventStoreSettings { redis_url: "redis://user:s3cret@redis:6379/0".to_owned(), ..Default::default() };
         let shown = format!("{s:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("redis://***@redis:6379/0"), "{shown}");
-        assert_eq!(
-            redact_url("redis://127.0.0.1:6379"),
-            "redis://127.0.0.1:6379"
-        );
+        assert_eq!(redact_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

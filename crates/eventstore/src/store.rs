@@ -133,10 +133,7 @@ struct Inner {
 
 impl std::fmt::Debug for RedisEventStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisEventStore")
-            .field("settings", &self.inner.settings)
-            .field("up", &self.is_up())
-            .finish()
+        f.debug_struct("RedisEventStore").field("settings", &self.inner.settings).field("up", &self.is_up()).finish()
     }
 }
 
@@ -146,10 +143,7 @@ impl RedisEventStore {
     /// the background right away). Fails only on settings it cannot work with.
     pub fn new(settings: EventStoreSettings) -> Result<Self, EventStoreError> {
         let ttl_ms = positive_millis("ttl (DEDUPLICATION_TTL)", settings.ttl)?;
-        let lease_ms = positive_millis(
-            "processing_lease (EVENT_STORE_PROCESSING_LEASE)",
-            settings.processing_lease,
-        )?;
+        let lease_ms = positive_millis("processing_lease (EVENT_STORE_PROCESSING_LEASE)", settings.processing_lease)?;
         positive_millis("timeout (REDIS_TIMEOUT)", settings.timeout)?;
         if settings.key_prefix.is_empty() {
             return Err(EventStoreError::InvalidSetting {
@@ -157,8 +151,7 @@ impl RedisEventStore {
                 message: "must not be empty".to_owned(),
             });
         }
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(EventStoreError::InvalidUrl)?;
+        let client = redis::Client::open(settings.redis_url.as_str()).map_err(EventStoreError::InvalidUrl)?;
         health::describe();
         let store = Self {
             inner: Arc::new(Inner {
@@ -233,8 +226,7 @@ impl RedisEventStore {
             Ok(0) => Claim::AlreadyDone,
             Ok(2) => Claim::InProgress,
             Ok(other) => {
-                let error =
-                    EventStoreError::UnexpectedReply(format!("claim script replied {other}"));
+                let error = EventStoreError::UnexpectedReply(format!("claim script replied {other}"));
                 self.failed_open("claim", key, &error)
             }
             Err(e) => self.failed_open("claim", key, &e),
@@ -247,12 +239,7 @@ impl RedisEventStore {
         claim
     }
 
-    fn failed_open(
-        &self,
-        operation: &'static str,
-        key: &EventKey,
-        error: &EventStoreError,
-    ) -> Claim {
+    fn failed_open(&self, operation: &'static str, key: &EventKey, error: &EventStoreError) -> Claim {
         tracing::debug!(%key, operation, %error, "event store operation failed open");
         self.inner.health.failure(operation, error, true);
         Claim::Unavailable
@@ -289,8 +276,7 @@ impl RedisEventStore {
                     2 => "another consumer's lease",
                     _ => "a done marker",
                 };
-                metrics::counter!(METRIC_LEASE_LOST, "prefix" => self.prefix().to_owned())
-                    .increment(1);
+                metrics::counter!(METRIC_LEASE_LOST, "prefix" => self.prefix().to_owned()).increment(1);
                 tracing::warn!(
                     %key,
                     found,
@@ -315,12 +301,7 @@ impl RedisEventStore {
         let reply = inner
             .connection
             .run(|mut conn| async move {
-                inner
-                    .release
-                    .key(key.as_str())
-                    .arg(token.as_str())
-                    .invoke_async::<i64>(&mut conn)
-                    .await
+                inner.release.key(key.as_str()).arg(token.as_str()).invoke_async::<i64>(&mut conn).await
             })
             .await;
         match reply {
@@ -344,10 +325,7 @@ impl RedisEventStore {
             .inner
             .connection
             .run(|mut conn| async move {
-                redis::cmd("GET")
-                    .arg(key.as_str())
-                    .query_async::<Option<String>>(&mut conn)
-                    .await
+                redis::cmd("GET").arg(key.as_str()).query_async::<Option<String>>(&mut conn).await
             })
             .await;
         match reply {
@@ -367,9 +345,7 @@ impl RedisEventStore {
         let reply = self
             .inner
             .connection
-            .run(
-                |mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await },
-            )
+            .run(|mut conn| async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
             .await;
         match reply {
             Ok(_) => {
@@ -387,10 +363,7 @@ impl RedisEventStore {
 fn positive_millis(name: &'static str, value: Duration) -> Result<u64, EventStoreError> {
     let millis = u64::try_from(value.as_millis()).unwrap_or(u64::MAX);
     if millis == 0 {
-        return Err(EventStoreError::InvalidSetting {
-            name,
-            message: format!("must be at least 1ms, got {value:?}"),
-        });
+        return Err(EventStoreError::InvalidSetting { name, message: format!("must be at least 1ms, got {value:?}") });
     }
     Ok(millis)
 }
@@ -402,26 +375,11 @@ mod tests {
     #[test]
     fn zero_durations_and_bad_urls_are_rejected() {
         let bad = [
-            EventStoreSettings {
-                ttl: Duration::ZERO,
-                ..Default::default()
-            },
-            EventStoreSettings {
-                processing_lease: Duration::from_micros(10),
-                ..Default::default()
-            },
-            EventStoreSettings {
-                timeout: Duration::ZERO,
-                ..Default::default()
-            },
-            EventStoreSettings {
-                key_prefix: String::new(),
-                ..Default::default()
-            },
-            EventStoreSettings {
-                redis_url: "not a url".to_owned(),
-                ..Default::default()
-            },
+            EventStoreSettings { ttl: Duration::ZERO, ..Default::default() },
+            EventStoreSettings { processing_lease: Duration::from_micros(10), ..Default::default() },
+            EventStoreSettings { timeout: Duration::ZERO, ..Default::default() },
+            EventStoreSettings { key_prefix: String::new(), ..Default::default() },
+            EventStoreSettings { redis_url: "not a url".to_owned(), ..Default::default() },
         ];
         for settings in bad {
             let shown = format!("{settings:?}");
@@ -431,10 +389,7 @@ mod tests {
 
     #[test]
     fn a_store_can_be_built_without_redis_or_runtime() {
-        let settings = EventStoreSettings {
-            redis_url: "redis://127.0.0.1:1".to_owned(),
-            ..Default::default()
-        };
+        let settings = EventStoreSettings { redis_url: "redis://127.0.0.1:1".to_owned(), ..Default::default() };
         let store = RedisEventStore::new(settings).expect("no connection at construction");
         assert!(!store.is_up());
         assert_eq!(store.key("a", "b").as_str(), "eventstore:chat-cdc:a:b");

@@ -62,12 +62,8 @@ async fn a_redis_outage_fails_open_promptly_and_the_same_store_heals() {
     // Leases taken before the outage, to finish during it.
     let to_finish = store.key("finish", "stream");
     let to_release = store.key("release", "stream");
-    let Claim::Acquired(finish_token) = store.claim(&to_finish).await else {
-        panic!("acquire")
-    };
-    let Claim::Acquired(release_token) = store.claim(&to_release).await else {
-        panic!("acquire")
-    };
+    let Claim::Acquired(finish_token) = store.claim(&to_finish).await else { panic!("acquire") };
+    let Claim::Acquired(release_token) = store.claim(&to_release).await else { panic!("acquire") };
 
     tokio::task::block_in_place(|| redis.stop());
 
@@ -83,10 +79,7 @@ async fn a_redis_outage_fails_open_promptly_and_the_same_store_heals() {
     let ((), took) = timed(store.release(&to_release, release_token)).await;
     assert!(took < PROMPT, "release took {took:?}");
     let (is_done, took) = timed(store.is_done(&done_key)).await;
-    assert!(
-        is_done.is_err() && took < PROMPT,
-        "{is_done:?} after {took:?}"
-    );
+    assert!(is_done.is_err() && took < PROMPT, "{is_done:?} after {took:?}");
     let (ping, took) = timed(store.ping()).await;
     assert!(ping.is_err() && took < PROMPT, "{ping:?} after {took:?}");
     assert!(!store.is_up(), "the store must report itself down");
@@ -101,11 +94,7 @@ async fn a_redis_outage_fails_open_promptly_and_the_same_store_heals() {
     while let Some(claim) = tasks.join_next().await {
         assert_eq!(claim.expect("task"), Claim::Unavailable);
     }
-    assert!(
-        started.elapsed() < PROMPT,
-        "a burst took {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < PROMPT, "a burst took {:?}", started.elapsed());
 
     tokio::task::block_in_place(|| redis.restart());
     let took = heals(&store).await;

@@ -24,18 +24,11 @@ async fn a_processed_event_is_deduplicated() {
     let key = store.key("message-1", "stream-1");
 
     let token = acquired(store.claim(&key).await);
-    assert!(
-        !store.is_done(&key).await.expect("redis up"),
-        "a lease is not done"
-    );
+    assert!(!store.is_done(&key).await.expect("redis up"), "a lease is not done");
     store.mark_done(&key, token).await;
 
     assert_eq!(store.claim(&key).await, Claim::AlreadyDone);
-    assert_eq!(
-        store.claim(&key).await,
-        Claim::AlreadyDone,
-        "still done on the third delivery"
-    );
+    assert_eq!(store.claim(&key).await, Claim::AlreadyDone, "still done on the third delivery");
     assert!(store.is_done(&key).await.expect("redis up"));
     assert!(store.is_up());
 
@@ -55,46 +48,23 @@ async fn the_done_marker_has_the_documented_key_and_expires_after_the_ttl() {
     };
     let store = store(&settings);
     let message_id = MessageId::new();
-    let stream_id = StreamId::for_pair(
-        &UserId::parse("alice").expect("valid"),
-        &UserId::parse("bob").expect("valid"),
-    );
+    let stream_id = StreamId::for_pair(&UserId::parse("alice").expect("valid"), &UserId::parse("bob").expect("valid"));
     let key = store.message_key(&message_id, &stream_id);
-    let expected = format!(
-        "eventstore:{}:{message_id}:{}",
-        settings.key_prefix,
-        stream_id.as_str()
-    );
+    let expected = format!("eventstore:{}:{message_id}:{}", settings.key_prefix, stream_id.as_str());
     assert_eq!(key.as_str(), expected);
-    assert_eq!(
-        key,
-        EventKey::for_message(&settings.key_prefix, &message_id, &stream_id)
-    );
+    assert_eq!(key, EventKey::for_message(&settings.key_prefix, &message_id, &stream_id));
 
     let mut conn = raw(&redis.url()).await;
     let token = acquired(store.claim(&key).await);
-    assert_eq!(
-        get(&mut conn, &expected).await.as_deref(),
-        Some(token.as_str())
-    );
-    assert!(
-        token.as_str().starts_with("processing:"),
-        "{}",
-        token.as_str()
-    );
+    assert_eq!(get(&mut conn, &expected).await.as_deref(), Some(token.as_str()));
+    assert!(token.as_str().starts_with("processing:"), "{}", token.as_str());
     let lease_left = pttl(&mut conn, &expected).await;
-    assert!(
-        (19_000..=20_000).contains(&lease_left),
-        "lease PTTL {lease_left}"
-    );
+    assert!((19_000..=20_000).contains(&lease_left), "lease PTTL {lease_left}");
 
     store.mark_done(&key, token).await;
     assert_eq!(get(&mut conn, &expected).await.as_deref(), Some("done"));
     let ttl_left = pttl(&mut conn, &expected).await;
-    assert!(
-        (800..=1_000).contains(&ttl_left),
-        "done PTTL {ttl_left}, configured 1s"
-    );
+    assert!((800..=1_000).contains(&ttl_left), "done PTTL {ttl_left}, configured 1s");
     assert_eq!(store.claim(&key).await, Claim::AlreadyDone);
 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -108,14 +78,8 @@ async fn markers_written_by_the_go_services_still_deduplicate() {
     let store = store(&settings(&redis.url()));
     let key = store.key("legacy-message", "legacy-stream");
     let mut conn = raw(&redis.url()).await;
-    let _: () = redis::cmd("SET")
-        .arg(key.as_str())
-        .arg("1")
-        .arg("EX")
-        .arg(60)
-        .query_async(&mut conn)
-        .await
-        .expect("SET");
+    let _: () =
+        redis::cmd("SET").arg(key.as_str()).arg("1").arg("EX").arg(60).query_async(&mut conn).await.expect("SET");
     assert_eq!(store.claim(&key).await, Claim::AlreadyDone);
 }
 
@@ -141,14 +105,8 @@ async fn exactly_one_of_two_racing_consumers_acquires() {
             }),
         );
         let outcomes = [first.expect("task"), second.expect("task")];
-        let winners = outcomes
-            .iter()
-            .filter(|c| matches!(c, Claim::Acquired(_)))
-            .count();
-        let busy = outcomes
-            .iter()
-            .filter(|c| matches!(c, Claim::InProgress))
-            .count();
+        let winners = outcomes.iter().filter(|c| matches!(c, Claim::Acquired(_))).count();
+        let busy = outcomes.iter().filter(|c| matches!(c, Claim::InProgress)).count();
         assert_eq!((winners, busy), (1, 1), "round {round}: {outcomes:?}");
     }
 }
@@ -202,11 +160,7 @@ async fn a_released_claim_can_be_claimed_again() {
     let key = a.key("message", "stream");
 
     let token = acquired(a.claim(&key).await);
-    assert_eq!(
-        b.claim(&key).await,
-        Claim::InProgress,
-        "a live lease keeps others off"
-    );
+    assert_eq!(b.claim(&key).await, Claim::InProgress, "a live lease keeps others off");
     a.release(&key, token).await;
 
     let token = acquired(b.claim(&key).await);
@@ -217,10 +171,7 @@ async fn a_released_claim_can_be_claimed_again() {
 #[tokio::test]
 async fn an_expired_lease_is_reclaimed_and_a_stale_release_leaves_the_new_lease_alone() {
     let redis = Redis::start();
-    let settings = EventStoreSettings {
-        processing_lease: Duration::from_millis(300),
-        ..settings(&redis.url())
-    };
+    let settings = EventStoreSettings { processing_lease: Duration::from_millis(300), ..settings(&redis.url()) };
     let (slow, fast, third) = (store(&settings), store(&settings), store(&settings));
     let key = slow.key("message", "stream");
     let mut conn = raw(&redis.url()).await;
@@ -232,16 +183,8 @@ async fn an_expired_lease_is_reclaimed_and_a_stale_release_leaves_the_new_lease_
     let fresh = acquired(fast.claim(&key).await);
     let fresh_value = fresh.as_str().to_owned();
     slow.release(&key, stale).await;
-    assert_eq!(
-        get(&mut conn, key.as_str()).await.as_deref(),
-        Some(fresh_value.as_str()),
-        "not deleted"
-    );
-    assert_eq!(
-        third.claim(&key).await,
-        Claim::InProgress,
-        "the new owner's lease survives a stale release"
-    );
+    assert_eq!(get(&mut conn, key.as_str()).await.as_deref(), Some(fresh_value.as_str()), "not deleted");
+    assert_eq!(third.claim(&key).await, Claim::InProgress, "the new owner's lease survives a stale release");
 
     fast.mark_done(&key, fresh).await;
     assert_eq!(third.claim(&key).await, Claim::AlreadyDone);
@@ -250,10 +193,7 @@ async fn an_expired_lease_is_reclaimed_and_a_stale_release_leaves_the_new_lease_
 #[tokio::test]
 async fn marking_done_after_losing_the_lease_still_records_the_event() {
     let redis = Redis::start();
-    let settings = EventStoreSettings {
-        processing_lease: Duration::from_millis(200),
-        ..settings(&redis.url())
-    };
+    let settings = EventStoreSettings { processing_lease: Duration::from_millis(200), ..settings(&redis.url()) };
     let (slow, other) = (store(&settings), store(&settings));
     let key = slow.key("message", "stream");
 

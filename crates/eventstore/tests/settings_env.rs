@@ -16,10 +16,7 @@ struct ServiceSettings {
 
 /// Loads with `vars` as the environment; the error is rendered (it names the variable).
 fn load(vars: &[(&str, &str)]) -> Result<ServiceSettings, String> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+    let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let env = EnvMap::new().section("event_store", EventStoreSettings::ENV);
     load_from(&env, move |name| map.get(name).cloned()).map_err(|e| e.to_string())
 }

@@ -29,18 +29,13 @@ pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
     }
     let properties = crate::settings::properties_from_env();
     let config = client_config_from(brokers, &properties, &[]);
-    let admin: AdminClient<TracingContext> = config
-        .create_with_context(TracingContext)
-        .map_err(|e| Error::Config(e.to_string()))?;
+    let admin: AdminClient<TracingContext> =
+        config.create_with_context(TracingContext).map_err(|e| Error::Config(e.to_string()))?;
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(name, partitions)| {
-            NewTopic::new(name, (*partitions).max(1), TopicReplication::Fixed(-1))
-        })
+        .map(|(name, partitions)| NewTopic::new(name, (*partitions).max(1), TopicReplication::Fixed(-1)))
         .collect();
-    let options = AdminOptions::new()
-        .request_timeout(Some(ADMIN_TIMEOUT))
-        .operation_timeout(Some(ADMIN_TIMEOUT));
+    let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)).operation_timeout(Some(ADMIN_TIMEOUT));
     let results = admin.create_topics(new_topics.iter(), &options).await?;
     for result in results {
         match result {
@@ -56,18 +51,15 @@ pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
     let brokers = brokers.to_owned();
     tokio::task::spawn_blocking(move || {
         let config = client_config_from(&brokers, &properties, &[]);
-        let consumer: BaseConsumer<TracingContext> = config
-            .create_with_context(TracingContext)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let consumer: BaseConsumer<TracingContext> =
+            config.create_with_context(TracingContext).map_err(|e| Error::Config(e.to_string()))?;
         let deadline = Instant::now() + ADMIN_TIMEOUT;
         for name in &names {
             loop {
                 let visible = consumer
                     .fetch_metadata(Some(name), Duration::from_secs(2))
                     .map(|m| {
-                        m.topics().iter().any(|t| {
-                            t.name() == name && t.error().is_none() && !t.partitions().is_empty()
-                        })
+                        m.topics().iter().any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty())
                     })
                     .unwrap_or(false);
                 if visible {
@@ -87,20 +79,15 @@ pub async fn ensure_topics(brokers: &str, topics: &[(&str, i32)]) -> Result<(), 
 
 /// The offsets `group` has committed for each partition of `topic` (`None`: nothing
 /// committed yet). A committed offset is the next offset the group will read.
-pub async fn committed_offsets(
-    brokers: &str,
-    group: &str,
-    topic: &str,
-) -> Result<BTreeMap<i32, Option<i64>>, Error> {
+pub async fn committed_offsets(brokers: &str, group: &str, topic: &str) -> Result<BTreeMap<i32, Option<i64>>, Error> {
     let brokers = brokers.to_owned();
     let group = group.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let properties = crate::settings::properties_from_env();
         let config = client_config_from(&brokers, &properties, &[("group.id", group)]);
-        let consumer: BaseConsumer<TracingContext> = config
-            .create_with_context(TracingContext)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let consumer: BaseConsumer<TracingContext> =
+            config.create_with_context(TracingContext).map_err(|e| Error::Config(e.to_string()))?;
         let partitions = partitions_of(&consumer, &topic)?;
         let mut tpl = TopicPartitionList::new();
         for partition in &partitions {
@@ -130,9 +117,8 @@ pub async fn end_offsets(brokers: &str, topic: &str) -> Result<BTreeMap<i32, i64
     tokio::task::spawn_blocking(move || {
         let properties = crate::settings::properties_from_env();
         let config = client_config_from(&brokers, &properties, &[]);
-        let consumer: BaseConsumer<TracingContext> = config
-            .create_with_context(TracingContext)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let consumer: BaseConsumer<TracingContext> =
+            config.create_with_context(TracingContext).map_err(|e| Error::Config(e.to_string()))?;
         let mut out = BTreeMap::new();
         for partition in partitions_of(&consumer, &topic)? {
             let (_low, high) = consumer.fetch_watermarks(&topic, partition, ADMIN_TIMEOUT)?;

@@ -52,10 +52,7 @@ fn log_level() -> Option<RDKafkaLogLevel> {
 pub(crate) fn forward_log(level: RDKafkaLogLevel, facility: &str, message: &str) {
     let expected = message.contains("property and will be ignored by this");
     match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
             tracing::error!(target: "librdkafka", facility, "{message}")
         }
         RDKafkaLogLevel::Warning if !expected => {

@@ -62,30 +62,16 @@ impl<H: Handler> ConsumerGroup<H> {
     /// topic is configured). Nothing connects until [`ConsumerGroup::run`].
     pub fn new(settings: KafkaSettings, retry: RetrySettings, handler: H) -> Result<Self, Error> {
         if settings.group_id.trim().is_empty() {
-            return Err(Error::Config(
-                "KAFKA_GROUP_ID (group_id) must be set for a consumer".to_owned(),
-            ));
+            return Err(Error::Config("KAFKA_GROUP_ID (group_id) must be set for a consumer".to_owned()));
         }
         if settings.topics.is_empty() {
-            return Err(Error::Config(
-                "KAFKA_TOPICS (topics) must name at least one topic".to_owned(),
-            ));
+            return Err(Error::Config("KAFKA_TOPICS (topics) must name at least one topic".to_owned()));
         }
         let dead_letters = match settings.dead_letter_topic() {
-            Some(topic) => Some(DeadLetters {
-                topic: topic.to_owned(),
-                producer: Producer::new(&settings)?,
-            }),
+            Some(topic) => Some(DeadLetters { topic: topic.to_owned(), producer: Producer::new(&settings)? }),
             None => None,
         };
-        Ok(Self {
-            settings,
-            processor: Arc::new(Processor {
-                handler: Arc::new(handler),
-                retry,
-                dead_letters,
-            }),
-        })
+        Ok(Self { settings, processor: Arc::new(Processor { handler: Arc::new(handler), retry, dead_letters }) })
     }
 
     /// Joins the group and consumes until `shutdown` is cancelled, then stops
@@ -118,9 +104,8 @@ impl<H: Handler> ConsumerGroup<H> {
                 ("enable.auto.offset.store", "false".to_owned()),
             ],
         );
-        let consumer: BaseConsumer<GroupContext<H>> = config
-            .create_with_context(context)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        let consumer: BaseConsumer<GroupContext<H>> =
+            config.create_with_context(context).map_err(|e| Error::Config(e.to_string()))?;
         let topics = settings.topics.clone();
         let commit_interval = settings.commit_interval;
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -131,9 +116,7 @@ impl<H: Handler> ConsumerGroup<H> {
                 let _ = done_tx.send(result);
             })
             .map_err(|e| Error::Thread(e.to_string()))?;
-        done_rx
-            .await
-            .unwrap_or_else(|_| Err(Error::Thread("the consumer thread panicked".to_owned())))
+        done_rx.await.unwrap_or_else(|_| Err(Error::Thread("the consumer thread panicked".to_owned())))
     }
 }
 
@@ -169,8 +152,7 @@ fn poll_loop<H: Handler>(
                 break;
             }
             Some(Err(err)) => {
-                metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "group" => context.group.clone())
-                    .increment(1);
+                metrics::counter!(m::CONSUMER_ERRORS_TOTAL, "group" => context.group.clone()).increment(1);
                 tracing::warn!(group = %context.group, error = %err, "consumer error");
             }
         }
@@ -229,16 +211,11 @@ pub(crate) struct GroupContext<H> {
 
 impl<H: Handler> GroupContext<H> {
     fn slots(&self) -> MutexGuard<'_, HashMap<TopicPartition, Slot>> {
-        self.partitions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.partitions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn update_share(&self, assigned: usize) {
-        self.share.store(
-            (self.max_in_flight / assigned.max(1)).max(1),
-            Ordering::Relaxed,
-        );
+        self.share.store((self.max_in_flight / assigned.max(1)).max(1), Ordering::Relaxed);
     }
 
     /// Starts a worker for each newly assigned partition.
@@ -250,35 +227,17 @@ impl<H: Handler> GroupContext<H> {
                 continue;
             }
             let (queue, receiver) = mpsc::unbounded_channel();
-            let state = Arc::new(SlotState {
-                in_flight: AtomicUsize::new(0),
-                finished: AtomicI64::new(-1),
-            });
+            let state = Arc::new(SlotState { in_flight: AtomicUsize::new(0), finished: AtomicI64::new(-1) });
             let stop = self.shutdown.child_token();
             let (done_tx, done) = std::sync::mpsc::channel::<()>();
             let task = self
                 .runtime
-                .spawn(partition_worker(
-                    self.processor.clone(),
-                    receiver,
-                    state.clone(),
-                    stop.clone(),
-                    done_tx,
-                ))
+                .spawn(partition_worker(self.processor.clone(), receiver, state.clone(), stop.clone(), done_tx))
                 .abort_handle();
             tracing::info!(group = %self.group, topic = %key.0, partition = key.1, "partition assigned");
             slots.insert(
                 key,
-                Slot {
-                    queue,
-                    state,
-                    stop,
-                    done,
-                    task,
-                    paused: false,
-                    pending: VecDeque::new(),
-                    committed: -1,
-                },
+                Slot { queue, state, stop, done, task, paused: false, pending: VecDeque::new(), committed: -1 },
             );
         }
         self.update_share(slots.len());
@@ -304,12 +263,7 @@ impl<H: Handler> GroupContext<H> {
 
     /// Gives partitions up: stops their workers after the message in hand, waits for
     /// them (up to `drain_timeout`), then commits what they finished.
-    fn finish(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        slots: Vec<(TopicPartition, Slot)>,
-        commit: bool,
-    ) {
+    fn finish(&self, consumer: &BaseConsumer<Self>, slots: Vec<(TopicPartition, Slot)>, commit: bool) {
         if slots.is_empty() {
             return;
         }
@@ -340,9 +294,7 @@ impl<H: Handler> GroupContext<H> {
         for ((topic, partition), slot) in &slots {
             let finished = slot.state.finished.load(Ordering::SeqCst);
             if finished >= 0 && finished != slot.committed {
-                if let Err(err) =
-                    tpl.add_partition_offset(topic, *partition, Offset::Offset(finished))
-                {
+                if let Err(err) = tpl.add_partition_offset(topic, *partition, Offset::Offset(finished)) {
                     tracing::error!(%topic, partition, error = %err, "cannot build commit");
                 }
             }
@@ -355,8 +307,7 @@ impl<H: Handler> GroupContext<H> {
                 tracing::info!(group = %self.group, offsets = ?describe(&tpl), "committed before giving partitions up")
             }
             Err(err) => {
-                metrics::counter!(m::COMMIT_FAILURES_TOTAL, "group" => self.group.clone())
-                    .increment(1);
+                metrics::counter!(m::COMMIT_FAILURES_TOTAL, "group" => self.group.clone()).increment(1);
                 tracing::error!(group = %self.group, error = %err, offsets = ?describe(&tpl), "final commit failed; those messages will be redelivered");
             }
         }
@@ -372,10 +323,7 @@ impl<H: Handler> GroupContext<H> {
             tracing::debug!(topic = %key.0, partition = key.1, offset = record.offset, "message for a partition not assigned; dropped");
             return Ok(());
         };
-        if slot.paused
-            || !slot.pending.is_empty()
-            || slot.state.in_flight.load(Ordering::SeqCst) >= share
-        {
+        if slot.paused || !slot.pending.is_empty() || slot.state.in_flight.load(Ordering::SeqCst) >= share {
             slot.pending.push_back(record);
             if !slot.paused {
                 match consumer.pause(&single(&key.0, key.1)) {
@@ -442,9 +390,7 @@ impl<H: Handler> GroupContext<H> {
                 let finished = slot.state.finished.load(Ordering::SeqCst);
                 if finished >= 0
                     && finished != slot.committed
-                    && tpl
-                        .add_partition_offset(topic, *partition, Offset::Offset(finished))
-                        .is_ok()
+                    && tpl.add_partition_offset(topic, *partition, Offset::Offset(finished)).is_ok()
                 {
                     slot.committed = finished;
                 }
@@ -474,15 +420,12 @@ impl<H: Handler> GroupContext<H> {
 
     fn report_gauges(&self) {
         let slots = self.slots();
-        let in_flight: usize = slots
-            .values()
-            .map(|s| s.state.in_flight.load(Ordering::Relaxed) + s.pending.len())
-            .sum();
+        let in_flight: usize =
+            slots.values().map(|s| s.state.in_flight.load(Ordering::Relaxed) + s.pending.len()).sum();
         let paused = slots.values().filter(|s| s.paused).count();
         metrics::gauge!(m::IN_FLIGHT, "group" => self.group.clone()).set(in_flight as f64);
         metrics::gauge!(m::PAUSED_PARTITIONS, "group" => self.group.clone()).set(paused as f64);
-        metrics::gauge!(m::ASSIGNED_PARTITIONS, "group" => self.group.clone())
-            .set(slots.len() as f64);
+        metrics::gauge!(m::ASSIGNED_PARTITIONS, "group" => self.group.clone()).set(slots.len() as f64);
     }
 }
 
@@ -493,10 +436,7 @@ fn send(slot: &mut Slot, record: Record, key: &TopicPartition) -> Result<(), Err
         if slot.stop.is_cancelled() {
             return Ok(());
         }
-        return Err(Error::Thread(format!(
-            "the worker of {} [{}] ended unexpectedly",
-            key.0, key.1
-        )));
+        return Err(Error::Thread(format!("the worker of {} [{}] ended unexpectedly", key.0, key.1)));
     }
     Ok(())
 }
@@ -521,10 +461,7 @@ fn single(topic: &str, partition: i32) -> TopicPartitionList {
 }
 
 fn describe(tpl: &TopicPartitionList) -> Vec<String> {
-    tpl.elements()
-        .iter()
-        .map(|e| format!("{}[{}]@{:?}", e.topic(), e.partition(), e.offset()))
-        .collect()
+    tpl.elements().iter().map(|e| format!("{}[{}]@{:?}", e.topic(), e.partition(), e.offset())).collect()
 }
 
 /// Handles one partition's messages in order until the partition is given up.
@@ -562,10 +499,7 @@ impl<H: Handler> ClientContext for GroupContext<H> {
         let slots = self.slots();
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
-                if *partition < 0
-                    || p.consumer_lag < 0
-                    || !slots.contains_key(&(topic.clone(), *partition))
-                {
+                if *partition < 0 || p.consumer_lag < 0 || !slots.contains_key(&(topic.clone(), *partition)) {
                     continue;
                 }
                 metrics::gauge!(

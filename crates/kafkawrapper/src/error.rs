@@ -30,10 +30,7 @@ pub enum Error {
     DeliveryTimeout { topic: String, timeout: Duration },
     /// The broker refused to create a topic.
     #[error("creating topic {topic} failed: {code}")]
-    CreateTopic {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
+    CreateTopic { topic: String, code: RDKafkaErrorCode },
     /// The topic does not exist (or has no partitions) according to the broker.
     #[error("topic {0} does not exist")]
     UnknownTopic(String),

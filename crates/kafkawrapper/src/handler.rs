@@ -26,24 +26,17 @@ pub struct Record {
 impl Record {
     /// The key as UTF-8, if it is present and valid.
     pub fn key_str(&self) -> Option<&str> {
-        self.key
-            .as_deref()
-            .and_then(|k| std::str::from_utf8(k).ok())
+        self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
     }
 
     /// The payload as UTF-8, if it is present and valid.
     pub fn payload_str(&self) -> Option<&str> {
-        self.payload
-            .as_deref()
-            .and_then(|p| std::str::from_utf8(p).ok())
+        self.payload.as_deref().and_then(|p| std::str::from_utf8(p).ok())
     }
 
     /// The value of the first header named `name`.
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| v.as_deref())
+        self.headers.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
     }
 
     /// The value of the first header named `name`, as UTF-8.
@@ -152,11 +145,7 @@ pub trait Handler: Send + Sync + 'static {
     /// committed. `error` is the last error; match on it to act only on, say,
     /// exhausted retries. (If the dead-letter publish cannot complete before the
     /// partition is given up, the message is redelivered and the hook runs again.)
-    fn on_exhausted(
-        &self,
-        record: &Record,
-        error: &HandlerError,
-    ) -> impl Future<Output = ()> + Send {
+    fn on_exhausted(&self, record: &Record, error: &HandlerError) -> impl Future<Output = ()> + Send {
         let _ = (record, error);
         async {}
     }

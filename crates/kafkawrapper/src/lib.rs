@@ -58,18 +58,11 @@ pub use settings::{properties_from_env, properties_from_vars, KafkaSettings, Ret
 
 /// A shared handler is a handler (so a service can keep a handle on its state).
 impl<H: Handler> Handler for std::sync::Arc<H> {
-    fn handle(
-        &self,
-        record: &Record,
-    ) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send {
+    fn handle(&self, record: &Record) -> impl std::future::Future<Output = Result<(), HandlerError>> + Send {
         (**self).handle(record)
     }
 
-    fn on_exhausted(
-        &self,
-        record: &Record,
-        error: &HandlerError,
-    ) -> impl std::future::Future<Output = ()> + Send {
+    fn on_exhausted(&self, record: &Record, error: &HandlerError) -> impl std::future::Future<Output = ()> + Send {
         (**self).on_exhausted(record, error)
     }
 }

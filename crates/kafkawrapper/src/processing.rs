@@ -33,14 +33,7 @@ pub mod headers {
     pub const ORIGINAL_PARTITION: &str = "x-original-partition";
     pub const ORIGINAL_OFFSET: &str = "x-original-offset";
 
-    pub(crate) const ALL: &[&str] = &[
-        ERROR,
-        ERROR_KIND,
-        ATTEMPTS,
-        ORIGINAL_TOPIC,
-        ORIGINAL_PARTITION,
-        ORIGINAL_OFFSET,
-    ];
+    pub(crate) const ALL: &[&str] = &[ERROR, ERROR_KIND, ATTEMPTS, ORIGINAL_TOPIC, ORIGINAL_PARTITION, ORIGINAL_OFFSET];
 }
 
 /// How processing one message ended.
@@ -74,22 +67,15 @@ impl<H: Handler> Processor<H> {
         let error = loop {
             attempts += 1;
             let started = Instant::now();
-            let result = AssertUnwindSafe(self.handler.handle(record))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    Err(HandlerError::Retryable(format!(
-                        "handler panicked: {}",
-                        panic_text(&panic)
-                    )))
-                });
+            let result = AssertUnwindSafe(self.handler.handle(record)).catch_unwind().await.unwrap_or_else(|panic| {
+                Err(HandlerError::Retryable(format!("handler panicked: {}", panic_text(&panic))))
+            });
             metrics::histogram!(m::HANDLE_DURATION_SECONDS, "topic" => topic.clone())
                 .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(()) => {
                     let outcome = if attempts == 1 { "ok" } else { "retried_ok" };
-                    metrics::counter!(m::MESSAGES_TOTAL, "topic" => topic, "outcome" => outcome)
-                        .increment(1);
+                    metrics::counter!(m::MESSAGES_TOTAL, "topic" => topic, "outcome" => outcome).increment(1);
                     if attempts > 1 {
                         tracing::info!(topic = %record.topic, partition = record.partition, offset = record.offset, attempts, "handled after retries");
                     }
@@ -116,37 +102,24 @@ impl<H: Handler> Processor<H> {
         self.give_up(record, error, attempts, stop).await
     }
 
-    async fn give_up(
-        &self,
-        record: &Record,
-        error: HandlerError,
-        attempts: u32,
-        stop: &CancellationToken,
-    ) -> Outcome {
+    async fn give_up(&self, record: &Record, error: HandlerError, attempts: u32, stop: &CancellationToken) -> Outcome {
         let outcome = match error {
             HandlerError::Retryable(_) => "exhausted",
             HandlerError::Permanent(_) => "permanent",
             HandlerError::Malformed(_) => "malformed",
         };
-        metrics::counter!(m::MESSAGES_TOTAL, "topic" => record.topic.clone(), "outcome" => outcome)
-            .increment(1);
+        metrics::counter!(m::MESSAGES_TOTAL, "topic" => record.topic.clone(), "outcome" => outcome).increment(1);
         tracing::error!(
             topic = %record.topic, partition = record.partition, offset = record.offset,
             attempts, kind = error.kind(), reason = error.reason(),
             dead_letter_topic = self.dead_letters.as_ref().map(|d| d.topic.as_str()),
             "giving up on message"
         );
-        if let Err(panic) = AssertUnwindSafe(self.handler.on_exhausted(record, &error))
-            .catch_unwind()
-            .await
-        {
+        if let Err(panic) = AssertUnwindSafe(self.handler.on_exhausted(record, &error)).catch_unwind().await {
             tracing::error!(topic = %record.topic, offset = record.offset, panic = panic_text(&panic), "on_exhausted panicked");
         }
         match &self.dead_letters {
-            Some(dead_letters) => {
-                self.dead_letter(dead_letters, record, &error, attempts, stop)
-                    .await
-            }
+            Some(dead_letters) => self.dead_letter(dead_letters, record, &error, attempts, stop).await,
             None => Outcome::Finished,
         }
     }
@@ -162,20 +135,12 @@ impl<H: Handler> Processor<H> {
         stop: &CancellationToken,
     ) -> Outcome {
         let headers = dead_letter_headers(record, error, attempts);
-        let header_refs: Vec<(&str, Option<&[u8]>)> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
+        let header_refs: Vec<(&str, Option<&[u8]>)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
         let mut backoff = self.retry.backoff();
         loop {
             match dead_letters
                 .producer
-                .send_raw(
-                    &dead_letters.topic,
-                    record.key.as_deref(),
-                    record.payload.as_deref(),
-                    &header_refs,
-                )
+                .send_raw(&dead_letters.topic, record.key.as_deref(), record.payload.as_deref(), &header_refs)
                 .await
             {
                 Ok((partition, offset)) => {
@@ -213,12 +178,8 @@ pub(crate) fn dead_letter_headers(
     error: &HandlerError,
     attempts: u32,
 ) -> Vec<(String, Option<Vec<u8>>)> {
-    let mut out: Vec<(String, Option<Vec<u8>>)> = record
-        .headers
-        .iter()
-        .filter(|(k, _)| !headers::ALL.contains(&k.as_str()))
-        .cloned()
-        .collect();
+    let mut out: Vec<(String, Option<Vec<u8>>)> =
+        record.headers.iter().filter(|(k, _)| !headers::ALL.contains(&k.as_str())).cloned().collect();
     let ours = [
         (headers::ERROR, error.reason().to_owned()),
         (headers::ERROR_KIND, error.kind().to_owned()),
@@ -227,10 +188,7 @@ pub(crate) fn dead_letter_headers(
         (headers::ORIGINAL_PARTITION, record.partition.to_string()),
         (headers::ORIGINAL_OFFSET, record.offset.to_string()),
     ];
-    out.extend(
-        ours.into_iter()
-            .map(|(k, v)| (k.to_owned(), Some(v.into_bytes()))),
-    );
+    out.extend(ours.into_iter().map(|(k, v)| (k.to_owned(), Some(v.into_bytes()))));
     out
 }
 
@@ -265,27 +223,18 @@ mod tests {
             offset: 41,
             key: Some(b"k".to_vec()),
             payload: Some(b"p".to_vec()),
-            headers: vec![
-                ("trace".into(), Some(b"abc".to_vec())),
-                ("x-error".into(), Some(b"old".to_vec())),
-            ],
+            headers: vec![("trace".into(), Some(b"abc".to_vec())), ("x-error".into(), Some(b"old".to_vec()))],
             timestamp: None,
         };
         let hs = dead_letter_headers(&record, &HandlerError::malformed("bad json"), 1);
         let get = |name: &str| {
             hs.iter()
                 .filter(|(k, _)| k == name)
-                .map(|(_, v)| {
-                    String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned()
-                })
+                .map(|(_, v)| String::from_utf8_lossy(v.as_deref().unwrap_or_default()).into_owned())
                 .collect::<Vec<_>>()
         };
         assert_eq!(get("trace"), vec!["abc"]);
-        assert_eq!(
-            get("x-error"),
-            vec!["bad json"],
-            "the old x-error is replaced"
-        );
+        assert_eq!(get("x-error"), vec!["bad json"], "the old x-error is replaced");
         assert_eq!(get("x-error-kind"), vec!["malformed"]);
         assert_eq!(get("x-attempts"), vec!["1"]);
         assert_eq!(get("x-original-topic"), vec!["chat"]);

@@ -23,9 +23,7 @@ pub struct Producer {
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer")
-            .field("delivery_timeout", &self.delivery_timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("Producer").field("delivery_timeout", &self.delivery_timeout).finish_non_exhaustive()
     }
 }
 
@@ -38,10 +36,7 @@ impl Producer {
         let mut defaults = vec![
             ("acks", "all".to_owned()),
             ("enable.idempotence", settings.idempotence.to_string()),
-            (
-                "message.timeout.ms",
-                settings.delivery_timeout.as_millis().max(1).to_string(),
-            ),
+            ("message.timeout.ms", settings.delivery_timeout.as_millis().max(1).to_string()),
         ];
         // Properties from settings/environment win over the derived defaults.
         let properties = settings.effective_properties();
@@ -52,13 +47,9 @@ impl Producer {
             .and_then(|ms| ms.parse::<u64>().ok())
             .map(Duration::from_millis)
             .unwrap_or(settings.delivery_timeout);
-        let inner: FutureProducer<TracingContext> = config
-            .create_with_context(TracingContext)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        Ok(Self {
-            inner,
-            delivery_timeout,
-        })
+        let inner: FutureProducer<TracingContext> =
+            config.create_with_context(TracingContext).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(Self { inner, delivery_timeout })
     }
 
     /// Writes one keyed message and waits for the broker to acknowledge it; returns
@@ -71,10 +62,8 @@ impl Producer {
         payload: &[u8],
         headers: &[(&str, &[u8])],
     ) -> Result<(i32, i64), Error> {
-        let headers: Vec<(&str, Option<&[u8]>)> =
-            headers.iter().map(|(k, v)| (*k, Some(*v))).collect();
-        self.send_raw(topic, Some(key), Some(payload), &headers)
-            .await
+        let headers: Vec<(&str, Option<&[u8]>)> = headers.iter().map(|(k, v)| (*k, Some(*v))).collect();
+        self.send_raw(topic, Some(key), Some(payload), &headers).await
     }
 
     /// Like [`Producer::send`], but key and payload may be absent (a tombstone has no
@@ -96,28 +85,17 @@ impl Producer {
         if !headers.is_empty() {
             let mut owned = OwnedHeaders::new_with_capacity(headers.len());
             for (name, value) in headers {
-                owned = owned.insert(Header {
-                    key: name,
-                    value: *value,
-                });
+                owned = owned.insert(Header { key: name, value: *value });
             }
             record = record.headers(owned);
         }
         // librdkafka fails the delivery itself after message.timeout.ms; the outer
         // timeout only guards against a report that never arrives.
-        let send = self
-            .inner
-            .send(record, Timeout::After(self.delivery_timeout));
+        let send = self.inner.send(record, Timeout::After(self.delivery_timeout));
         match tokio::time::timeout(self.delivery_timeout + Duration::from_secs(5), send).await {
             Ok(Ok(delivery)) => Ok((delivery.partition, delivery.offset)),
-            Ok(Err((source, _message))) => Err(Error::Delivery {
-                topic: topic.to_owned(),
-                source,
-            }),
-            Err(_) => Err(Error::DeliveryTimeout {
-                topic: topic.to_owned(),
-                timeout: self.delivery_timeout,
-            }),
+            Ok(Err((source, _message))) => Err(Error::Delivery { topic: topic.to_owned(), source }),
+            Err(_) => Err(Error::DeliveryTimeout { topic: topic.to_owned(), timeout: self.delivery_timeout }),
         }
     }
 

@@ -88,10 +88,7 @@ impl Default for KafkaSettings {
             drain_timeout: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
             idempotence: true,
-            properties: LOCAL_BROKER_DEFAULTS
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
+            properties: LOCAL_BROKER_DEFAULTS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         }
     }
 }
@@ -112,18 +109,12 @@ impl KafkaSettings {
 
     /// Settings for the given brokers with every other value at its default.
     pub fn for_brokers(brokers: impl Into<String>) -> Self {
-        Self {
-            brokers: brokers.into(),
-            ..Self::default()
-        }
+        Self { brokers: brokers.into(), ..Self::default() }
     }
 
     /// The dead-letter topic, if one is configured (an empty name counts as none).
     pub fn dead_letter_topic(&self) -> Option<&str> {
-        self.dead_letter_topic
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        self.dead_letter_topic.as_deref().map(str::trim).filter(|t| !t.is_empty())
     }
 
     /// Applies overrides on top of [`KafkaSettings::properties`] (later wins).
@@ -194,16 +185,9 @@ impl RetrySettings {
     /// capped at `max_interval`, randomized by `randomization_factor`, with no
     /// elapsed-time limit (the number of retries is bounded by `max_retries`).
     pub fn backoff(&self) -> ExponentialBackoff {
-        let multiplier = if self.multiplier.is_finite() && self.multiplier >= 1.0 {
-            self.multiplier
-        } else {
-            1.0
-        };
-        let randomization = if self.randomization_factor.is_finite() {
-            self.randomization_factor.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
+        let multiplier = if self.multiplier.is_finite() && self.multiplier >= 1.0 { self.multiplier } else { 1.0 };
+        let randomization =
+            if self.randomization_factor.is_finite() { self.randomization_factor.clamp(0.0, 1.0) } else { 0.0 };
         let initial = self.initial_interval.min(self.max_interval);
         let mut backoff = ExponentialBackoff {
             current_interval: initial,
@@ -221,15 +205,9 @@ impl RetrySettings {
     /// The unrandomized waits before each retry (`max_retries` entries), for logs and
     /// documentation.
     pub fn schedule(&self) -> Vec<Duration> {
-        let mut backoff = RetrySettings {
-            randomization_factor: 0.0,
-            ..self.clone()
-        }
-        .backoff();
+        let mut backoff = RetrySettings { randomization_factor: 0.0, ..self.clone() }.backoff();
         (0..self.max_retries)
-            .map(|_| {
-                backoff::backoff::Backoff::next_backoff(&mut backoff).unwrap_or(self.max_interval)
-            })
+            .map(|_| backoff::backoff::Backoff::next_backoff(&mut backoff).unwrap_or(self.max_interval))
             .collect()
     }
 }
@@ -254,12 +232,8 @@ where
             if rest.is_empty() {
                 return None;
             }
-            let key = rest
-                .to_ascii_lowercase()
-                .split("__")
-                .map(|part| part.replace('_', "."))
-                .collect::<Vec<_>>()
-                .join("_");
+            let key =
+                rest.to_ascii_lowercase().split("__").map(|part| part.replace('_', ".")).collect::<Vec<_>>().join("_");
             Some((key, value.into()))
         })
         .collect()
@@ -280,11 +254,7 @@ where
         OneOrMany::One(text) => text.split(',').map(str::to_owned).collect(),
         OneOrMany::Many(items) => items,
     };
-    Ok(items
-        .into_iter()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect())
+    Ok(items.into_iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
 }
 
 /// Accepts a map of property names to scalar values, where nested maps are joined
@@ -305,11 +275,7 @@ where
     }
     fn flatten(prefix: &str, map: BTreeMap<String, Value>, out: &mut BTreeMap<String, String>) {
         for (key, value) in map {
-            let key = if prefix.is_empty() {
-                key
-            } else {
-                format!("{prefix}.{key}")
-            };
+            let key = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
             match value {
                 Value::Text(text) => {
                     out.insert(key, text);
@@ -351,42 +317,21 @@ mod tests {
             ("RDKAFKA_", "ignored"),
             ("PATH", "/bin"),
         ]);
-        let expected: BTreeMap<String, String> = [
-            ("fetch.wait.max.ms", "10"),
-            ("session.timeout.ms", "6000"),
-            ("some_odd.name", "x"),
-        ]
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
+        let expected: BTreeMap<String, String> =
+            [("fetch.wait.max.ms", "10"), ("session.timeout.ms", "6000"), ("some_odd.name", "x")]
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
         assert_eq!(props, expected);
     }
 
     #[test]
     fn merge_overrides_defaults() {
         let mut settings = KafkaSettings::default();
-        assert_eq!(
-            settings
-                .properties
-                .get("fetch.wait.max.ms")
-                .map(String::as_str),
-            Some("10")
-        );
+        assert_eq!(settings.properties.get("fetch.wait.max.ms").map(String::as_str), Some("10"));
         settings.merge_properties(properties_from_vars([("RDKAFKA_FETCH_WAIT_MAX_MS", "500")]));
-        assert_eq!(
-            settings
-                .properties
-                .get("fetch.wait.max.ms")
-                .map(String::as_str),
-            Some("500")
-        );
-        assert_eq!(
-            settings
-                .properties
-                .get("session.timeout.ms")
-                .map(String::as_str),
-            Some("6000")
-        );
+        assert_eq!(settings.properties.get("fetch.wait.max.ms").map(String::as_str), Some("500"));
+        assert_eq!(settings.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
     }
 
     #[test]
@@ -402,32 +347,20 @@ mod tests {
         assert_eq!(ms, vec![100, 200, 400, 800, 1000, 1000, 1000]);
 
         let mut backoff = retry.backoff();
-        assert_eq!(
-            backoff.max_elapsed_time, None,
-            "retries are bounded by count, not time"
-        );
+        assert_eq!(backoff.max_elapsed_time, None, "retries are bounded by count, not time");
         for expected in [100u128, 200, 400, 800, 1000, 1000] {
-            let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
-                .expect("never gives up by itself");
+            let wait = backoff::backoff::Backoff::next_backoff(&mut backoff).expect("never gives up by itself");
             assert_eq!(wait.as_millis(), expected);
         }
 
-        let other = RetrySettings {
-            multiplier: 3.0,
-            initial_interval: Duration::from_millis(10),
-            ..retry.clone()
-        };
+        let other = RetrySettings { multiplier: 3.0, initial_interval: Duration::from_millis(10), ..retry.clone() };
         let ms: Vec<u128> = other.schedule().iter().map(Duration::as_millis).collect();
         assert_eq!(ms, vec![10, 30, 90, 270, 810, 1000, 1000]);
     }
 
     #[test]
     fn default_schedule_matches_the_documentation() {
-        let ms: Vec<u128> = RetrySettings::default()
-            .schedule()
-            .iter()
-            .map(Duration::as_millis)
-            .collect();
+        let ms: Vec<u128> = RetrySettings::default().schedule().iter().map(Duration::as_millis).collect();
         assert_eq!(ms, vec![100, 200, 400, 800, 1600]);
     }
 
@@ -443,14 +376,8 @@ mod tests {
         for _ in 0..50 {
             let mut backoff = retry.backoff();
             for base in [100.0f64, 200.0, 400.0] {
-                let wait = backoff::backoff::Backoff::next_backoff(&mut backoff)
-                    .expect("wait")
-                    .as_secs_f64()
-                    * 1000.0;
-                assert!(
-                    wait >= base * 0.5 - 1.0 && wait <= base * 1.5 + 1.0,
-                    "{wait} not within 50% of {base}"
-                );
+                let wait = backoff::backoff::Backoff::next_backoff(&mut backoff).expect("wait").as_secs_f64() * 1000.0;
+                assert!(wait >= base * 0.5 - 1.0 && wait <= base * 1.5 + 1.0, "{wait} not within 50% of {base}");
             }
         }
     }
@@ -464,17 +391,11 @@ mod tests {
             multiplier: 0.5,
             randomization_factor: f64::NAN,
         };
-        assert_eq!(
-            retry.schedule(),
-            vec![Duration::from_secs(1), Duration::from_secs(1)]
-        );
+        assert_eq!(retry.schedule(), vec![Duration::from_secs(1), Duration::from_secs(1)]);
     }
 
     fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
         move |name| map.get(name).cloned()
     }
 
@@ -486,25 +407,15 @@ mod tests {
     }
 
     fn env_map() -> EnvMap {
-        EnvMap::new()
-            .section("kafka", KafkaSettings::ENV)
-            .section("retry", RetrySettings::ENV)
+        EnvMap::new().section("kafka", KafkaSettings::ENV).section("retry", RetrySettings::ENV)
     }
 
     #[test]
     fn defaults_survive_the_config_loader() {
-        let loaded: ServiceSettings =
-            servicekit::config::load_from(&env_map(), lookup(&[])).expect("defaults load");
+        let loaded: ServiceSettings = servicekit::config::load_from(&env_map(), lookup(&[])).expect("defaults load");
         assert_eq!(loaded.kafka, KafkaSettings::default());
         assert_eq!(loaded.retry, RetrySettings::default());
-        assert_eq!(
-            loaded
-                .kafka
-                .properties
-                .get("fetch.wait.max.ms")
-                .map(String::as_str),
-            Some("10")
-        );
+        assert_eq!(loaded.kafka.properties.get("fetch.wait.max.ms").map(String::as_str), Some("10"));
     }
 
     #[test]
@@ -532,10 +443,7 @@ mod tests {
         let kafka = loaded.kafka;
         assert_eq!(kafka.brokers, "k1:9092,k2:9092");
         assert_eq!(kafka.group_id, "chat-cdc");
-        assert_eq!(
-            kafka.topics,
-            vec!["chat.messages".to_owned(), "notifications".to_owned()]
-        );
+        assert_eq!(kafka.topics, vec!["chat.messages".to_owned(), "notifications".to_owned()]);
         assert_eq!(kafka.dead_letter_topic(), Some("chat.dlt"));
         assert_eq!(kafka.max_in_flight, 64);
         assert_eq!(kafka.commit_interval, Duration::from_millis(250));
@@ -553,30 +461,15 @@ mod tests {
     #[test]
     fn every_field_has_a_documented_variable() {
         let json = serde_json::to_value(KafkaSettings::default()).expect("serializes");
-        let fields: Vec<&String> = json
-            .as_object()
-            .expect("object")
-            .keys()
-            .filter(|k| *k != "properties")
-            .collect();
+        let fields: Vec<&String> = json.as_object().expect("object").keys().filter(|k| *k != "properties").collect();
         for field in fields {
-            assert!(
-                KafkaSettings::ENV.iter().any(|(_, f)| f == field),
-                "no variable for kafka field {field}"
-            );
+            assert!(KafkaSettings::ENV.iter().any(|(_, f)| f == field), "no variable for kafka field {field}");
         }
         let json = serde_json::to_value(RetrySettings::default()).expect("serializes");
         for field in json.as_object().expect("object").keys() {
-            assert!(
-                RetrySettings::ENV.iter().any(|(_, f)| f == field),
-                "no variable for retry field {field}"
-            );
+            assert!(RetrySettings::ENV.iter().any(|(_, f)| f == field), "no variable for retry field {field}");
         }
-        let names: Vec<&str> = KafkaSettings::ENV
-            .iter()
-            .chain(RetrySettings::ENV)
-            .map(|(n, _)| *n)
-            .collect();
+        let names: Vec<&str> = KafkaSettings::ENV.iter().chain(RetrySettings::ENV).map(|(n, _)| *n).collect();
         for name in [
             "KAFKA_BROKERS",
             "KAFKA_GROUP_ID",
@@ -595,46 +488,23 @@ mod tests {
 
     #[test]
     fn an_empty_dead_letter_topic_means_none() {
-        let settings = KafkaSettings {
-            dead_letter_topic: Some("  ".to_owned()),
-            ..KafkaSettings::default()
-        };
+        let settings = KafkaSettings { dead_letter_topic: Some("  ".to_owned()), ..KafkaSettings::default() };
         assert_eq!(settings.dead_letter_topic(), None);
     }
 
     #[test]
     fn a_file_can_set_dotted_properties() {
-        let dir =
-            std::env::temp_dir().join(format!("kafkawrapper-settings-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("kafkawrapper-settings-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let path = dir.join("settings.toml");
-        std::fs::write(
-            &path,
-            "[kafka]\ntopics = [\"a\", \"b\"]\n[kafka.properties]\n\"fetch.wait.max.ms\" = 500\n",
-        )
-        .expect("write");
+        std::fs::write(&path, "[kafka]\ntopics = [\"a\", \"b\"]\n[kafka.properties]\n\"fetch.wait.max.ms\" = 500\n")
+            .expect("write");
         let path = path.to_string_lossy().into_owned();
-        let loaded: ServiceSettings = servicekit::config::load_from(
-            &env_map(),
-            lookup(&[(servicekit::config::CONFIG_FILE_VAR, path.as_str())]),
-        )
-        .expect("file loads");
+        let loaded: ServiceSettings =
+            servicekit::config::load_from(&env_map(), lookup(&[(servicekit::config::CONFIG_FILE_VAR, path.as_str())]))
+                .expect("file loads");
         assert_eq!(loaded.kafka.topics, vec!["a".to_owned(), "b".to_owned()]);
-        assert_eq!(
-            loaded
-                .kafka
-                .properties
-                .get("fetch.wait.max.ms")
-                .map(String::as_str),
-            Some("500")
-        );
-        assert_eq!(
-            loaded
-                .kafka
-                .properties
-                .get("session.timeout.ms")
-                .map(String::as_str),
-            Some("6000")
-        );
+        assert_eq!(loaded.kafka.properties.get("fetch.wait.max.ms").map(String::as_str), Some("500"));
+        assert_eq!(loaded.kafka.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
     }
 }

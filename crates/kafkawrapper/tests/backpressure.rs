@@ -12,10 +12,7 @@ use std::time::Duration;
 
 use common::{committed, create_topics, eventually, fast_retry, init_tracing, producer, settings};
 use kafkawrapper::{ConsumerGroup, Handler, HandlerError, Record};
-use metrics::{
-    Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString,
-    Unit,
-};
+use metrics::{Counter, CounterFn, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use tokio_util::sync::CancellationToken;
 
 /// Remembers, per gauge name, the largest value and the number of changes.
@@ -47,12 +44,7 @@ struct Watch {
 
 impl Watch {
     fn gauge(&self, name: &str) -> Arc<GaugeWatch> {
-        self.gauges
-            .lock()
-            .unwrap()
-            .entry(name.to_owned())
-            .or_default()
-            .clone()
+        self.gauges.lock().unwrap().entry(name.to_owned()).or_default().clone()
     }
 }
 
@@ -95,15 +87,7 @@ async fn a_slow_handler_pauses_its_partitions_and_still_gets_everything_in_order
     let per_key = 40;
     for seq in 0..per_key {
         for key in ["a", "b", "c", "d"] {
-            producer
-                .send(
-                    &topic,
-                    key.as_bytes(),
-                    format!("{key}:{seq}").as_bytes(),
-                    &[],
-                )
-                .await
-                .expect("sent");
+            producer.send(&topic, key.as_bytes(), format!("{key}:{seq}").as_bytes(), &[]).await.expect("sent");
         }
     }
     let total = 4 * per_key;
@@ -114,11 +98,8 @@ async fn a_slow_handler_pauses_its_partitions_and_still_gets_everything_in_order
     let handler = Arc::new(Slow(Mutex::new(Vec::new())));
     let token = CancellationToken::new();
     let started = std::time::Instant::now();
-    let handle = tokio::spawn(
-        ConsumerGroup::new(settings, fast_retry(0), handler.clone())
-            .expect("group")
-            .run(token.clone()),
-    );
+    let handle =
+        tokio::spawn(ConsumerGroup::new(settings, fast_retry(0), handler.clone()).expect("group").run(token.clone()));
     eventually(Duration::from_secs(60), "all messages handled", || async {
         (handler.0.lock().unwrap().len() >= total).then_some(())
     })
@@ -131,14 +112,8 @@ async fn a_slow_handler_pauses_its_partitions_and_still_gets_everything_in_order
     assert_eq!(seen.len(), total, "each message once");
     let mut by_key: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for record in &seen {
-        let (key, seq) = record
-            .payload_str()
-            .and_then(|p| p.split_once(':'))
-            .expect("payload");
-        by_key
-            .entry(key.to_owned())
-            .or_default()
-            .push(seq.parse().expect("seq"));
+        let (key, seq) = record.payload_str().and_then(|p| p.split_once(':')).expect("payload");
+        by_key.entry(key.to_owned()).or_default().push(seq.parse().expect("seq"));
     }
     for (key, seqs) in by_key {
         assert_eq!(seqs, (0..per_key).collect::<Vec<_>>(), "{key} out of order");
@@ -146,32 +121,16 @@ async fn a_slow_handler_pauses_its_partitions_and_still_gets_everything_in_order
 
     let paused = watch.gauge("kafka_paused_partitions");
     let in_flight = watch.gauge("kafka_in_flight");
-    assert!(
-        paused.max.load(Ordering::SeqCst) >= 1,
-        "a full partition is paused"
-    );
-    assert_eq!(
-        paused.last.load(Ordering::SeqCst),
-        0,
-        "nothing is left paused"
-    );
+    assert!(paused.max.load(Ordering::SeqCst) >= 1, "a full partition is paused");
+    assert_eq!(paused.last.load(Ordering::SeqCst), 0, "nothing is left paused");
     let max_in_flight = in_flight.max.load(Ordering::SeqCst);
     // The share of each partition (2), plus what was already fetched when a pause
     // took effect (held, not lost). Without pausing the whole fetch would pile up.
-    assert!(
-        max_in_flight <= 4 + 2 * 8,
-        "in-flight work stays bounded, saw {max_in_flight}"
-    );
-    let ends = kafkawrapper::end_offsets(&brokers, &topic)
-        .await
-        .expect("ends");
+    assert!(max_in_flight <= 4 + 2 * 8, "in-flight work stays bounded, saw {max_in_flight}");
+    let ends = kafkawrapper::end_offsets(&brokers, &topic).await.expect("ends");
     let done = committed(&brokers, &group, &topic).await;
     for (partition, end) in ends {
-        assert_eq!(
-            done.get(&partition).copied().flatten(),
-            Some(end),
-            "partition {partition} committed to its end"
-        );
+        assert_eq!(done.get(&partition).copied().flatten(), Some(end), "partition {partition} committed to its end");
     }
     println!("max in flight {max_in_flight}, handled all in {handled_in:?}");
 }

@@ -40,21 +40,14 @@ fn child_consumer() {
         return;
     };
     let parts: Vec<&str> = spec.split('|').collect();
-    let [brokers, group, topic, marker] = parts[..] else {
-        panic!("bad child spec {spec}")
-    };
+    let [brokers, group, topic, marker] = parts[..] else { panic!("bad child spec {spec}") };
     let mut settings = settings(brokers, &[topic]);
     settings.group_id = group.to_owned();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
-        let handler = HangOnSecond {
-            marker: PathBuf::from(marker),
-        };
+        let handler = HangOnSecond { marker: PathBuf::from(marker) };
         let group = ConsumerGroup::new(settings, fast_retry(0), handler).expect("group");
-        group
-            .run(CancellationToken::new())
-            .await
-            .expect("runs until killed");
+        group.run(CancellationToken::new()).await.expect("runs until killed");
     });
 }
 
@@ -90,14 +83,8 @@ async fn killed_member_gets_its_message_redelivered() {
     let topic = testkit::unique("kill");
     create_topics(&broker, &[(&topic, 1)]).await;
     let producer = producer(&brokers);
-    producer
-        .send(&topic, b"k", b"first", &[])
-        .await
-        .expect("sent");
-    producer
-        .send(&topic, b"k", b"second", &[])
-        .await
-        .expect("sent");
+    producer.send(&topic, b"k", b"first", &[]).await.expect("sent");
+    producer.send(&topic, b"k", b"second", &[]).await.expect("sent");
 
     let settings = settings(&brokers, &[&topic]);
     let group = settings.group_id.clone();
@@ -106,13 +93,7 @@ async fn killed_member_gets_its_message_redelivered() {
     let exe = std::env::current_exe().expect("test binary");
     let mut child = ChildGuard(
         Command::new(exe)
-            .args([
-                "--exact",
-                "child_consumer",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
+            .args(["--exact", "child_consumer", "--ignored", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, spec)
             .stdout(Stdio::null())
             .spawn()
@@ -120,31 +101,14 @@ async fn killed_member_gets_its_message_redelivered() {
     );
 
     // The child handles "first" (and commits it), then holds "second" in its handler.
-    let held = eventually(WAIT, "the child to hold the second message", || async {
-        read_marker(&marker)
-    })
-    .await;
+    let held = eventually(WAIT, "the child to hold the second message", || async { read_marker(&marker) }).await;
     assert_eq!(held, "holding 1");
     eventually(WAIT, "the child's commit of the first message", || async {
-        (committed(&brokers, &group, &topic)
-            .await
-            .get(&0)
-            .copied()
-            .flatten()
-            == Some(1))
-        .then_some(())
+        (committed(&brokers, &group, &topic).await.get(&0).copied().flatten() == Some(1)).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        committed(&brokers, &group, &topic)
-            .await
-            .get(&0)
-            .copied()
-            .flatten(),
-        Some(1),
-        "second not committed"
-    );
+    assert_eq!(committed(&brokers, &group, &topic).await.get(&0).copied().flatten(), Some(1), "second not committed");
 
     // SIGKILL: no commit, no leave-group.
     child.0.kill().expect("SIGKILL");
@@ -154,35 +118,20 @@ async fn killed_member_gets_its_message_redelivered() {
 
     let collector = Arc::new(Collect::default());
     let token = CancellationToken::new();
-    let handle = tokio::spawn(
-        ConsumerGroup::new(settings, fast_retry(0), collector.clone())
-            .expect("group")
-            .run(token.clone()),
-    );
-    eventually(WAIT, "the redelivered message", || async {
-        (!collector.0.lock().unwrap().is_empty()).then_some(())
-    })
-    .await;
+    let handle =
+        tokio::spawn(ConsumerGroup::new(settings, fast_retry(0), collector.clone()).expect("group").run(token.clone()));
+    eventually(WAIT, "the redelivered message", || async { (!collector.0.lock().unwrap().is_empty()).then_some(()) })
+        .await;
     let redelivered_after = killed_at.elapsed();
     eventually(WAIT, "the redelivered message committed", || async {
-        (committed(&brokers, &group, &topic)
-            .await
-            .get(&0)
-            .copied()
-            .flatten()
-            == Some(2))
-        .then_some(())
+        (committed(&brokers, &group, &topic).await.get(&0).copied().flatten() == Some(2)).then_some(())
     })
     .await;
     token.cancel();
     handle.await.expect("no panic").expect("clean stop");
 
     let got = collector.0.lock().unwrap().clone();
-    assert_eq!(
-        got.len(),
-        1,
-        "only the uncommitted message comes again: {got:?}"
-    );
+    assert_eq!(got.len(), 1, "only the uncommitted message comes again: {got:?}");
     assert_eq!(got[0].offset, 1);
     assert_eq!(got[0].payload_str(), Some("second"));
     println!("redelivered {redelivered_after:?} after SIGKILL");

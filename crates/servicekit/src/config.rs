@@ -215,11 +215,9 @@ mod tests {
         let path = dir.join("settings.toml");
         std::fs::write(&path, "name = \"from-file\"\n[retry]\nmax_retries = 7\nmultiplier = 3.0\n").expect("write");
         let path = path.to_string_lossy().into_owned();
-        let settings: Settings = load_from(
-            &env_map(),
-            lookup(&[(CONFIG_FILE_VAR, path.as_str()), ("MESSAGE_RETRY_MULTIPLIER", "4.0")]),
-        )
-        .expect("file loads");
+        let settings: Settings =
+            load_from(&env_map(), lookup(&[(CONFIG_FILE_VAR, path.as_str()), ("MESSAGE_RETRY_MULTIPLIER", "4.0")]))
+                .expect("file loads");
         assert_eq!(settings.name, "from-file");
         assert_eq!(settings.retry.max_retries, 7);
         assert_eq!(settings.retry.multiplier, 4.0, "environment beats the file");

@@ -157,11 +157,7 @@ async fn readyz(State(state): State<OpsState>) -> Response {
 }
 
 async fn render_metrics(State(state): State<OpsState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
 }
 
 #[cfg(test)]

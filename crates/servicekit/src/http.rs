@@ -110,7 +110,9 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             "unsupported_media_type",
             "expected a body with Content-Type: application/json",
         ),
-        JsonRejection::JsonDataError(err) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", err.body_text()),
+        JsonRejection::JsonDataError(err) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", err.body_text())
+        }
         JsonRejection::JsonSyntaxError(err) => ApiError::bad_request(err.body_text()),
         JsonRejection::BytesRejection(err) => {
             if err.status() == StatusCode::PAYLOAD_TOO_LARGE {

@@ -200,7 +200,12 @@ fn finish(router: Router, ops: Router, body_limit: usize) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-async fn run_listener(which: &'static str, addr: SocketAddr, router: Router, shutdown: Shutdown) -> std::io::Result<()> {
+async fn run_listener(
+    which: &'static str,
+    addr: SocketAddr,
+    router: Router,
+    shutdown: Shutdown,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr} ({which}): {err}")))?;

@@ -121,18 +121,11 @@ impl Broker {
         let bin = locate("TANSU_BIN", &candidates, "tansu");
         let url = format!("tcp://127.0.0.1:{port}");
         let storage = std::env::var("TANSU_STORAGE").unwrap_or_else(|_| "memory://tansu/".to_owned());
-        let args: Vec<String> = [
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            &storage,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let args: Vec<String> =
+            ["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", &storage]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let process = ServerProcess::start("tansu", &bin, &args, &dir.join("tansu.log"));
         let broker = Self { port, bin, process };
         must_come_up(&broker.process, port, || true);

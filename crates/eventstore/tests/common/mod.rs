@@ -33,19 +33,11 @@ pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
 }
 
 pub async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
-    redis::cmd("GET")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .expect("GET")
+    redis::cmd("GET").arg(key).query_async(conn).await.expect("GET")
 }
 
 pub async fn pttl(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> i64 {
-    redis::cmd("PTTL")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .expect("PTTL")
+    redis::cmd("PTTL").arg(key).query_async(conn).await.expect("PTTL")
 }
 
 /// Calls `f` every 100 ms until it returns `Some`, for at most `limit`.

@@ -14,9 +14,7 @@ use rdkafka::ClientConfig;
 
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
 }
@@ -46,9 +44,7 @@ pub fn fast_retry(max_retries: u32) -> RetrySettings {
 }
 
 pub async fn create_topics(broker: &testkit::Broker, topics: &[(&str, i32)]) {
-    kafkawrapper::ensure_topics(&broker.bootstrap(), topics)
-        .await
-        .expect("topics are created");
+    kafkawrapper::ensure_topics(&broker.bootstrap(), topics).await.expect("topics are created");
 }
 
 pub fn producer(brokers: &str) -> Producer {
@@ -74,9 +70,7 @@ where
 }
 
 pub async fn committed(brokers: &str, group: &str, topic: &str) -> BTreeMap<i32, Option<i64>> {
-    kafkawrapper::committed_offsets(brokers, group, topic)
-        .await
-        .expect("committed offsets")
+    kafkawrapper::committed_offsets(brokers, group, topic).await.expect("committed offsets")
 }
 
 /// A message read back from a topic.
@@ -101,13 +95,7 @@ impl Read {
 
 /// Reads partition `partition` of `topic` from the beginning until `count` messages
 /// arrived (or `timeout`), without a consumer group.
-pub fn read_topic(
-    brokers: &str,
-    topic: &str,
-    partition: i32,
-    count: usize,
-    timeout: Duration,
-) -> Vec<Read> {
+pub fn read_topic(brokers: &str, topic: &str, partition: i32, count: usize, timeout: Duration) -> Vec<Read> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("fetch.wait.max.ms", "10")
@@ -117,8 +105,7 @@ pub fn read_topic(
         .create()
         .expect("reader");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)
-        .expect("tpl");
+    tpl.add_partition_offset(topic, partition, Offset::Beginning).expect("tpl");
     consumer.assign(&tpl).expect("assign");
     let deadline = Instant::now() + timeout;
     let mut out = Vec::new();
@@ -126,11 +113,7 @@ pub fn read_topic(
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             let headers = message
                 .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-                        .collect()
-                })
+                .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
                 .unwrap_or_default();
             out.push(Read {
                 partition: message.partition(),
