@@ -31,10 +31,12 @@
 //! }))
 //! ```
 
+mod admit;
 mod driver;
 mod hub;
 mod settings;
 
+pub use admit::admit;
 pub use driver::{Driver, Ended, Inbound};
 pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, RegisterError, Registration};
 pub use settings::WsSettings;

@@ -6,18 +6,15 @@
 //! *before* the history is read, so a message persisted meanwhile is either in the
 //! history or queued live, and the driver drops a live copy of a replayed one.
 
-use std::time::Duration;
-
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use chatauth::AuthUser;
 use chatstream::{MessageId, StreamId, UserId};
 use serde::Deserialize;
 use servicekit::{ApiError, ApiQuery};
-use wsfanout::{Close, Driver, Ended, Frame, RegisterError, Registration};
+use wsfanout::{Close, Driver, Ended, Frame, Registration};
 
 use crate::app::AppState;
 use crate::history::HistoryError;
@@ -80,21 +77,10 @@ pub async fn subscribe(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let subscription = authorize(&caller, &query)?;
-    let upgrade = upgrade.map_err(|rejection| {
-        ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            format!("this endpoint only opens WebSockets ({rejection})"),
-        )
-    })?;
-    // Registered before the upgrade completes: live frames for the stream queue up
-    // from here on, and the connection cap is enforced atomically.
-    let registration = state.hub.register(subscription.stream).map_err(|err| match err {
-        RegisterError::Full { .. } => ApiError::unavailable(err.to_string(), Duration::from_secs(5)),
-    })?;
+    let (upgrade, registration) = wsfanout::admit(&state.hub, subscription.stream, upgrade)?;
     tracing::debug!(stream = %subscription.stream, user = %caller, connection = %registration.id(), "socket admitted");
     let since = subscription.since;
-    Ok(state.hub.settings().configure(upgrade).on_upgrade(move |socket| serve(state, socket, registration, since)))
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, since)))
 }
 
 /// Runs one upgraded socket: replay (when asked), then live.
@@ -137,6 +123,8 @@ async fn serve(state: AppState, socket: WebSocket, registration: Registration<St
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
 
     fn user(raw: &str) -> UserId {

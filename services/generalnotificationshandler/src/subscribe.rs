@@ -6,17 +6,14 @@
 //! (tabs, devices); each is registered with the hub under the user id and tracked
 //! for presence from the moment it is admitted until it has finished.
 
-use std::time::Duration;
-
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
 use chatauth::AuthUser;
 use chatstream::UserId;
 use servicekit::{ApiError, ApiQuery};
-use wsfanout::{Driver, Ended, RegisterError, Registration};
+use wsfanout::{Driver, Ended, Registration};
 
 use crate::app::{AppState, UserQuery};
 use crate::presence::Tracked;
@@ -39,21 +36,10 @@ pub async fn subscribe(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let user = authorize(&caller, &query)?;
-    let upgrade = upgrade.map_err(|rejection| {
-        ApiError::new(
-            StatusCode::UPGRADE_REQUIRED,
-            "upgrade_required",
-            format!("this endpoint only opens WebSockets ({rejection})"),
-        )
-    })?;
-    // Registered before the upgrade completes: notifications for the user reach this
-    // socket from here on, and the connection cap is enforced atomically.
-    let registration = state.hub.register(user.clone()).map_err(|err| match err {
-        RegisterError::Full { .. } => ApiError::unavailable(err.to_string(), Duration::from_secs(5)),
-    })?;
+    let (upgrade, registration) = wsfanout::admit(&state.hub, user.clone(), upgrade)?;
     let tracked = state.presence.track(user.clone());
     tracing::debug!(%user, connection = %registration.id(), "socket admitted");
-    Ok(state.hub.settings().configure(upgrade).on_upgrade(move |socket| serve(state, socket, registration, tracked)))
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, tracked)))
 }
 
 /// Runs one upgraded socket until it ends.
@@ -70,6 +56,8 @@ async fn serve(state: AppState, socket: WebSocket, registration: Registration<Us
 
 #[cfg(test)]
 mod tests {
+    use axum::http::StatusCode;
+
     use super::*;
 
     fn query(user: Option<&str>) -> UserQuery {
