@@ -388,3 +388,65 @@ impl Service {
         self.process.signal(signal);
     }
 }
+
+/// WebSocket client helpers shared by the socket services' black-box tests.
+pub mod ws {
+    use std::time::{Duration, Instant};
+
+    use futures::StreamExt;
+    use serde_json::Value;
+    use tokio::net::TcpStream;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::{self, Message};
+    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+    /// How long a test waits for a frame it expects.
+    pub const WAIT: Duration = Duration::from_secs(5);
+
+    pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+    /// The HTTP status an upgrade attempt is refused with (`101` if it was accepted).
+    pub async fn upgrade_status(url: &str, headers: &[(&str, &str)]) -> u16 {
+        let mut request = url.into_client_request().expect("valid url");
+        for (name, value) in headers {
+            let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            request.headers_mut().insert(name, value.parse().expect("header value"));
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => 101,
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            Err(other) => panic!("unexpected upgrade error: {other}"),
+        }
+    }
+
+    /// What a socket produced next.
+    #[derive(Debug)]
+    pub enum Got {
+        Json(Value),
+        Close(Option<u16>),
+        End,
+    }
+
+    pub async fn next(ws: &mut Ws, within: Duration) -> Got {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, ws.next()).await {
+                Err(_) => panic!("nothing arrived within {within:?}"),
+                Ok(None) | Ok(Some(Err(_))) => return Got::End,
+                Ok(Some(Ok(Message::Text(text)))) => {
+                    return Got::Json(serde_json::from_str(text.as_str()).expect("frames are JSON"))
+                }
+                Ok(Some(Ok(Message::Close(frame)))) => return Got::Close(frame.map(|f| u16::from(f.code))),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    pub async fn next_json(ws: &mut Ws) -> Value {
+        match next(ws, WAIT).await {
+            Got::Json(value) => value,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+}

@@ -16,6 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use chatfleet_tests::ws::{next, next_json, upgrade_status, Got, Ws};
 use chatfleet_tests::{token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -23,14 +24,11 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 const SERVICE: &str = "chatwebsocketshandler";
 const WAIT: Duration = Duration::from_secs(5);
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 // ---------------------------------------------------------------------------
 // helpers
@@ -103,51 +101,6 @@ async fn connect(service: &Service, me: &str, peer: &str, since: Option<&str>) -
     match tokio_tungstenite::connect_async(url).await {
         Ok((ws, _)) => ws,
         Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
-    }
-}
-
-/// The HTTP status an upgrade attempt is refused with (`101` if it was accepted).
-async fn upgrade_status(url: &str, headers: &[(&str, &str)]) -> u16 {
-    let mut request = url.into_client_request().expect("valid url");
-    for (name, value) in headers {
-        let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
-        request.headers_mut().insert(name, value.parse().expect("header value"));
-    }
-    match tokio_tungstenite::connect_async(request).await {
-        Ok(_) => 101,
-        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
-        Err(other) => panic!("unexpected upgrade error: {other}"),
-    }
-}
-
-/// What a socket produced next.
-#[derive(Debug)]
-enum Got {
-    Json(Value),
-    Close(Option<u16>),
-    End,
-}
-
-async fn next(ws: &mut Ws, within: Duration) -> Got {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Err(_) => panic!("nothing arrived within {within:?}"),
-            Ok(None) | Ok(Some(Err(_))) => return Got::End,
-            Ok(Some(Ok(Message::Text(text)))) => {
-                return Got::Json(serde_json::from_str(text.as_str()).expect("frames are JSON"))
-            }
-            Ok(Some(Ok(Message::Close(frame)))) => return Got::Close(frame.map(|f| u16::from(f.code))),
-            Ok(Some(Ok(_))) => continue,
-        }
-    }
-}
-
-async fn next_json(ws: &mut Ws) -> Value {
-    match next(ws, WAIT).await {
-        Got::Json(value) => value,
-        other => panic!("expected a frame, got {other:?}"),
     }
 }
 
