@@ -61,6 +61,21 @@ impl Stack {
         Self { redis, broker, mongo, topic_prefix: String::new() }
     }
 
+    /// [`Stack::env`] plus what the pipeline tests share: outbox capture and short
+    /// retry intervals and forward timeouts, so failures show within seconds.
+    pub fn pipeline_env(&self) -> Vec<(String, String)> {
+        let mut env = self.env();
+        for (k, v) in [
+            ("CAPTURE_MODE", "outbox"),
+            ("MESSAGE_RETRY_INITIAL_INTERVAL", "50ms"),
+            ("MESSAGE_RETRY_MAX_INTERVAL", "1s"),
+            ("FORWARD_TIMEOUT", "1s"),
+        ] {
+            env.push((k.to_owned(), v.to_owned()));
+        }
+        env
+    }
+
     /// The environment every service gets to find these servers.
     pub fn env(&self) -> Vec<(String, String)> {
         [
@@ -192,12 +207,8 @@ impl ChatFleet {
     /// budgets, timeouts) and can override the defaults below.
     pub fn start(extra: &[(&str, &str)]) -> Self {
         let stack = Stack::start();
-        let mut base = stack.env();
-        base.push(("CAPTURE_MODE".into(), "outbox".into()));
+        let mut base = stack.pipeline_env();
         base.push(("KAFKA_GROUP_ID".into(), testkit::unique("chat-ws")));
-        base.push(("MESSAGE_RETRY_INITIAL_INTERVAL".into(), "50ms".into()));
-        base.push(("MESSAGE_RETRY_MAX_INTERVAL".into(), "1s".into()));
-        base.push(("FORWARD_TIMEOUT".into(), "1s".into()));
         base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let persistence = Service::start("chatpersistence", &base);
         let mut socket_env = base.clone();
@@ -448,5 +459,41 @@ pub mod ws {
             Got::Json(value) => value,
             other => panic!("expected a frame, got {other:?}"),
         }
+    }
+
+    /// The close code a socket ends with, skipping the frames before it.
+    pub async fn close_code_after_frames(ws: &mut Ws, within: Duration) -> Option<u16> {
+        let deadline = Instant::now() + within;
+        loop {
+            match next(ws, deadline.saturating_duration_since(Instant::now())).await {
+                Got::Json(_) => continue,
+                Got::Close(code) => return code,
+                Got::End => panic!("the connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// SIGTERMs `service` while `sockets` are open and checks that it exits 0 within
+    /// 5 s and that every socket got close 1001. Returns the stopped service.
+    pub async fn terminate_expecting_1001(service: crate::Service, sockets: Vec<Ws>) -> crate::Service {
+        let readers: Vec<_> = sockets
+            .into_iter()
+            .map(|mut ws| tokio::spawn(async move { close_code_after_frames(&mut ws, Duration::from_secs(10)).await }))
+            .collect();
+        let started = Instant::now();
+        let (service, status) = tokio::task::spawn_blocking(move || {
+            let mut service = service;
+            let status = service.terminate(Duration::from_secs(15));
+            (service, status)
+        })
+        .await
+        .expect("join");
+        let status = status.unwrap_or_else(|| panic!("did not exit on SIGTERM; log:\n{}", service.log_tail(30)));
+        assert!(status.success(), "exit status {status}; log:\n{}", service.log_tail(30));
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        for reader in readers {
+            assert_eq!(reader.await.expect("join"), Some(1001));
+        }
+        service
     }
 }

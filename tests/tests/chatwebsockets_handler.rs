@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chatfleet_tests::ws::{next, next_json, upgrade_status, Got, Ws};
+use chatfleet_tests::ws::{next, next_json, terminate_expecting_1001, upgrade_status, Got, Ws};
 use chatfleet_tests::{token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -109,18 +109,6 @@ async fn expect_event(ws: &mut Ws, kind: &str, message: &Value) {
     let frame = next_json(ws).await;
     assert_eq!(frame["type"], kind, "{frame}");
     assert_eq!(frame["message"]["message_id"], message["message_id"], "{frame}");
-}
-
-/// The next frames are text frames (skipped) until a close; returns its code.
-async fn close_code_after_frames(ws: &mut Ws, within: Duration) -> Option<u16> {
-    let deadline = Instant::now() + within;
-    loop {
-        match next(ws, deadline.saturating_duration_since(Instant::now())).await {
-            Got::Json(_) => continue,
-            Got::Close(code) => return code,
-            Got::End => panic!("the connection ended without a close frame"),
-        }
-    }
 }
 
 /// Nothing but pings may arrive for `quiet`.
@@ -743,30 +731,13 @@ async fn a_client_that_stops_answering_pings_is_dropped_and_a_live_one_is_kept()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_socket_with_1001_and_exits_cleanly() {
-    let mut service = start(&[]);
-    let mut sockets = vec![
+    let service = start(&[]);
+    let sockets = vec![
         connect(&service, "alice", "bob", None).await,
         connect(&service, "bob", "alice", None).await,
         connect(&service, "carol", "dave", None).await,
     ];
-    let readers: Vec<_> = sockets
-        .drain(..)
-        .map(|mut ws| tokio::spawn(async move { close_code_after_frames(&mut ws, Duration::from_secs(10)).await }))
-        .collect();
-
-    let started = Instant::now();
-    let (service, status) = tokio::task::spawn_blocking(move || {
-        let status = service.terminate(Duration::from_secs(15));
-        (service, status)
-    })
-    .await
-    .expect("join");
-    let status = status.unwrap_or_else(|| panic!("did not exit on SIGTERM; log:\n{}", service.log_tail(30)));
-    assert!(status.success(), "exit status {status}; log:\n{}", service.log_tail(30));
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    for reader in readers {
-        assert_eq!(reader.await.expect("join"), Some(1001));
-    }
+    terminate_expecting_1001(service, sockets).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use chatfleet_tests::ws::{next, next_json, upgrade_status, Got, Ws};
+use chatfleet_tests::ws::{next_json, terminate_expecting_1001, upgrade_status, Ws};
 use chatfleet_tests::{token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -79,18 +79,6 @@ async fn expect_quiet(ws: &mut Ws, quiet: Duration) {
             Err(_) => return,
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
             Ok(other) => panic!("expected silence, got {other:?}"),
-        }
-    }
-}
-
-/// The next frames are text frames (skipped) until a close; returns its code.
-async fn close_code_after_frames(ws: &mut Ws, within: Duration) -> Option<u16> {
-    let deadline = Instant::now() + within;
-    loop {
-        match next(ws, deadline.saturating_duration_since(Instant::now())).await {
-            Got::Json(_) => continue,
-            Got::Close(code) => return code,
-            Got::End => panic!("the connection ended without a close frame"),
         }
     }
 }
@@ -744,7 +732,7 @@ async fn with_redis_down_sockets_and_notifications_keep_working() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_every_socket_with_1001_removes_presence_and_exits_cleanly() {
     let redis = Redis::start();
-    let mut service = start(&redis, &[]);
+    let service = start(&redis, &[]);
     let sockets =
         vec![connect(&service, "alice").await, connect(&service, "alice").await, connect(&service, "bob").await];
     assert!(
@@ -752,24 +740,7 @@ async fn sigterm_closes_every_socket_with_1001_removes_presence_and_exits_cleanl
             && redis_get(&redis, "presence:bob").is_some())
         .await
     );
-    let readers: Vec<_> = sockets
-        .into_iter()
-        .map(|mut ws| tokio::spawn(async move { close_code_after_frames(&mut ws, Duration::from_secs(10)).await }))
-        .collect();
-
-    let started = Instant::now();
-    let (service, status) = tokio::task::spawn_blocking(move || {
-        let status = service.terminate(Duration::from_secs(15));
-        (service, status)
-    })
-    .await
-    .expect("join");
-    let status = status.unwrap_or_else(|| panic!("did not exit on SIGTERM; log:\n{}", service.log_tail(30)));
-    assert!(status.success(), "exit status {status}; log:\n{}", service.log_tail(30));
-    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
-    for reader in readers {
-        assert_eq!(reader.await.expect("join"), Some(1001));
-    }
+    terminate_expecting_1001(service, sockets).await;
     assert_eq!(redis_get(&redis, "presence:alice"), None, "the pod cleaned up its presence keys");
     assert_eq!(redis_get(&redis, "presence:bob"), None);
 }

@@ -36,11 +36,7 @@ struct Fleet {
 impl Fleet {
     fn start(config: Option<PathBuf>, extra: &[(&str, &str)]) -> Self {
         let stack = Stack::start();
-        let mut base = stack.env();
-        base.push(("CAPTURE_MODE".into(), "outbox".into()));
-        base.push(("MESSAGE_RETRY_INITIAL_INTERVAL".into(), "50ms".into()));
-        base.push(("MESSAGE_RETRY_MAX_INTERVAL".into(), "1s".into()));
-        base.push(("FORWARD_TIMEOUT".into(), "1s".into()));
+        let mut base = stack.pipeline_env();
         base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let persistence = Service::start("chatpersistence", &base);
         let mut socket_env = base.clone();
