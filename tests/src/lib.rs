@@ -50,12 +50,14 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Starts Redis, the broker and MongoDB, and creates the chat topics.
+    /// Starts Redis, the broker and MongoDB, and creates the chat topics
+    /// (`chat.changes` with `KAFKA_TOPIC_PARTITIONS` partitions, default 6, as the relay would).
     pub fn start() -> Self {
         let redis = Redis::start();
         let broker = Broker::start();
         let mongo = Mongo::start();
-        for (topic, partitions) in [("chat.changes", 6), ("chat.changes.dlq", 1)] {
+        let partitions = std::env::var("KAFKA_TOPIC_PARTITIONS").ok().and_then(|p| p.parse().ok()).unwrap_or(6);
+        for (topic, partitions) in [("chat.changes", partitions), ("chat.changes.dlq", 1)] {
             broker.create_topic(topic, partitions);
         }
         Self { redis, broker, mongo, topic_prefix: String::new() }

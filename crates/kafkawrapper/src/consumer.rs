@@ -138,6 +138,7 @@ fn poll_loop<H: Handler>(
         match consumer.poll(poll_timeout) {
             None => {}
             Some(Ok(message)) => {
+                record_age(&message);
                 let record = Record::from_message(&message);
                 drop(message);
                 if let Err(err) = context.dispatch(&consumer, record) {
@@ -172,6 +173,16 @@ fn poll_loop<H: Handler>(
     context.report_gauges();
     tracing::info!(group = %context.group, "consumer stopped");
     result
+}
+
+/// Records how long ago the record was produced (its timestamp is the producer's
+/// clock; a negative age from clock skew is recorded as zero).
+fn record_age(message: &rdkafka::message::BorrowedMessage<'_>) {
+    use rdkafka::Message as _;
+    let Some(produced_ms) = message.timestamp().to_millis() else { return };
+    let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) else { return };
+    let age_ms = (now.as_millis() as i64).saturating_sub(produced_ms).max(0);
+    metrics::histogram!(m::RECORD_AGE_SECONDS, "topic" => message.topic().to_owned()).record(age_ms as f64 / 1000.0);
 }
 
 /// One assigned partition, as the consumer thread sees it.

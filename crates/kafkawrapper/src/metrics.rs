@@ -17,6 +17,10 @@ pub const DEAD_LETTERS_TOTAL: &str = "kafka_dead_letters_total";
 pub const DEAD_LETTER_FAILURES_TOTAL: &str = "kafka_dead_letter_failures_total";
 /// Histogram `{topic}`: duration of one handler call, in seconds.
 pub const HANDLE_DURATION_SECONDS: &str = "kafka_handle_duration_seconds";
+/// Histogram `{topic}`: how old a record is when the consumer receives it (now minus
+/// the record's timestamp, normally the producer's send time), in seconds: the time
+/// the message spent in the producer, the broker and the fetch.
+pub const RECORD_AGE_SECONDS: &str = "kafka_record_age_seconds";
 /// Gauge `{group}`: messages fetched and not yet finished (queued, in a handler or
 /// held while their partition is paused).
 pub const IN_FLIGHT: &str = "kafka_in_flight";

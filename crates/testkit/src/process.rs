@@ -83,6 +83,7 @@ pub struct ServerProcess {
     args: Vec<String>,
     log: PathBuf,
     envs: Vec<(String, String)>,
+    dir: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -94,12 +95,30 @@ impl ServerProcess {
 
     /// Starts `program args` with extra environment variables.
     pub fn start_with_env(name: &str, program: &Path, args: &[String], envs: &[(String, String)], log: &Path) -> Self {
+        Self::launch(name, program, args, envs, None, log)
+    }
+
+    /// Starts `program args` in the working directory `dir` (relative paths the
+    /// program writes, such as a database file, land there).
+    pub fn start_in(name: &str, program: &Path, args: &[String], dir: &Path, log: &Path) -> Self {
+        Self::launch(name, program, args, &[], Some(dir), log)
+    }
+
+    fn launch(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+        dir: Option<&Path>,
+        log: &Path,
+    ) -> Self {
         let mut process = Self {
             name: name.to_owned(),
             program: program.to_owned(),
             args: args.to_vec(),
             log: log.to_owned(),
             envs: envs.to_vec(),
+            dir: dir.map(Path::to_owned),
             child: None,
         };
         process.spawn();
@@ -113,7 +132,11 @@ impl ServerProcess {
             .open(&self.log)
             .unwrap_or_else(|e| panic!("cannot open log {}: {e}", self.log.display()));
         let err = log.try_clone().expect("clone log handle");
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())

@@ -9,9 +9,13 @@ use crate::process::{free_port, locate, probe, venv_site_packages, wait_for_port
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A scratch folder for one server: data and log. Kept after the test (under
-/// `target/testkit/`) so a failing run can be read afterwards.
+/// `target/testkit/`, or `TESTKIT_SCRATCH_DIR` when set, e.g. a tmpfs for the
+/// benchmark) so a failing run can be read afterwards.
 pub fn scratch(kind: &str) -> PathBuf {
-    let dir = workspace_root().join("target/testkit").join(crate::unique(kind));
+    let root = std::env::var_os("TESTKIT_SCRATCH_DIR")
+        .filter(|dir| !dir.is_empty())
+        .map_or_else(|| workspace_root().join("target/testkit"), PathBuf::from);
+    let dir = root.join(crate::unique(kind));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
     dir
 }
@@ -100,7 +104,9 @@ impl Redis {
     }
 }
 
-/// The tansu Kafka-protocol broker, memory-backed, on a free port.
+/// The tansu Kafka-protocol broker on a free port: memory-backed by default, or
+/// `TANSU_STORAGE` (a `sqlite://tansu.db` database lands in the broker's scratch
+/// folder, which is its working directory).
 pub struct Broker {
     port: u16,
     bin: PathBuf,
@@ -126,7 +132,7 @@ impl Broker {
                 .iter()
                 .map(|s| s.to_string())
                 .collect();
-        let process = ServerProcess::start("tansu", &bin, &args, &dir.join("tansu.log"));
+        let process = ServerProcess::start_in("tansu", &bin, &args, &dir, &dir.join("tansu.log"));
         let broker = Self { port, bin, process };
         must_come_up(&broker.process, port, || true);
         broker

@@ -213,6 +213,106 @@ async fn run_at(fleet: &ChatFleet, pairs: &[(String, String)], rate: u64, second
     }
 }
 
+/// One histogram as Prometheus renders it: sum, count and cumulative buckets.
+#[derive(Default, Clone)]
+struct Histogram {
+    sum: f64,
+    count: f64,
+    buckets: Vec<(f64, f64)>,
+}
+
+impl Histogram {
+    fn minus(&self, before: &Histogram) -> Histogram {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(le, n)| {
+                let earlier = before.buckets.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+                (*le, n - earlier)
+            })
+            .collect();
+        Histogram { sum: self.sum - before.sum, count: self.count - before.count, buckets }
+    }
+
+    /// The quantile, interpolated linearly inside its bucket (seconds).
+    fn quantile(&self, q: f64) -> f64 {
+        let target = q * self.count;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for (le, cumulative) in &self.buckets {
+            if *cumulative >= target && *cumulative > below {
+                if le.is_infinite() {
+                    return lower;
+                }
+                return lower + (le - lower) * (target - below) / (cumulative - below);
+            }
+            (lower, below) = (*le, *cumulative);
+        }
+        lower
+    }
+}
+
+/// The stages of one message, each read from the histogram a service keeps anyway.
+const STAGES: &[(&str, &str, &str, &str)] = &[
+    ("chatpersistence", "message_write_duration_seconds", "", "MongoDB insert (group commit included)"),
+    ("chatpersistence", "relay_publish_duration_seconds", "", "relay: produce until the broker acknowledged"),
+    ("chatpersistencechangehandler", "kafka_record_age_seconds", "", "produced → received by the change handler"),
+    ("chatpersistencechangehandler", "kafka_handle_duration_seconds", "", "change handler: claim, forward, done"),
+    ("chatpersistencechangehandler", "forward_duration_seconds", "websocket", "forward to the socket pod (HTTP)"),
+];
+
+/// Every histogram of a service, summed over label sets that contain `filter`.
+async fn scrape(service: &Service, metric: &str, filter: &str) -> Histogram {
+    let text = match reqwest::get(service.url("/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => return Histogram::default(),
+    };
+    let mut h = Histogram::default();
+    for line in text.lines().filter(|l| l.starts_with(metric) && l.contains(filter)) {
+        let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        let name = name_labels.split('{').next().unwrap_or_default();
+        if name == format!("{metric}_sum") {
+            h.sum += value;
+        } else if name == format!("{metric}_count") {
+            h.count += value;
+        } else if name == format!("{metric}_bucket") {
+            let le = name_labels.split("le=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("+Inf");
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            match h.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, c)) => *c += value,
+                None => h.buckets.push((le, value)),
+            }
+        }
+    }
+    h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    h
+}
+
+async fn scrape_stages(fleet: &ChatFleet) -> Vec<Histogram> {
+    let mut out = Vec::new();
+    for (service, metric, filter, _) in STAGES {
+        let service = if *service == "chatpersistence" { &fleet.persistence } else { &fleet.handlers[0] };
+        out.push(scrape(service, metric, filter).await);
+    }
+    out
+}
+
+fn report_stages(before: &[Histogram], after: &[Histogram]) {
+    println!("\n| stage (from the services' /metrics) | mean ms | ~p50 ms | ~p99 ms |");
+    println!("| --- | --- | --- | --- |");
+    for ((_, _, _, what), (b, a)) in STAGES.iter().zip(before.iter().zip(after)) {
+        let h = a.minus(b);
+        if h.count > 0.0 {
+            println!(
+                "| {what} | {:.1} | {:.1} | {:.1} |",
+                h.sum / h.count * 1000.0,
+                h.quantile(0.5) * 1000.0,
+                h.quantile(0.99) * 1000.0
+            );
+        }
+    }
+}
+
 fn report(r: &RunResult, seconds: u64) {
     println!("\n## {} msg/s for {} s", r.rate, seconds);
     println!("| measure | p50 ms | p95 ms | p99 ms | max ms |");
@@ -237,12 +337,57 @@ fn report(r: &RunResult, seconds: u64) {
     );
 }
 
+/// The settings that decide how the local stand-in broker behaves, reported with every run.
+const PROFILE_SETTINGS: &[&str] =
+    &["TANSU_BIN", "TANSU_STORAGE", "KAFKA_TOPIC_PARTITIONS", "RDKAFKA_FETCH_WAIT_MAX_MS", "TESTKIT_SCRATCH_DIR"];
+
+/// The benchmark's broker profile, applied where the caller set nothing (every
+/// variable can be set to measure something else; the report lists what was used):
+///
+/// - the SQLite-backed tansu build when `deploy/local/install.sh --sqlite-broker`
+///   made one (`.local/tansu/bin/tansu`). The memory engine of the wheel's build lists
+///   every stored batch of a partition on each fetch, so it slows down as a run goes on;
+/// - `chat.changes` with 2 partitions and `fetch.wait.max.ms=2`: tansu answers a fetch
+///   only after the full wait even when data is there (≈1.5 × the wait per message
+///   under load) and runs its storage on one worker, so every partition polled costs;
+/// - server data on tmpfs (`/dev/shm`), which is removed after the run.
+///
+/// Returns the scratch folder to remove at the end, if this run chose it.
+fn broker_profile() -> Option<std::path::PathBuf> {
+    let set_default = |name: &str, value: &str| {
+        if std::env::var_os(name).is_none() {
+            std::env::set_var(name, value);
+        }
+    };
+    let sqlite_build = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.local/tansu/bin/tansu");
+    if std::env::var_os("TANSU_BIN").is_none() && sqlite_build.is_file() {
+        std::env::set_var("TANSU_BIN", &sqlite_build);
+        set_default("TANSU_STORAGE", "sqlite://tansu.db");
+    }
+    if std::env::var("TANSU_STORAGE").map_or(true, |s| s.starts_with("memory")) {
+        eprintln!(
+            "note: the broker is tansu's memory engine, which slows down as a run goes on; \
+             `deploy/local/install.sh --sqlite-broker` builds the SQLite-backed one (docs/benchmarks.md)"
+        );
+    }
+    set_default("KAFKA_TOPIC_PARTITIONS", "2");
+    set_default("RDKAFKA_FETCH_WAIT_MAX_MS", "2");
+    let shm = std::path::Path::new("/dev/shm");
+    if std::env::var_os("TESTKIT_SCRATCH_DIR").is_none() && shm.is_dir() {
+        let dir = shm.join(format!("chatfleet-loadgen-{}", std::process::id()));
+        std::env::set_var("TESTKIT_SCRATCH_DIR", &dir);
+        return Some(dir);
+    }
+    None
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let o = options();
     if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
         std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
     }
+    let scratch = broker_profile();
     eprintln!("starting a private stack and the release binaries …");
     let fleet = ChatFleet::start(&[("LOG_LEVEL", "warn")]);
     fleet.warm_up().await;
@@ -256,15 +401,24 @@ async fn main() {
     processes.extend(fleet.stack.redis.pid().map(|p| ("redis-server".to_owned(), p)));
     processes.extend(fleet.stack.broker.pid().map(|p| ("tansu".to_owned(), p)));
     processes.extend(fleet.stack.mongo.pid().map(|p| ("nx-27017 (MongoDB wire server)".to_owned(), p)));
+    processes.push(("loadgen (this program)".to_owned(), std::process::id()));
     let before: Vec<Option<(f64, u64)>> = processes.iter().map(|(_, pid)| proc_usage(*pid)).collect();
     let wall = Instant::now();
 
     println!("# chatfleet loadgen: {} pairs ({} sockets)", o.pairs, o.pairs * 2);
+    println!();
+    println!("| setting | value |");
+    println!("| --- | --- |");
+    for name in PROFILE_SETTINGS {
+        println!("| `{name}` | `{}` |", std::env::var(name).unwrap_or_else(|_| "(default)".to_owned()));
+    }
     let rates = if o.sweep.is_empty() { vec![o.rate] } else { o.sweep.clone() };
     let mut sweep_rows = Vec::new();
     for rate in rates {
+        let stages_before = scrape_stages(&fleet).await;
         let result = run_at(&fleet, &pairs, rate, o.duration, o.drain).await;
         report(&result, o.duration);
+        report_stages(&stages_before, &scrape_stages(&fleet).await);
         sweep_rows.push((
             rate,
             percentile(&result.delivery, 99.0),
@@ -281,6 +435,10 @@ async fn main() {
         if let (Some((cpu0, _)), Some((cpu1, hwm))) = (before, proc_usage(*pid)) {
             println!("| {name} | {:.1} | {:.2} | {:.1} |", cpu1 - cpu0, (cpu1 - cpu0) / elapsed, hwm as f64 / 1024.0);
         }
+    }
+    if let Some(dir) = scratch {
+        drop(fleet);
+        let _ = std::fs::remove_dir_all(dir);
     }
     if sweep_rows.len() > 1 {
         println!("\n## Sweep");
