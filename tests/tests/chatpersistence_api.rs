@@ -209,7 +209,8 @@ async fn history_is_oldest_first_and_pages_both_ways() {
         ("limit not a number", format!("{base}&limit=ten")),
         ("cursor not a message id", format!("{base}&since=yesterday")),
         ("unknown parameter", format!("{base}&sinse={}", sent[1])),
-        ("no peer_id", format!("stream_id={stream}")),
+        ("neither stream_id nor peer_id", "limit=10".to_owned()),
+        ("stream_id not a stream id", "stream_id=nothex".to_owned()),
     ] {
         let (status, body) = history(&service, ALICE, &query).await;
         assert_clear_error(what, status, &body, 400);
@@ -342,6 +343,17 @@ async fn history_and_internal_reads_are_access_checked() {
     // With only her own pair she reads her own (empty) stream, never theirs.
     let (status, page) = history(&service, "mallory", &format!("peer_id={BOB}")).await;
     assert_eq!(status, 200);
+    assert!(ids(&page).is_empty(), "{page}");
+    // By stream id alone the participants come from the stored messages.
+    let (status, body) = history(&service, "mallory", &format!("stream_id={stream}")).await;
+    assert_clear_error("someone else's stream by id alone", status, &body, 403);
+    for user in [ALICE, BOB] {
+        let (status, page) = history(&service, user, &format!("stream_id={stream}")).await;
+        assert_eq!(status, 200, "{user}: {page}");
+        assert_eq!(ids(&page).len(), 1, "{user}: {page}");
+    }
+    let (status, page) = history(&service, "mallory", &format!("stream_id={}", stream_of("mallory", "trent"))).await;
+    assert_eq!(status, 200, "a stream without messages is an empty page: {page}");
     assert!(ids(&page).is_empty(), "{page}");
 
     let no_token = http

@@ -296,23 +296,33 @@ async fn public_history(
     AuthUser(caller): AuthUser,
     ApiQuery(query): ApiQuery<PublicHistoryQuery>,
 ) -> Result<Json<HistoryPage>, ApiError> {
-    let Some(peer) = query.peer_id.as_deref() else {
-        return Err(invalid("peer_id", "is required (the other participant of the stream)"));
-    };
-    let peer = UserId::parse(peer).map_err(|e| invalid("peer_id", e))?;
-    if peer == caller {
-        return Err(invalid("peer_id", "must differ from the authenticated user"));
-    }
-    // The stream is recomputed from the caller and the peer, never taken on trust.
-    let stream = StreamId::for_pair(&caller, &peer);
-    if let Some(given) = query.stream_id.as_deref() {
-        let given = StreamId::parse(given).map_err(|e| invalid("stream_id", e))?;
-        if given != stream {
-            return Err(ApiError::forbidden("you are not a participant of this stream"));
-        }
-    }
+    let given =
+        query.stream_id.as_deref().map(|s| StreamId::parse(s).map_err(|e| invalid("stream_id", e))).transpose()?;
     let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
     let limit = page_limit(&state.history, query.limit)?;
+    let stream = match (query.peer_id.as_deref(), given) {
+        // The stream is recomputed from the caller and the peer, never taken on trust.
+        (Some(peer), given) => {
+            let peer = UserId::parse(peer).map_err(|e| invalid("peer_id", e))?;
+            if peer == caller {
+                return Err(invalid("peer_id", "must differ from the authenticated user"));
+            }
+            let stream = StreamId::for_pair(&caller, &peer);
+            if given.is_some_and(|given| given != stream) {
+                return Err(ApiError::forbidden("you are not a participant of this stream"));
+            }
+            stream
+        }
+        // Only the stream id: its participants come from its stored messages (the
+        // hash cannot be reversed), and the caller must be one of them.
+        (None, Some(stream)) => match state.store.participants(&stream).await.map_err(store_error)? {
+            Some((a, b)) if caller == a || caller == b => stream,
+            Some(_) => return Err(ApiError::forbidden("you are not a participant of this stream")),
+            // Nothing to read, and nothing about the stream to reveal.
+            None => return Ok(Json(HistoryPage { stream_id: stream, messages: Vec::new(), has_more: false })),
+        },
+        (None, None) => return Err(invalid("stream_id", "stream_id or peer_id is required")),
+    };
     read_page(&state, stream, cursor, limit).await.map(Json)
 }
 

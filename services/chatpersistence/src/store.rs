@@ -308,6 +308,20 @@ impl Store {
         Ok(self.bounded(find).await?.into_iter().map(MessageDoc::into_message).collect())
     }
 
+    /// The two participants of `stream`, read from one of its messages (`None` while
+    /// the stream has none). The pair is checked against the stream id it claims.
+    pub async fn participants(&self, stream: &StreamId) -> Result<Option<(UserId, UserId)>, StoreError> {
+        let found = self.bounded(self.messages.find_one(doc! { "stream_id": { "$eq": stream.as_str() } })).await?;
+        let Some(message) = found.map(MessageDoc::into_message).transpose()? else { return Ok(None) };
+        if StreamId::for_pair(&message.sender_id, &message.receiver_id) != *stream {
+            return Err(StoreError::Corrupt {
+                id: message.message_id.to_string(),
+                reason: format!("stored under stream {stream}, which is not its participants' stream"),
+            });
+        }
+        Ok(Some((message.sender_id, message.receiver_id)))
+    }
+
     /// Clears the outbox marker of `ids` (after the broker acknowledged them).
     pub async fn clear_pending(&self, ids: &[String]) -> Result<u64, StoreError> {
         if ids.is_empty() {
