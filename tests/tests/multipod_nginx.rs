@@ -15,3 +15,8 @@ use multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
 async fn nginx_routes_streams_to_their_pod_and_survives_losing_one() {
     two_pods_route_by_key_and_survive_losing_one(ProxyKind::Nginx).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nginx_scale_out_moves_open_sockets_to_their_new_pods() {
+    multipod_support::scale_out_moves_open_sockets_to_their_new_pods(ProxyKind::Nginx).await;
+}

@@ -18,6 +18,8 @@
 //! - [`Driver`]: runs one upgraded axum `WebSocket` for a [`Registration`]: replay
 //!   first, then the live queue, pings, the pong deadline, client frames, and the
 //!   close handshake.
+//! - [`OwnershipCheck`]: closes the sockets of keys the proxy's ring now sends to
+//!   another pod (after a scale-out), so their clients reconnect to the owner.
 //! - [`WsSettings`]: the documented `WS_*` settings.
 //! - [`close_code`]: the close codes and what a client must do on each.
 //!
@@ -34,11 +36,13 @@
 mod admit;
 mod driver;
 mod hub;
+mod ownership;
 mod settings;
 
 pub use admit::admit;
 pub use driver::{Driver, Ended, Inbound};
 pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, RegisterError, Registration};
+pub use ownership::{OwnerAnswer, OwnershipCheck, PodIdentity, Round};
 pub use settings::WsSettings;
 
 /// WebSocket close codes used by the fleet's socket services, and what a client does on each.

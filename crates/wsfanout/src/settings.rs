@@ -31,6 +31,17 @@ pub struct WsSettings {
     /// waits for the client's reply) before dropping the TCP connection.
     #[serde(with = "humantime_serde")]
     pub close_timeout: Duration,
+    /// `WS_OWNERSHIP_CHECK_URL`: the proxy's internal listener (e.g. `http://envoy:9101`).
+    /// When set, the pod periodically asks it, through the route forwards take, which
+    /// pod answers for each of its keys, and closes the sockets of keys that moved to
+    /// another pod (scale-out). Empty: off.
+    pub ownership_check_url: String,
+    /// `WS_OWNERSHIP_CHECK_INTERVAL`: how often every key is checked; the longest a
+    /// moved socket misses live events after a scale-out.
+    #[serde(with = "humantime_serde")]
+    pub ownership_check_interval: Duration,
+    /// `WS_OWNERSHIP_CHECK_CONCURRENCY`: ownership questions in flight at once.
+    pub ownership_check_concurrency: usize,
 }
 
 impl Default for WsSettings {
@@ -43,6 +54,9 @@ impl Default for WsSettings {
             max_message_size: 16 * 1024,
             recent_events: 256,
             close_timeout: Duration::from_secs(5),
+            ownership_check_url: String::new(),
+            ownership_check_interval: Duration::from_secs(30),
+            ownership_check_concurrency: 8,
         }
     }
 }
@@ -56,6 +70,9 @@ impl WsSettings {
         ("WS_MAX_MESSAGE_SIZE", "max_message_size"),
         ("WS_RECENT_EVENTS", "recent_events"),
         ("WS_CLOSE_TIMEOUT", "close_timeout"),
+        ("WS_OWNERSHIP_CHECK_URL", "ownership_check_url"),
+        ("WS_OWNERSHIP_CHECK_INTERVAL", "ownership_check_interval"),
+        ("WS_OWNERSHIP_CHECK_CONCURRENCY", "ownership_check_concurrency"),
     ];
 
     /// Rejects values that cannot work, naming the variable.
@@ -71,6 +88,17 @@ impl WsSettings {
         }
         if self.max_message_size == 0 {
             return Err("WS_MAX_MESSAGE_SIZE must be at least 1".into());
+        }
+        if !self.ownership_check_url.trim().is_empty() {
+            if self.ownership_check_interval.is_zero() {
+                return Err("WS_OWNERSHIP_CHECK_INTERVAL must be greater than zero".into());
+            }
+            if self.ownership_check_concurrency == 0 {
+                return Err("WS_OWNERSHIP_CHECK_CONCURRENCY must be at least 1".into());
+            }
+            if !self.ownership_check_url.starts_with("http://") && !self.ownership_check_url.starts_with("https://") {
+                return Err("WS_OWNERSHIP_CHECK_URL must be an http:// or https:// URL".into());
+            }
         }
         Ok(())
     }

@@ -12,9 +12,10 @@ use axum::Router;
 use chatauth::Authenticator;
 use chatstream::StreamId;
 use servicekit::{Context, Launch, Readiness, Routes, Shutdown};
-use wsfanout::Hub;
+use wsfanout::{Hub, OwnershipCheck, PodIdentity};
 
 use crate::history::HistoryClient;
+use crate::protocol::{resync, resync_reason};
 use crate::settings::Settings;
 use crate::{internal, subscribe};
 
@@ -28,6 +29,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub history: HistoryClient,
     pub shutdown: Shutdown,
+    /// This process's name in ownership answers (`GET /chat/forward-to-websocket`).
+    pub identity: PodIdentity,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -44,7 +47,7 @@ pub fn public_router(state: AppState) -> Router {
 /// The internal listener (service token): what the change handler calls.
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
-        .route("/chat/forward-to-websocket", post(internal::forward))
+        .route("/chat/forward-to-websocket", post(internal::forward).get(internal::owner))
         .route("/chat/close-stream", post(internal::close_stream))
         .with_state(state)
 }
@@ -55,7 +58,17 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
     let auth = Authenticator::new(&settings.auth).map_err(|err| err.to_string())?;
     let history = HistoryClient::new(&settings.history, auth.service_token())?;
     let hub = Hub::new(HUB_NAME, settings.ws.clone());
-    let state = AppState { hub: hub.clone(), auth, history, shutdown: context.shutdown.clone() };
+    let identity = PodIdentity::generate();
+    // Asked through the route forwards take, so the answer is the pod forwards reach.
+    let ownership = OwnershipCheck::new(
+        hub.clone(),
+        identity.clone(),
+        "/chat/forward-to-websocket",
+        "stream_id",
+        auth.service_token(),
+        resync(resync_reason::STREAM_MOVED),
+    );
+    let state = AppState { hub: hub.clone(), auth, history, shutdown: context.shutdown.clone(), identity };
 
     let routes = Routes::new(public_router(state.clone())).internal(internal_router(state));
     // No readiness dependency: sockets and forwarding work without chatpersistence
@@ -64,7 +77,8 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
     let readiness = Readiness::new();
     let shutdown = context.shutdown;
     let drain_for = context.base.http.shutdown_timeout;
-    Ok(Launch::new(routes).readiness(readiness).worker("socket drain", async move {
+    let launch = OwnershipCheck::attach(ownership, Launch::new(routes).readiness(readiness), &shutdown);
+    Ok(launch.worker("socket drain", async move {
         // Every socket closes itself with 1001 when shutdown starts; the process must
         // not exit before those close frames are out.
         shutdown.wait().await;

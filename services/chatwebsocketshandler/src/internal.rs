@@ -14,7 +14,7 @@ use chatauth::ServiceCaller;
 use chatstream::{ChatMessage, StreamId};
 use serde::{Deserialize, Serialize};
 use servicekit::{ApiError, ApiJson, ApiQuery};
-use wsfanout::Outcome;
+use wsfanout::{Outcome, OwnerAnswer};
 
 use crate::app::AppState;
 use crate::protocol::{self, resync_reason, EventKind};
@@ -103,6 +103,18 @@ pub async fn forward(
         failed: report.failed,
     };
     Ok((status, Json(body)).into_response())
+}
+
+/// `GET /chat/forward-to-websocket?stream_id=…`: which pod a forward for this stream
+/// reaches. Other pods ask it through the proxy to find streams that moved away from
+/// them (see `wsfanout::OwnershipCheck`).
+pub async fn owner(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+) -> Result<Json<OwnerAnswer>, ApiError> {
+    let stream = stream_of(&query)?;
+    Ok(Json(OwnerAnswer::of(&state.hub, &state.identity, &stream)))
 }
 
 /// What `close-stream` did.

@@ -105,6 +105,9 @@ pub mod resync_reason {
     pub const HISTORY_UNAVAILABLE: &str = "history_unavailable";
     /// More than `HISTORY_REPLAY_LIMIT` messages follow `since`.
     pub const TOO_FAR_BEHIND: &str = "too_far_behind";
+    /// The proxy's ring now sends this stream to another pod (scale-out): reconnect
+    /// with `since` and the new pod replays what this socket missed.
+    pub const STREAM_MOVED: &str = "stream_moved";
 }
 
 /// Close 4000 preceded by a `resync` frame: fetch history since the last message

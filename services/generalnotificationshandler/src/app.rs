@@ -7,15 +7,15 @@
 
 use std::time::Duration;
 
-use axum::extract::FromRef;
+use axum::extract::{FromRef, State};
 use axum::routing::{get, post};
-use axum::Router;
-use chatauth::Authenticator;
+use axum::{Json, Router};
+use chatauth::{Authenticator, ServiceCaller};
 use chatstream::domain::DomainKind;
 use chatstream::UserId;
 use serde::Deserialize;
-use servicekit::{ApiError, Context, Launch, Readiness, Routes, Shutdown};
-use wsfanout::Hub;
+use servicekit::{ApiError, ApiQuery, Context, Launch, Readiness, Routes, Shutdown};
+use wsfanout::{close_code, Close, Hub, OwnerAnswer, OwnershipCheck, PodIdentity};
 
 use crate::presence::Presence;
 use crate::settings::Settings;
@@ -31,6 +31,8 @@ pub struct AppState {
     pub auth: Authenticator,
     pub presence: Presence,
     pub shutdown: Shutdown,
+    /// This process's name in ownership answers (`GET /notifications/owner`).
+    pub identity: PodIdentity,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -72,7 +74,20 @@ pub fn internal_router(state: AppState) -> Router {
         .route(DomainKind::PaymentReminder.endpoint(), notify::domain_route(DomainKind::PaymentReminder))
         .route(DomainKind::Shipping.endpoint(), notify::domain_route(DomainKind::Shipping))
         .route("/presence", get(online::for_service))
+        .route("/notifications/owner", get(owner))
         .with_state(state)
+}
+
+/// `GET /notifications/owner?user_id=…` (internal): which pod the proxy's ring sends
+/// this user's notifications to. Other pods ask it through the proxy to find users
+/// whose sockets moved away from them (see `wsfanout::OwnershipCheck`).
+async fn owner(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<UserQuery>,
+) -> Result<Json<OwnerAnswer>, ApiError> {
+    let user = query.user()?;
+    Ok(Json(OwnerAnswer::of(&state.hub, &state.identity, &user)))
 }
 
 /// Builds the service from its settings.
@@ -81,7 +96,19 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
     let auth = Authenticator::new(&settings.auth).map_err(|err| err.to_string())?;
     let hub = Hub::new(HUB_NAME, settings.ws.clone());
     let presence = Presence::new(&settings.presence, Presence::instance_id())?;
-    let state = AppState { hub: hub.clone(), auth, presence: presence.clone(), shutdown: context.shutdown.clone() };
+    let identity = PodIdentity::generate();
+    // Notification sockets have nothing to replay: a plain 1001 makes them reconnect,
+    // and the proxy sends the reconnect to the owner.
+    let ownership = OwnershipCheck::new(
+        hub.clone(),
+        identity.clone(),
+        "/notifications/owner",
+        "user_id",
+        auth.service_token(),
+        Close::new(close_code::GOING_AWAY, "moved to another pod"),
+    );
+    let state =
+        AppState { hub: hub.clone(), auth, presence: presence.clone(), shutdown: context.shutdown.clone(), identity };
     let routes = Routes::new(public_router(state.clone())).internal(internal_router(state));
 
     // No readiness dependency: presence is best effort, and sockets and notifications
@@ -94,8 +121,8 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
         context.base.http.shutdown_timeout.saturating_sub(settings.presence.redis_timeout + Duration::from_millis(200));
     let drain_hub = hub.clone();
     let drain_shutdown = shutdown.clone();
-    Ok(Launch::new(routes)
-        .readiness(readiness)
+    let launch = OwnershipCheck::attach(ownership, Launch::new(routes).readiness(readiness), &shutdown);
+    Ok(launch
         .worker("socket drain", async move {
             // Every socket closes itself with 1001 when shutdown starts; the process
             // must not exit before those close frames are out.

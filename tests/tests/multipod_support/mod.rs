@@ -127,25 +127,7 @@ impl Proxy {
         notify: &[PodAddr],
     ) -> Self {
         let dir = short_dir("nginx");
-        let root = workspace_root();
-        let mut render = Command::new(root.join("deploy/nginx/render.sh"));
-        render
-            .args(["--public-listen", &format!("127.0.0.1:{public_port}")])
-            .args(["--internal-listen", &format!("127.0.0.1:{internal_port}")])
-            .args(["--run-dir", &dir.display().to_string()])
-            .args(["--persistence", &format!("127.0.0.1:{}:{}", persistence.public_port, persistence.internal_port)]);
-        for pod in chat {
-            render.args(["--chat", &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port)]);
-        }
-        for pod in notify {
-            render.args([
-                "--notifications",
-                &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port),
-            ]);
-        }
-        let output = render.output().expect("render.sh runs");
-        assert!(output.status.success(), "render.sh failed: {}", String::from_utf8_lossy(&output.stderr));
-        std::fs::write(dir.join("chatfleet.conf"), &output.stdout).expect("write chatfleet.conf");
+        render_nginx(&dir, public_port, internal_port, persistence, chat, notify);
         let main = format!(
             "{user}pid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
              events {{ worker_connections 1024; }}\n\
@@ -157,20 +139,25 @@ impl Proxy {
         );
         std::fs::write(dir.join("nginx.conf"), main).expect("write nginx.conf");
         let binary = nginx_binary();
-        let args: Vec<String> = vec![
-            "-p".into(),
-            dir.display().to_string(),
-            "-c".into(),
-            dir.join("nginx.conf").display().to_string(),
-            "-g".into(),
-            "daemon off;".into(),
-        ];
+        let args = nginx_args(&dir);
         let test = Command::new(&binary).args(&args).arg("-t").output().expect("nginx -t runs");
         assert!(test.status.success(), "nginx -t failed:\n{}", String::from_utf8_lossy(&test.stderr));
         let process = ServerProcess::start("nginx", &binary, &args, &dir.join("nginx.out"));
         assert!(wait_for_port(public_port, Duration::from_secs(10)), "nginx did not listen on {public_port}");
         assert!(wait_for_port(internal_port, Duration::from_secs(10)), "nginx did not listen on {internal_port}");
         Self { public_port, internal_port, admin_port: None, process, dir }
+    }
+
+    /// Renders the configuration for another set of pods and reloads nginx (as an
+    /// operator would after a scale-out): new connections use the new rings.
+    pub fn nginx_reload(&self, persistence: &PodAddr, chat: &[PodAddr], notify: &[PodAddr]) {
+        render_nginx(&self.dir, self.public_port, self.internal_port, persistence, chat, notify);
+        let output = Command::new(nginx_binary())
+            .args(nginx_args(&self.dir))
+            .args(["-s", "reload"])
+            .output()
+            .expect("nginx runs");
+        assert!(output.status.success(), "nginx -s reload failed: {}", String::from_utf8_lossy(&output.stderr));
     }
 
     /// A real Envoy with `deploy/envoy/envoy.yaml`, its listeners and endpoints moved to
@@ -302,6 +289,43 @@ impl Drop for Proxy {
     }
 }
 
+/// `deploy/nginx/render.sh` for these pods, into `dir/chatfleet.conf`.
+fn render_nginx(
+    dir: &Path,
+    public_port: u16,
+    internal_port: u16,
+    persistence: &PodAddr,
+    chat: &[PodAddr],
+    notify: &[PodAddr],
+) {
+    let mut render = Command::new(workspace_root().join("deploy/nginx/render.sh"));
+    render
+        .args(["--public-listen", &format!("127.0.0.1:{public_port}")])
+        .args(["--internal-listen", &format!("127.0.0.1:{internal_port}")])
+        .args(["--run-dir", &dir.display().to_string()])
+        .args(["--persistence", &format!("127.0.0.1:{}:{}", persistence.public_port, persistence.internal_port)]);
+    for pod in chat {
+        render.args(["--chat", &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port)]);
+    }
+    for pod in notify {
+        render.args(["--notifications", &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port)]);
+    }
+    let output = render.output().expect("render.sh runs");
+    assert!(output.status.success(), "render.sh failed: {}", String::from_utf8_lossy(&output.stderr));
+    std::fs::write(dir.join("chatfleet.conf"), &output.stdout).expect("write chatfleet.conf");
+}
+
+fn nginx_args(dir: &Path) -> Vec<String> {
+    vec![
+        "-p".into(),
+        dir.display().to_string(),
+        "-c".into(),
+        dir.join("nginx.conf").display().to_string(),
+        "-g".into(),
+        "daemon off;".into(),
+    ]
+}
+
 fn blocking_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
@@ -330,10 +354,24 @@ pub struct Fleet {
     pub notify: Vec<Service>,
     pub proxy: Proxy,
     pub handler: Service,
+    addrs: (PodAddr, Vec<PodAddr>, Vec<PodAddr>),
 }
 
 impl Fleet {
     pub fn start(kind: ProxyKind, chat_pods: usize, notify_pods: usize) -> Self {
+        Self::start_with(kind, chat_pods, notify_pods, usize::MAX, None)
+    }
+
+    /// Like [`Fleet::start`], but only the first `in_ring` pods of each kind are on the
+    /// proxy's rings at first (see [`Fleet::grow_rings`]), and with `ownership_check`
+    /// (an interval) the socket pods check through the proxy which keys they own.
+    pub fn start_with(
+        kind: ProxyKind,
+        chat_pods: usize,
+        notify_pods: usize,
+        in_ring: usize,
+        ownership_check: Option<&str>,
+    ) -> Self {
         let stack = Stack::start();
         for topic in ["purchases.changes", "payments.changes", "shipments.changes", "domain-notifications.dlq"] {
             stack.broker.create_topic(topic, 1);
@@ -354,6 +392,10 @@ impl Fleet {
         // compose and Helm.
         let mut pod_env = base.clone();
         pod_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), format!("http://127.0.0.1:{internal_port}")));
+        if let Some(interval) = ownership_check {
+            pod_env.push(("WS_OWNERSHIP_CHECK_URL".into(), format!("http://127.0.0.1:{internal_port}")));
+            pod_env.push(("WS_OWNERSHIP_CHECK_INTERVAL".into(), interval.to_owned()));
+        }
         let chat: Vec<Service> = (0..chat_pods).map(|_| Service::start("chatwebsocketshandler", &pod_env)).collect();
         let notify: Vec<Service> =
             (0..notify_pods).map(|_| Service::start("generalnotificationshandler", &pod_env)).collect();
@@ -362,15 +404,23 @@ impl Fleet {
         let notify_addrs: Vec<PodAddr> =
             notify.iter().enumerate().map(|(i, s)| PodAddr::of(&format!("n{}", i + 1), s)).collect();
         let persistence_addr = PodAddr::of("chatpersistence", &persistence);
+        let ring_chat = &chat_addrs[..in_ring.min(chat_addrs.len())];
+        let ring_notify = &notify_addrs[..in_ring.min(notify_addrs.len())];
         let proxy = match kind {
-            ProxyKind::Nginx => Proxy::nginx(public_port, internal_port, &persistence_addr, &chat_addrs, &notify_addrs),
-            ProxyKind::Envoy => Proxy::envoy(public_port, internal_port, &persistence_addr, &chat_addrs, &notify_addrs),
+            ProxyKind::Nginx => Proxy::nginx(public_port, internal_port, &persistence_addr, ring_chat, ring_notify),
+            ProxyKind::Envoy => Proxy::envoy(public_port, internal_port, &persistence_addr, ring_chat, ring_notify),
         };
         let mut handler_env = base;
         handler_env.push(("CHAT_WEBSOCKET_URL".into(), proxy.internal_http()));
         handler_env.push(("NOTIFICATIONS_URL".into(), proxy.internal_http()));
         let handler = Service::start("chatpersistencechangehandler", &handler_env);
-        Self { stack, persistence, chat, notify, proxy, handler }
+        Self { stack, persistence, chat, notify, proxy, handler, addrs: (persistence_addr, chat_addrs, notify_addrs) }
+    }
+
+    /// Puts every pod on the rings (nginx only): a scale-out as the proxy sees it.
+    pub fn grow_rings(&self) {
+        let (persistence, chat, notify) = &self.addrs;
+        self.proxy.nginx_reload(persistence, chat, notify);
     }
 
     /// Sum of `ws_connections` over the running pods of a kind, and per pod.
@@ -621,25 +671,12 @@ pub fn path_of(path: &Path) -> String {
 ///    every receiver got the notifications posted while its socket was open.
 pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
     const PAIRS: usize = 40;
-    let mut fleet = Fleet::start(kind, 2, 2);
+    // Ownership checks on: with a ring that only loses pods they must close nothing.
+    let mut fleet = Fleet::start_with(kind, 2, 2, usize::MAX, Some("1s"));
     fleet.warm_up().await;
-    let ws = fleet.proxy.public_ws("");
     let stop = Arc::new(AtomicBool::new(false));
     let pairs: Vec<(String, String)> = (0..PAIRS).map(|i| (format!("mp{i}-a"), format!("mp{i}-b"))).collect();
-
-    let mut chat_clients = Vec::new();
-    let mut notify_clients = Vec::new();
-    for (i, (a, b)) in pairs.iter().enumerate() {
-        for (user, peer) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
-            let who = format!("chat socket of {user} (stream {})", stream_id(&user, &peer));
-            let (seen, task) =
-                spawn_client(ws.clone(), move |since| chat_path(&user, &peer, since), chat_message_id, stop.clone());
-            chat_clients.push((i, who, seen, task));
-        }
-        let user = b.clone();
-        let (seen, task) = spawn_client(ws.clone(), move |_| notify_path(&user), chat_notification_id, stop.clone());
-        notify_clients.push((i, format!("notification socket of {b}"), seen, task));
-    }
+    let (chat_clients, notify_clients) = open_conversations(&fleet.proxy, &pairs, &stop);
 
     let all_open = wait_until(Duration::from_secs(30), || {
         Fleet::connections(&mut fleet.chat, "chat").iter().sum::<f64>() == (2 * PAIRS) as f64
@@ -758,10 +795,155 @@ pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
         fleet.proxy.log_tail(20),
         fleet.proxy.error_log_tail()
     );
-    assert!(
-        chat_reconnects as f64 >= chat_before[0],
-        "{} chat sockets were on the dead pod but only {chat_reconnects} reconnects happened",
+    // The surviving pods' ownership checks went through the proxy and got answers
+    // (some fail while the proxy still routes to the dead pod; those close nothing).
+    for (pod, hub) in [(&fleet.chat[1], "chat"), (&fleet.notify[1], "notifications")] {
+        let checks = gauge(pod.public_port, &format!("ws_ownership_checks_total{{hub=\"{hub}\"}}"));
+        let errors = gauge(pod.public_port, &format!("ws_ownership_check_errors_total{{hub=\"{hub}\"}}"));
+        assert!(checks - errors >= 20.0, "{hub} ownership checks through the proxy: {checks} checks, {errors} errors");
+    }
+    // Exactly the sockets of the dead pods reconnected: the ownership checks closed
+    // nothing on the surviving pods (they own every key now).
+    assert_eq!(
+        chat_reconnects as f64, chat_before[0],
+        "{} chat sockets were on the dead pod but {chat_reconnects} reconnects happened",
         chat_before[0]
     );
-    assert!(notify_reconnects as f64 >= notify_before[0], "notification clients of the dead pod did not reconnect");
+    assert_eq!(
+        notify_reconnects as f64, notify_before[0],
+        "{} notification sockets were on the dead pod but {notify_reconnects} reconnects happened",
+        notify_before[0]
+    );
+}
+
+/// A client of a scenario: its conversation index, a description, what it saw, its task.
+type Client = (usize, String, Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>);
+
+/// Clients through the proxy for every conversation: a chat socket for each participant
+/// and a notification socket for the receiver (`b`).
+fn open_conversations(proxy: &Proxy, pairs: &[(String, String)], stop: &Arc<AtomicBool>) -> (Vec<Client>, Vec<Client>) {
+    let ws = proxy.public_ws("");
+    let mut chat_clients = Vec::new();
+    let mut notify_clients = Vec::new();
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        for (user, peer) in [(a.clone(), b.clone()), (b.clone(), a.clone())] {
+            let who = format!("chat socket of {user} (stream {})", stream_id(&user, &peer));
+            let (seen, task) =
+                spawn_client(ws.clone(), move |since| chat_path(&user, &peer, since), chat_message_id, stop.clone());
+            chat_clients.push((i, who, seen, task));
+        }
+        let user = b.clone();
+        let (seen, task) = spawn_client(ws.clone(), move |_| notify_path(&user), chat_notification_id, stop.clone());
+        notify_clients.push((i, format!("notification socket of {b}"), seen, task));
+    }
+    (chat_clients, notify_clients)
+}
+
+/// Scale-out with ownership checks on (nginx, which can change its rings by reload):
+///
+/// 1. Two pods of each kind run, but the rings hold only the first: 30 conversations
+///    (60 chat sockets) and 30 notification sockets all open on pod 1, and a message per
+///    conversation reaches them.
+/// 2. The rings grow to both pods (`nginx -s reload`): about half the keys now belong to
+///    pod 2. Pod 1's ownership check (every second, through the proxy's internal
+///    listener) finds them and closes their sockets (chat: `resync` + 4000, notifications:
+///    1001); the clients reconnect through the proxy and land on pod 2, chat with `since`.
+/// 3. Exactly the moved sockets reconnect (one reconnect per socket now on pod 2, none
+///    for the sockets that stayed: no false closes), and another message per conversation
+///    reaches every socket live: every chat socket has both messages exactly once and
+///    every receiver both chat notifications.
+pub async fn scale_out_moves_open_sockets_to_their_new_pods(kind: ProxyKind) {
+    const PAIRS: usize = 30;
+    let mut fleet = Fleet::start_with(kind, 2, 2, 1, Some("1s"));
+    fleet.warm_up().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pairs: Vec<(String, String)> = (0..PAIRS).map(|i| (format!("so{i}-a"), format!("so{i}-b"))).collect();
+    let (chat_clients, notify_clients) = open_conversations(&fleet.proxy, &pairs, &stop);
+    let on_first_pods = wait_until(Duration::from_secs(30), || {
+        Fleet::connections(&mut fleet.chat, "chat") == [(2 * PAIRS) as f64, 0.0]
+            && Fleet::connections(&mut fleet.notify, "notifications") == [PAIRS as f64, 0.0]
+    })
+    .await;
+    assert!(
+        on_first_pods,
+        "with one pod per ring every socket belongs on pod 1: chat {:?}, notifications {:?}",
+        Fleet::connections(&mut fleet.chat, "chat"),
+        Fleet::connections(&mut fleet.notify, "notifications")
+    );
+
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); PAIRS];
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        expected[i].push(post(&fleet.proxy, a, b, "before the scale-out").await);
+    }
+    let delivered = wait_until(Duration::from_secs(30), || {
+        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+    })
+    .await;
+    assert!(delivered, "the first round did not arrive:\n{}", fleet.proxy.error_log_tail());
+
+    // Scale-out: the rings now hold both pods of each kind.
+    fleet.grow_rings();
+    let reconnects = |clients: &[Client]| -> f64 {
+        clients.iter().map(|(_, _, seen, _)| f64::from(seen.lock().expect("lock").reconnects)).sum()
+    };
+    let connected =
+        |clients: &[Client]| -> bool { clients.iter().all(|(_, _, seen, _)| seen.lock().expect("lock").connected) };
+    // Settled: some keys moved, every moved socket reconnected to pod 2 once, and two
+    // more check rounds found nothing else to move.
+    let mut settled = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let chat = Fleet::connections(&mut fleet.chat, "chat");
+        let notify = Fleet::connections(&mut fleet.notify, "notifications");
+        if chat[1] > 0.0
+            && notify[1] > 0.0
+            && chat[0] + chat[1] == (2 * PAIRS) as f64
+            && notify[0] + notify[1] == PAIRS as f64
+            && connected(&chat_clients)
+            && connected(&notify_clients)
+            && reconnects(&chat_clients) == chat[1]
+            && reconnects(&notify_clients) == notify[1]
+        {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            settled = Fleet::connections(&mut fleet.chat, "chat") == chat
+                && Fleet::connections(&mut fleet.notify, "notifications") == notify
+                && reconnects(&chat_clients) == chat[1]
+                && reconnects(&notify_clients) == notify[1];
+            if settled {
+                break;
+            }
+        }
+    }
+    let chat = Fleet::connections(&mut fleet.chat, "chat");
+    let notify = Fleet::connections(&mut fleet.notify, "notifications");
+    assert!(
+        settled,
+        "after the scale-out exactly the sockets of moved keys should reconnect, to pod 2: chat pods {chat:?} \
+         (reconnects {}), notification pods {notify:?} (reconnects {})",
+        reconnects(&chat_clients),
+        reconnects(&notify_clients)
+    );
+
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        expected[i].push(post(&fleet.proxy, a, b, "after the scale-out").await);
+    }
+    let delivered = wait_until(Duration::from_secs(30), || {
+        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut trouble: Vec<String> = Vec::new();
+    for (i, who, seen, task) in chat_clients.into_iter().chain(notify_clients) {
+        let _ = task.await;
+        trouble.extend(problems(&who, &seen.lock().expect("lock"), &expected[i]));
+    }
+    assert!(
+        delivered && trouble.is_empty(),
+        "after the scale-out (chat pods {chat:?}, notification pods {notify:?}) not every socket got every \
+         message exactly once:\n{}",
+        trouble.join("\n")
+    );
 }
