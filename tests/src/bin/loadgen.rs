@@ -373,7 +373,8 @@ fn broker_profile() -> Option<std::path::PathBuf> {
         let built = std::process::Command::new("bash")
             .arg(root.join("deploy/local/install.sh"))
             .arg("--sqlite-broker")
-            .stdout(std::process::Stdio::inherit())
+            // The report is stdout: the build's log goes to stderr with the other notes.
+            .stdout(std::io::stderr())
             .status()
             .is_ok_and(|status| status.success());
         if !built {
