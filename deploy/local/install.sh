@@ -12,7 +12,7 @@
 #     reinstalled only when that file or the venv's Python changed.
 #
 #   - with --sqlite-broker, also tansu 0.6.0 built from crates.io with its
-#     SQLite engine, at $CHATFLEET_LOCAL/tansu/bin/tansu (16-20 minutes once).
+#     SQLite engine, at $CHATFLEET_LOCAL/tansu/bin/tansu (11-20 minutes once).
 #     The benchmark (docs/benchmarks.md) uses it: the wheel's memory engine slows
 #     down as its logs grow. Point the stack at it with TANSU_BIN/TANSU_STORAGE.
 #
@@ -164,7 +164,7 @@ install_sqlite_broker() {
     return 0
   fi
   command -v cargo >/dev/null || die "--sqlite-broker needs cargo (rustup.rs)"
-  log "building tansu $tansu_vendored_version with SQLite storage into $tansu_sqlite_root (16-20 min once)"
+  log "building tansu $tansu_vendored_version with SQLite storage into $tansu_sqlite_root (11-20 min once)"
   cargo install "tansu@$tansu_vendored_version" --locked --features dynostore,libsql \
     --root "$tansu_sqlite_root" --quiet
   installed+=("tansu $tansu_vendored_version (sqlite)")
