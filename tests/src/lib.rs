@@ -456,6 +456,24 @@ pub mod ws {
         }
     }
 
+    /// Nothing but pings may arrive for `quiet`.
+    pub async fn expect_quiet(ws: &mut Ws, quiet: Duration) {
+        let deadline = Instant::now() + quiet;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    /// An HTTP client with a bound on every call, for the internal endpoints.
+    pub fn http() -> reqwest::Client {
+        reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
+    }
+
     pub async fn next_json(ws: &mut Ws) -> Value {
         match next(ws, WAIT).await {
             Got::Json(value) => value,

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chatfleet_tests::ws::{next, next_json, terminate_expecting_1001, upgrade_status, Got, Ws};
+use chatfleet_tests::ws::{expect_quiet, http, next, next_json, terminate_expecting_1001, upgrade_status, Got, Ws};
 use chatfleet_tests::{token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -109,23 +109,6 @@ async fn expect_event(ws: &mut Ws, kind: &str, message: &Value) {
     let frame = next_json(ws).await;
     assert_eq!(frame["type"], kind, "{frame}");
     assert_eq!(frame["message"]["message_id"], message["message_id"], "{frame}");
-}
-
-/// Nothing but pings may arrive for `quiet`.
-async fn expect_quiet(ws: &mut Ws, quiet: Duration) {
-    let deadline = Instant::now() + quiet;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(other) => panic!("expected silence, got {other:?}"),
-        }
-    }
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 /// `POST /chat/forward-to-websocket` as the change handler does it.

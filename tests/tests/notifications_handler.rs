@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use chatfleet_tests::ws::{next_json, terminate_expecting_1001, upgrade_status, Ws};
+use chatfleet_tests::ws::{expect_quiet, http, next_json, terminate_expecting_1001, upgrade_status, Ws};
 use chatfleet_tests::{token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -68,23 +68,6 @@ async fn expect_notification(ws: &mut Ws, kind: &str, data: &Value) -> Value {
     assert_eq!(frame["data"], *data, "the posted document, unchanged: {frame}");
     assert!(frame["id"].as_str().is_some_and(|id| id.starts_with(&format!("{kind}:"))), "{frame}");
     frame
-}
-
-/// Nothing but pings may arrive for `quiet`.
-async fn expect_quiet(ws: &mut Ws, quiet: Duration) {
-    let deadline = Instant::now() + quiet;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, ws.next()).await {
-            Err(_) => return,
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-            Ok(other) => panic!("expected silence, got {other:?}"),
-        }
-    }
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client")
 }
 
 /// The endpoint path of each kind.

@@ -1,7 +1,6 @@
 //! The documented environment variables reach the settings through servicekit's
 //! `EnvMap`, exactly as a service loads them.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use eventstore::EventStoreSettings;
@@ -16,9 +15,8 @@ struct ServiceSettings {
 
 /// Loads with `vars` as the environment; the error is rendered (it names the variable).
 fn load(vars: &[(&str, &str)]) -> Result<ServiceSettings, String> {
-    let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
     let env = EnvMap::new().section("event_store", EventStoreSettings::ENV);
-    load_from(&env, move |name| map.get(name).cloned()).map_err(|e| e.to_string())
+    load_from(&env, servicekit::config::lookup(vars)).map_err(|e| e.to_string())
 }
 
 #[test]

@@ -301,8 +301,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
+    use servicekit::config::lookup;
     use servicekit::EnvMap;
 
     use super::*;
@@ -392,11 +391,6 @@ mod tests {
             randomization_factor: f64::NAN,
         };
         assert_eq!(retry.schedule(), vec![Duration::from_secs(1), Duration::from_secs(1)]);
-    }
-
-    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        move |name| map.get(name).cloned()
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]

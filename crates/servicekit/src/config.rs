@@ -80,7 +80,14 @@ where
     load_from(env, |name| std::env::var(name).ok())
 }
 
-/// Loads settings with a custom variable lookup (tests pass a map instead of the
+/// A variable lookup over fixed `(name, value)` pairs, for [`load_from`] in tests.
+pub fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+    let map: std::collections::HashMap<String, String> =
+        vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    move |name| map.get(name).cloned()
+}
+
+/// Loads settings with a custom variable lookup (tests pass [`lookup`] instead of the
 /// process environment).
 pub fn load_from<T, F>(env: &EnvMap, lookup: F) -> Result<T, ConfigError>
 where
@@ -130,7 +137,6 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::time::Duration;
 
     use serde::Deserialize;
@@ -170,11 +176,6 @@ mod tests {
                 ],
             )
             .var("SERVICE_NAME", "name")
-    }
-
-    fn lookup(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        move |name| map.get(name).cloned()
     }
 
     #[test]

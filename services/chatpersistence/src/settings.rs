@@ -202,13 +202,11 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Settings {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        servicekit::config::load_from(&Settings::env_map(), move |name| map.get(name).cloned()).expect("settings load")
+        servicekit::config::load_from(&Settings::env_map(), servicekit::config::lookup(vars)).expect("settings load")
     }
 
     #[test]

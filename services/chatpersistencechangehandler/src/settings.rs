@@ -117,16 +117,13 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
     use std::time::Duration;
 
     use super::*;
     use crate::pipeline::{resolve, DedupBy, OnExhausted, Target};
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        servicekit::config::load_from(&Settings::env_map(), move |name| map.get(name).cloned())
-            .map_err(|e| e.to_string())
+        servicekit::config::load_from(&Settings::env_map(), servicekit::config::lookup(vars)).map_err(|e| e.to_string())
     }
 
     fn strategy(file: &str) -> String {

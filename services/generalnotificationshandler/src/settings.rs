@@ -96,13 +96,11 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
 
     use super::*;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, String> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-        servicekit::config::load_from(&Settings::env_map(), |name| map.get(name).cloned()).map_err(|e| e.to_string())
+        servicekit::config::load_from(&Settings::env_map(), servicekit::config::lookup(vars)).map_err(|e| e.to_string())
     }
 
     #[test]
