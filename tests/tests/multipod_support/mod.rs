@@ -705,11 +705,7 @@ pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
             expected[i].push(id);
         }
     }
-    let delivered = wait_until(Duration::from_secs(30), || {
-        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &notified[*i]))
-    })
-    .await;
+    let delivered = all_delivered(Duration::from_secs(30), &chat_clients, &expected, &notify_clients, &notified).await;
     let mut trouble: Vec<String> = chat_clients
         .iter()
         .flat_map(|(i, who, seen, _)| problems(who, &seen.lock().expect("lock"), &expected[*i]))
@@ -763,11 +759,7 @@ pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
         expected[i].push(id.clone());
         notified[i].push(id);
     }
-    let complete = wait_until(Duration::from_secs(45), || {
-        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &notified[*i]))
-    })
-    .await;
+    let complete = all_delivered(Duration::from_secs(45), &chat_clients, &expected, &notify_clients, &notified).await;
     stop.store(true, Ordering::Relaxed);
     let mut chat_reconnects = 0;
     let mut trouble = Vec::new();
@@ -818,6 +810,21 @@ pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
 
 /// A client of a scenario: its conversation index, a description, what it saw, its task.
 type Client = (usize, String, Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>);
+
+/// Waits until every chat client saw its conversation's `chat` ids and every
+/// notification client its conversation's `notify` ids; true when they did.
+async fn all_delivered(
+    timeout: Duration,
+    chat_clients: &[Client],
+    chat: &[Vec<String>],
+    notify_clients: &[Client],
+    notify: &[Vec<String>],
+) -> bool {
+    let saw_all = |clients: &[Client], ids: &[Vec<String>]| {
+        clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &ids[*i]))
+    };
+    wait_until(timeout, || saw_all(chat_clients, chat) && saw_all(notify_clients, notify)).await
+}
 
 /// Clients through the proxy for every conversation: a chat socket for each participant
 /// and a notification socket for the receiver (`b`).
@@ -875,11 +882,7 @@ pub async fn scale_out_moves_open_sockets_to_their_new_pods(kind: ProxyKind) {
     for (i, (a, b)) in pairs.iter().enumerate() {
         expected[i].push(post(&fleet.proxy, a, b, "before the scale-out").await);
     }
-    let delivered = wait_until(Duration::from_secs(30), || {
-        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-    })
-    .await;
+    let delivered = all_delivered(Duration::from_secs(30), &chat_clients, &expected, &notify_clients, &expected).await;
     assert!(delivered, "the first round did not arrive:\n{}", fleet.proxy.error_log_tail());
 
     // Scale-out: the rings now hold both pods of each kind.
@@ -929,11 +932,7 @@ pub async fn scale_out_moves_open_sockets_to_their_new_pods(kind: ProxyKind) {
     for (i, (a, b)) in pairs.iter().enumerate() {
         expected[i].push(post(&fleet.proxy, a, b, "after the scale-out").await);
     }
-    let delivered = wait_until(Duration::from_secs(30), || {
-        chat_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-            && notify_clients.iter().all(|(i, _, seen, _)| has_all(&seen.lock().expect("lock"), &expected[*i]))
-    })
-    .await;
+    let delivered = all_delivered(Duration::from_secs(30), &chat_clients, &expected, &notify_clients, &expected).await;
     stop.store(true, Ordering::Relaxed);
     let mut trouble: Vec<String> = Vec::new();
     for (i, who, seen, task) in chat_clients.into_iter().chain(notify_clients) {
