@@ -34,12 +34,14 @@
 //! ```
 
 mod admit;
+mod client_frames;
 mod driver;
 mod hub;
 mod ownership;
 mod settings;
 
 pub use admit::admit;
+pub use client_frames::answer_ping;
 pub use driver::{Driver, Ended, Inbound};
 pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, RegisterError, Registration};
 pub use ownership::{OwnerAnswer, OwnershipCheck, PodIdentity, Round};

@@ -29,15 +29,6 @@ pub enum ServerFrame<'a> {
     MessageUpdated { message: &'a ChatMessage },
     MessageDeleted { message: &'a ChatMessage },
     Resync { reason: &'a str },
-    Error { error: ErrorBody<'a> },
-    Pong,
-}
-
-/// The same error shape as the HTTP API's.
-#[derive(Debug, Serialize)]
-pub struct ErrorBody<'a> {
-    pub code: &'a str,
-    pub message: &'a str,
 }
 
 impl ServerFrame<'_> {
@@ -48,25 +39,10 @@ impl ServerFrame<'_> {
     }
 }
 
-/// Frames a client may send.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
-    /// An application-level keep-alive (for clients that cannot see protocol pings).
-    Ping,
-}
-
 /// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
 /// an `error` frame (the socket stays open).
 pub fn answer_client(frame: Inbound<'_>) -> Option<Utf8Bytes> {
-    let problem = match frame {
-        Inbound::Text(text) => match serde_json::from_str::<ClientFrame>(text) {
-            Ok(ClientFrame::Ping) => return Some(ServerFrame::Pong.to_text()),
-            Err(_) => "only {\"type\":\"ping\"} frames are accepted; messages are sent with POST /chat/messages",
-        },
-        Inbound::Binary(_) => "binary frames are not supported",
-    };
-    Some(ServerFrame::Error { error: ErrorBody { code: "unsupported_frame", message: problem } }.to_text())
+    Some(wsfanout::answer_ping(frame, "messages are sent with POST /chat/messages"))
 }
 
 /// The id under which an event is deduplicated per socket. A new message is always

@@ -8,7 +8,7 @@
 use axum::extract::ws::Utf8Bytes;
 use chatstream::domain::DomainDocument;
 use chatstream::ChatMessage;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use wsfanout::{EventId, Frame, Inbound};
 
 /// The kind of a notification (the `kind` of its frame and the metrics label).
@@ -45,15 +45,6 @@ impl Kind {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ServerFrame<'a, T: Serialize> {
     Notification { kind: Kind, id: &'a str, data: &'a T },
-    Error { error: ErrorBody<'a> },
-    Pong,
-}
-
-/// The same error shape as the HTTP API's.
-#[derive(Debug, Serialize)]
-struct ErrorBody<'a> {
-    code: &'a str,
-    message: &'a str,
 }
 
 fn to_text<T: Serialize>(frame: &ServerFrame<'_, T>) -> Utf8Bytes {
@@ -87,25 +78,10 @@ pub fn notification<T: Serialize>(kind: Kind, id: String, data: &T) -> Frame {
     Frame::event(EventId::from(id), text)
 }
 
-/// Frames a client may send.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
-    /// An application-level keep-alive (for clients that cannot see protocol pings).
-    Ping,
-}
-
 /// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
 /// an `error` frame (the socket stays open).
 pub fn answer_client(frame: Inbound<'_>) -> Option<Utf8Bytes> {
-    let problem = match frame {
-        Inbound::Text(text) => match serde_json::from_str::<ClientFrame>(text) {
-            Ok(ClientFrame::Ping) => return Some(to_text::<()>(&ServerFrame::Pong)),
-            Err(_) => "only {\"type\":\"ping\"} frames are accepted; this socket only receives notifications",
-        },
-        Inbound::Binary(_) => "binary frames are not supported",
-    };
-    Some(to_text::<()>(&ServerFrame::Error { error: ErrorBody { code: "unsupported_frame", message: problem } }))
+    Some(wsfanout::answer_ping(frame, "this socket only receives notifications"))
 }
 
 #[cfg(test)]
