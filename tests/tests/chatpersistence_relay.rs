@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use chatfleet_tests::{token, Service, Stack};
 use chatstream::{ChangeEvent, ChangeOp};
 use mongodb::bson::doc;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::Message;
 use serde_json::{json, Value};
 
 const TOPIC: &str = "chat.changes";
@@ -121,16 +121,7 @@ struct Changes {
 
 impl Changes {
     fn new(stack: &Stack) -> Self {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", stack.broker.bootstrap())
-            .set("group.id", testkit::unique("relay-test"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "10")
-            .set("session.timeout.ms", "6000")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[TOPIC]).expect("subscribe");
+        let consumer = chatfleet_tests::topic_reader(&stack.broker.bootstrap(), TOPIC);
         Self { consumer, seen: Vec::new() }
     }
 

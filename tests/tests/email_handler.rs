@@ -11,7 +11,6 @@ use chatstream::ChangeEvent;
 use kafkawrapper::{KafkaSettings, Producer};
 use mailparse::MailHeaderMap;
 use mongodb::bson::{doc, Document};
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::Message;
 use serde_json::{json, Value};
@@ -232,16 +231,7 @@ fn purchase(id: &str, user: &str, status: &str, ts: i64) -> Value {
 
 /// Reads dead letters until `count` arrived or `timeout` passed.
 async fn dead_letters(brokers: &str, count: usize, timeout: Duration) -> Vec<(Vec<(String, String)>, Vec<u8>)> {
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", testkit::unique("dlq-reader"))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "10")
-        .set("session.timeout.ms", "6000")
-        .create()
-        .expect("consumer");
-    consumer.subscribe(&[DLT]).expect("subscribe");
+    let consumer = chatfleet_tests::topic_reader(brokers, DLT);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < count {

@@ -74,6 +74,24 @@ pub struct Digest {
     pub last_error: String,
 }
 
+impl Digest {
+    /// A digest of `items` due at `due_at`, untried and unleased.
+    fn scheduled(recipient: String, version: i64, items: Vec<DigestItem>, overflow: i64, due_at: i64) -> Self {
+        Self {
+            recipient,
+            version,
+            items,
+            overflow,
+            due_at,
+            next_attempt_at: due_at,
+            attempts: 0,
+            lease_until: 0,
+            lease_holder: String::new(),
+            last_error: String::new(),
+        }
+    }
+}
+
 /// What [`DigestStore::enqueue`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Enqueued {
@@ -161,18 +179,7 @@ impl DigestStore {
             match self.get(recipient).await? {
                 None => {
                     let due_at = item.enqueued_at.saturating_add(self.window_ms);
-                    let digest = Digest {
-                        recipient: recipient.to_owned(),
-                        version: 1,
-                        items: vec![item.clone()],
-                        overflow: 0,
-                        due_at,
-                        next_attempt_at: due_at,
-                        attempts: 0,
-                        lease_until: 0,
-                        lease_holder: String::new(),
-                        last_error: String::new(),
-                    };
+                    let digest = Digest::scheduled(recipient.to_owned(), 1, vec![item.clone()], 0, due_at);
                     let insert = self.digests.insert_one(to_document(&digest)?).into_future();
                     match with_timeout(self.timeout, insert).await {
                         Ok(_) => return Ok(Enqueued::Added),
@@ -246,18 +253,7 @@ impl DigestStore {
             } else {
                 let oldest = remaining.iter().map(|i| i.enqueued_at).min().unwrap_or(digest.due_at - self.window_ms);
                 let due_at = oldest.saturating_add(self.window_ms);
-                let next = Digest {
-                    version: digest.version + 1,
-                    items: remaining,
-                    overflow,
-                    due_at,
-                    next_attempt_at: due_at,
-                    attempts: 0,
-                    lease_until: 0,
-                    lease_holder: String::new(),
-                    last_error: String::new(),
-                    recipient: digest.recipient.clone(),
-                };
+                let next = Digest::scheduled(digest.recipient.clone(), digest.version + 1, remaining, overflow, due_at);
                 self.swap(&digest, &next).await?
             };
             if swapped {
