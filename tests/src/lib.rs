@@ -31,6 +31,18 @@ pub fn token(user: &str) -> String {
     chatauth::mint_hs256(JWT_SECRET, &user, Duration::from_secs(3600), None, None)
 }
 
+/// Tokens for `user` that every endpoint must refuse with 401, each with a label:
+/// expired, signed with another secret, and not a JWT at all.
+pub fn bad_tokens(user: &str) -> [(&'static str, String); 3] {
+    let id = chatstream::UserId::parse(user).expect("test user ids are valid");
+    let forged = chatauth::mint_hs256("some-other-secret-0123456789abcdef", &id, Duration::from_secs(3600), None, None);
+    [
+        ("expired", chatauth::mint_hs256_expiring_at(JWT_SECRET, user, 1_000_000)),
+        ("forged", forged),
+        ("garbage", "garbage".to_owned()),
+    ]
+}
+
 /// Where cargo put the service binaries.
 pub fn binary(name: &str) -> PathBuf {
     let target =
