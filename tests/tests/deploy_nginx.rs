@@ -12,7 +12,7 @@ mod multipod_support;
 use std::process::Command;
 use std::time::Duration;
 
-use multipod_support::{nginx_binary, PodAddr, Proxy};
+use multipod_support::{nginx_binary, PodAddr, Proxy, Upstreams};
 use testkit::{free_port, workspace_root};
 
 fn compose_render() -> String {
@@ -106,7 +106,8 @@ fn both_servers_share_one_hashed_ring_and_the_public_one_has_no_internal_path() 
 async fn running_nginx_refuses_internal_paths_publicly_and_public_paths_internally() {
     // Pods that do not exist: only the routing decisions are exercised.
     let dead = |name: &str| PodAddr { name: name.to_owned(), public_port: free_port(), internal_port: free_port() };
-    let proxy = Proxy::nginx(free_port(), free_port(), &dead("p"), &[dead("c1"), dead("c2")], &[dead("n1")]);
+    let upstreams = Upstreams { persistence: dead("p"), chat: vec![dead("c1"), dead("c2")], notify: vec![dead("n1")] };
+    let proxy = Proxy::nginx(free_port(), free_port(), &upstreams);
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
     for path in [
         "/chat/forward-to-websocket?stream_id=0123456789abcdef",

@@ -57,6 +57,14 @@ impl PodAddr {
     }
 }
 
+/// What the proxy puts behind its listeners: chatpersistence and the ring members.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    pub persistence: PodAddr,
+    pub chat: Vec<PodAddr>,
+    pub notify: Vec<PodAddr>,
+}
+
 /// A short private directory (unix socket paths must stay under 108 bytes).
 fn short_dir(kind: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(testkit::unique(kind).replace(&format!("{kind}-"), "cf-"));
@@ -119,15 +127,9 @@ pub fn check_py(args: &[&str]) -> String {
 
 impl Proxy {
     /// nginx with `deploy/nginx/chatfleet.conf.template` rendered for these pods.
-    pub fn nginx(
-        public_port: u16,
-        internal_port: u16,
-        persistence: &PodAddr,
-        chat: &[PodAddr],
-        notify: &[PodAddr],
-    ) -> Self {
+    pub fn nginx(public_port: u16, internal_port: u16, upstreams: &Upstreams) -> Self {
         let dir = short_dir("nginx");
-        render_nginx(&dir, public_port, internal_port, persistence, chat, notify);
+        render_nginx(&dir, public_port, internal_port, upstreams);
         let main = format!(
             "{user}pid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
              events {{ worker_connections 1024; }}\n\
@@ -150,8 +152,8 @@ impl Proxy {
 
     /// Renders the configuration for another set of pods and reloads nginx (as an
     /// operator would after a scale-out): new connections use the new rings.
-    pub fn nginx_reload(&self, persistence: &PodAddr, chat: &[PodAddr], notify: &[PodAddr]) {
-        render_nginx(&self.dir, self.public_port, self.internal_port, persistence, chat, notify);
+    pub fn nginx_reload(&self, upstreams: &Upstreams) {
+        render_nginx(&self.dir, self.public_port, self.internal_port, upstreams);
         let output = Command::new(nginx_binary())
             .args(nginx_args(&self.dir))
             .args(["-s", "reload"])
@@ -162,13 +164,8 @@ impl Proxy {
 
     /// A real Envoy with `deploy/envoy/envoy.yaml`, its listeners and endpoints moved to
     /// loopback ports; routes, hash policies, hash keys and health checks are untouched.
-    pub fn envoy(
-        public_port: u16,
-        internal_port: u16,
-        persistence: &PodAddr,
-        chat: &[PodAddr],
-        notify: &[PodAddr],
-    ) -> Self {
+    pub fn envoy(public_port: u16, internal_port: u16, upstreams: &Upstreams) -> Self {
+        let Upstreams { persistence, chat, notify } = upstreams;
         let dir = short_dir("envoy");
         let docs: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
         let mut config = docs[0].clone();
@@ -290,14 +287,8 @@ impl Drop for Proxy {
 }
 
 /// `deploy/nginx/render.sh` for these pods, into `dir/chatfleet.conf`.
-fn render_nginx(
-    dir: &Path,
-    public_port: u16,
-    internal_port: u16,
-    persistence: &PodAddr,
-    chat: &[PodAddr],
-    notify: &[PodAddr],
-) {
+fn render_nginx(dir: &Path, public_port: u16, internal_port: u16, upstreams: &Upstreams) {
+    let Upstreams { persistence, chat, notify } = upstreams;
     let mut render = Command::new(workspace_root().join("deploy/nginx/render.sh"));
     render
         .args(["--public-listen", &format!("127.0.0.1:{public_port}")])
@@ -354,7 +345,7 @@ pub struct Fleet {
     pub notify: Vec<Service>,
     pub proxy: Proxy,
     pub handler: Service,
-    addrs: (PodAddr, Vec<PodAddr>, Vec<PodAddr>),
+    upstreams: Upstreams,
 }
 
 impl Fleet {
@@ -404,23 +395,26 @@ impl Fleet {
         let notify_addrs: Vec<PodAddr> =
             notify.iter().enumerate().map(|(i, s)| PodAddr::of(&format!("n{}", i + 1), s)).collect();
         let persistence_addr = PodAddr::of("chatpersistence", &persistence);
-        let ring_chat = &chat_addrs[..in_ring.min(chat_addrs.len())];
-        let ring_notify = &notify_addrs[..in_ring.min(notify_addrs.len())];
+        let upstreams = Upstreams { persistence: persistence_addr, chat: chat_addrs, notify: notify_addrs };
+        let first = Upstreams {
+            persistence: upstreams.persistence.clone(),
+            chat: upstreams.chat.iter().take(in_ring).cloned().collect(),
+            notify: upstreams.notify.iter().take(in_ring).cloned().collect(),
+        };
         let proxy = match kind {
-            ProxyKind::Nginx => Proxy::nginx(public_port, internal_port, &persistence_addr, ring_chat, ring_notify),
-            ProxyKind::Envoy => Proxy::envoy(public_port, internal_port, &persistence_addr, ring_chat, ring_notify),
+            ProxyKind::Nginx => Proxy::nginx(public_port, internal_port, &first),
+            ProxyKind::Envoy => Proxy::envoy(public_port, internal_port, &first),
         };
         let mut handler_env = base;
         handler_env.push(("CHAT_WEBSOCKET_URL".into(), proxy.internal_http()));
         handler_env.push(("NOTIFICATIONS_URL".into(), proxy.internal_http()));
         let handler = Service::start("chatpersistencechangehandler", &handler_env);
-        Self { stack, persistence, chat, notify, proxy, handler, addrs: (persistence_addr, chat_addrs, notify_addrs) }
+        Self { stack, persistence, chat, notify, proxy, handler, upstreams }
     }
 
     /// Puts every pod on the rings (nginx only): a scale-out as the proxy sees it.
     pub fn grow_rings(&self) {
-        let (persistence, chat, notify) = &self.addrs;
-        self.proxy.nginx_reload(persistence, chat, notify);
+        self.proxy.nginx_reload(&self.upstreams);
     }
 
     /// Sum of `ws_connections` over the running pods of a kind, and per pod.
