@@ -19,16 +19,12 @@ use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
 use chrono::{TimeZone, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::settings::MongoSettings;
 use crate::writer::Writer;
-
-/// MongoDB's duplicate key error code.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,27 +44,19 @@ pub enum StoreError {
     Other(String),
 }
 
-impl From<mongodb::error::Error> for StoreError {
-    fn from(err: mongodb::error::Error) -> Self {
-        classify(&err)
+impl From<mongokit::Failure> for StoreError {
+    fn from(failure: mongokit::Failure) -> Self {
+        match failure {
+            mongokit::Failure::Duplicate(text) => StoreError::Duplicate(text),
+            mongokit::Failure::Unavailable(text) => StoreError::Unavailable(text),
+            mongokit::Failure::Other(text) => StoreError::Other(text),
+        }
     }
 }
 
-fn classify(err: &mongodb::error::Error) -> StoreError {
-    let text = err.to_string();
-    match err.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
-        ErrorKind::Command(e) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
-        ErrorKind::Write(WriteFailure::WriteConcernError(_))
-        | ErrorKind::ServerSelection { .. }
-        | ErrorKind::Io(_)
-        | ErrorKind::ConnectionPoolCleared { .. }
-        | ErrorKind::DnsResolve { .. }
-        | ErrorKind::Shutdown => StoreError::Unavailable(text),
-        _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
-            StoreError::Unavailable(text)
-        }
-        _ => StoreError::Other(text),
+impl From<mongodb::error::Error> for StoreError {
+    fn from(err: mongodb::error::Error) -> Self {
+        mongokit::Failure::from(err).into()
     }
 }
 
@@ -182,10 +170,7 @@ impl Store {
         &self,
         op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, op.into_future()).await {
-            Ok(result) => result.map_err(StoreError::from),
-            Err(_) => Err(StoreError::Unavailable(format!("no answer within {:?}", self.timeout))),
-        }
+        Ok(mongokit::bounded(self.timeout, op).await?)
     }
 
     /// Round trip to the server (readiness).

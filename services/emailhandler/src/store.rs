@@ -9,14 +9,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use mongodb::bson::doc;
-use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Database};
 
 use crate::settings::MongoSettings;
-
-/// MongoDB's duplicate key error code.
-const DUPLICATE_KEY: i32 = 11000;
 
 /// Why a MongoDB operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -35,22 +31,19 @@ pub enum StoreError {
     Other(String),
 }
 
+impl From<mongokit::Failure> for StoreError {
+    fn from(failure: mongokit::Failure) -> Self {
+        match failure {
+            mongokit::Failure::Duplicate(text) => StoreError::Duplicate(text),
+            mongokit::Failure::Unavailable(text) => StoreError::Unavailable(text),
+            mongokit::Failure::Other(text) => StoreError::Other(text),
+        }
+    }
+}
+
 impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
-        let text = err.to_string();
-        match err.kind.as_ref() {
-            ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
-            ErrorKind::Command(e) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
-            ErrorKind::ServerSelection { .. }
-            | ErrorKind::Io(_)
-            | ErrorKind::ConnectionPoolCleared { .. }
-            | ErrorKind::DnsResolve { .. }
-            | ErrorKind::Write(WriteFailure::WriteConcernError(_)) => StoreError::Unavailable(text),
-            _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
-                StoreError::Unavailable(text)
-            }
-            _ => StoreError::Other(text),
-        }
+        mongokit::Failure::from(err).into()
     }
 }
 
@@ -59,10 +52,7 @@ pub async fn with_timeout<T, F>(timeout: Duration, operation: F) -> Result<T, St
 where
     F: Future<Output = Result<T, mongodb::error::Error>>,
 {
-    match tokio::time::timeout(timeout, operation).await {
-        Ok(result) => result.map_err(StoreError::from),
-        Err(_) => Err(StoreError::Unavailable(format!("no answer within {timeout:?}"))),
-    }
+    Ok(mongokit::bounded(timeout, operation).await?)
 }
 
 /// A client for `settings.uri` (connecting lazily, so a MongoDB that is down at start

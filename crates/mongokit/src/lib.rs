@@ -1,0 +1,86 @@
+//! MongoDB failures, classified once for the whole fleet.
+//!
+//! Why this crate exists: chatpersistence and emailhandler both turn driver errors
+//! into "a unique index refused it" (idempotency), "MongoDB is unreachable, retry
+//! later" (503 / retry) and "anything else", and both bound every operation with a
+//! timeout. Written twice, the lists of retryable error kinds drifted; here they are
+//! one list. Each service keeps its own error type and converts from [`Failure`].
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use mongodb::error::{ErrorKind, WriteFailure};
+
+/// MongoDB's duplicate key error code.
+pub const DUPLICATE_KEY: i32 = 11000;
+
+/// What a failed MongoDB operation means to the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// A unique index refused the write.
+    #[error("duplicate key: {0}")]
+    Duplicate(String),
+    /// MongoDB cannot be reached, did not answer in time, or could not make a write
+    /// durable: retrying later may succeed.
+    #[error("MongoDB unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the driver or the server reported.
+    #[error("MongoDB error: {0}")]
+    Other(String),
+}
+
+impl From<mongodb::error::Error> for Failure {
+    fn from(err: mongodb::error::Error) -> Self {
+        classify(&err)
+    }
+}
+
+/// Sorts a driver error into [`Failure`].
+pub fn classify(err: &mongodb::error::Error) -> Failure {
+    let text = err.to_string();
+    match err.kind.as_ref() {
+        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => Failure::Duplicate(text),
+        ErrorKind::Command(e) if e.code == DUPLICATE_KEY => Failure::Duplicate(text),
+        ErrorKind::Write(WriteFailure::WriteConcernError(_))
+        | ErrorKind::ServerSelection { .. }
+        | ErrorKind::Io(_)
+        | ErrorKind::ConnectionPoolCleared { .. }
+        | ErrorKind::DnsResolve { .. }
+        | ErrorKind::Shutdown => Failure::Unavailable(text),
+        _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
+            Failure::Unavailable(text)
+        }
+        _ => Failure::Other(text),
+    }
+}
+
+/// Runs one operation; no answer within `timeout` is [`Failure::Unavailable`].
+pub async fn bounded<T>(
+    timeout: Duration,
+    operation: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(timeout, operation.into_future()).await {
+        Ok(result) => result.map_err(Failure::from),
+        Err(_) => Err(Failure::Unavailable(format!("no answer within {timeout:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_operation_without_an_answer_is_unavailable() {
+        let never = std::future::pending::<Result<(), mongodb::error::Error>>();
+        let result = bounded(Duration::from_millis(10), never).await;
+        assert!(matches!(result, Err(Failure::Unavailable(_))), "{result:?}");
+    }
+
+    #[test]
+    fn a_shutdown_client_is_unavailable_and_anything_unknown_is_other() {
+        let shutdown = mongodb::error::Error::from(ErrorKind::Shutdown);
+        assert!(matches!(classify(&shutdown), Failure::Unavailable(_)));
+        let other = mongodb::error::Error::custom("something odd");
+        assert!(matches!(classify(&other), Failure::Other(_)));
+    }
+}
