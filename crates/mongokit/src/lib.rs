@@ -4,7 +4,7 @@
 //! into "a unique index refused it" (idempotency), "MongoDB is unreachable, retry
 //! later" (503 / retry) and "anything else", and both bound every operation with a
 //! timeout. Written twice, the lists of retryable error kinds drifted; here they are
-//! one list. Each service keeps its own error type and converts from [`Failure`].
+//! one list, and [`StoreError`] is the one error type both stores return.
 
 use std::future::IntoFuture;
 use std::time::Duration;
@@ -14,9 +14,9 @@ use mongodb::error::{ErrorKind, WriteFailure};
 /// MongoDB's duplicate key error code.
 pub const DUPLICATE_KEY: i32 = 11000;
 
-/// What a failed MongoDB operation means to the caller.
+/// What a failed store operation means to the caller.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Failure {
+pub enum StoreError {
     /// A unique index refused the write.
     #[error("duplicate key: {0}")]
     Duplicate(String),
@@ -24,44 +24,47 @@ pub enum Failure {
     /// durable: retrying later may succeed.
     #[error("MongoDB unavailable: {0}")]
     Unavailable(String),
+    /// A stored document does not have the shape the service expects.
+    #[error("corrupt document {id}: {reason}")]
+    Corrupt { id: String, reason: String },
     /// Anything else the driver or the server reported.
     #[error("MongoDB error: {0}")]
     Other(String),
 }
 
-impl From<mongodb::error::Error> for Failure {
+impl From<mongodb::error::Error> for StoreError {
     fn from(err: mongodb::error::Error) -> Self {
         classify(&err)
     }
 }
 
-/// Sorts a driver error into [`Failure`].
-pub fn classify(err: &mongodb::error::Error) -> Failure {
+/// Sorts a driver error into duplicate, unavailable or other.
+pub fn classify(err: &mongodb::error::Error) -> StoreError {
     let text = err.to_string();
     match err.kind.as_ref() {
-        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => Failure::Duplicate(text),
-        ErrorKind::Command(e) if e.code == DUPLICATE_KEY => Failure::Duplicate(text),
+        ErrorKind::Write(WriteFailure::WriteError(e)) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
+        ErrorKind::Command(e) if e.code == DUPLICATE_KEY => StoreError::Duplicate(text),
         ErrorKind::Write(WriteFailure::WriteConcernError(_))
         | ErrorKind::ServerSelection { .. }
         | ErrorKind::Io(_)
         | ErrorKind::ConnectionPoolCleared { .. }
         | ErrorKind::DnsResolve { .. }
-        | ErrorKind::Shutdown => Failure::Unavailable(text),
+        | ErrorKind::Shutdown => StoreError::Unavailable(text),
         _ if err.contains_label("RetryableWriteError") || err.contains_label("NetworkError") => {
-            Failure::Unavailable(text)
+            StoreError::Unavailable(text)
         }
-        _ => Failure::Other(text),
+        _ => StoreError::Other(text),
     }
 }
 
-/// Runs one operation; no answer within `timeout` is [`Failure::Unavailable`].
+/// Runs one operation; no answer within `timeout` is [`StoreError::Unavailable`].
 pub async fn bounded<T>(
     timeout: Duration,
     operation: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
-) -> Result<T, Failure> {
+) -> Result<T, StoreError> {
     match tokio::time::timeout(timeout, operation.into_future()).await {
-        Ok(result) => result.map_err(Failure::from),
-        Err(_) => Err(Failure::Unavailable(format!("no answer within {timeout:?}"))),
+        Ok(result) => result.map_err(StoreError::from),
+        Err(_) => Err(StoreError::Unavailable(format!("no answer within {timeout:?}"))),
     }
 }
 
@@ -73,14 +76,14 @@ mod tests {
     async fn an_operation_without_an_answer_is_unavailable() {
         let never = std::future::pending::<Result<(), mongodb::error::Error>>();
         let result = bounded(Duration::from_millis(10), never).await;
-        assert!(matches!(result, Err(Failure::Unavailable(_))), "{result:?}");
+        assert!(matches!(result, Err(StoreError::Unavailable(_))), "{result:?}");
     }
 
     #[test]
     fn a_shutdown_client_is_unavailable_and_anything_unknown_is_other() {
         let shutdown = mongodb::error::Error::from(ErrorKind::Shutdown);
-        assert!(matches!(classify(&shutdown), Failure::Unavailable(_)));
+        assert!(matches!(classify(&shutdown), StoreError::Unavailable(_)));
         let other = mongodb::error::Error::custom("something odd");
-        assert!(matches!(classify(&other), Failure::Other(_)));
+        assert!(matches!(classify(&other), StoreError::Other(_)));
     }
 }

@@ -26,39 +26,8 @@ use serde::{Deserialize, Serialize};
 use crate::settings::MongoSettings;
 use crate::writer::Writer;
 
-/// Why a store operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// MongoDB cannot be reached, did not answer in time, or could not make the
-    /// write durable. Retrying later may succeed.
-    #[error("MongoDB unavailable: {0}")]
-    Unavailable(String),
-    /// A unique index refused the document.
-    #[error("duplicate key: {0}")]
-    Duplicate(String),
-    /// A stored document is not a valid chat message.
-    #[error("corrupt message document {id}: {reason}")]
-    Corrupt { id: String, reason: String },
-    /// Anything else the driver or server reported.
-    #[error("MongoDB error: {0}")]
-    Other(String),
-}
-
-impl From<mongokit::Failure> for StoreError {
-    fn from(failure: mongokit::Failure) -> Self {
-        match failure {
-            mongokit::Failure::Duplicate(text) => StoreError::Duplicate(text),
-            mongokit::Failure::Unavailable(text) => StoreError::Unavailable(text),
-            mongokit::Failure::Other(text) => StoreError::Other(text),
-        }
-    }
-}
-
-impl From<mongodb::error::Error> for StoreError {
-    fn from(err: mongodb::error::Error) -> Self {
-        mongokit::Failure::from(err).into()
-    }
-}
+/// Why a store operation failed (`Corrupt`: a stored document is not a valid chat message).
+pub use mongokit::StoreError;
 
 /// A message document as stored. `_id` is the message id, so the document is
 /// addressed by the same id everywhere (Debezium's record `_id`, the API, the events).
@@ -170,7 +139,7 @@ impl Store {
         &self,
         op: impl IntoFuture<Output = Result<T, mongodb::error::Error>>,
     ) -> Result<T, StoreError> {
-        Ok(mongokit::bounded(self.timeout, op).await?)
+        mongokit::bounded(self.timeout, op).await
     }
 
     /// Round trip to the server (readiness).

@@ -23,9 +23,6 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::store::StoreError;
 
-/// MongoDB's duplicate key error code.
-const DUPLICATE_KEY: i32 = 11000;
-
 /// One document waiting to be written, and who to tell.
 struct Pending<D> {
     doc: D,
@@ -140,7 +137,7 @@ fn outcomes(
     let mut out: Vec<Result<(), StoreError>> = (0..count).map(|_| unconfirmed.clone().map_or(Ok(()), Err)).collect();
     for write_error in failure.write_errors.iter().flatten() {
         if let Some(slot) = out.get_mut(write_error.index) {
-            *slot = Err(if write_error.code == DUPLICATE_KEY {
+            *slot = Err(if write_error.code == mongokit::DUPLICATE_KEY {
                 StoreError::Duplicate(write_error.message.clone())
             } else {
                 StoreError::Other(format!("write error {}: {}", write_error.code, write_error.message))

@@ -118,7 +118,8 @@ fn to_document(digest: &Digest) -> Result<Document, StoreError> {
 
 fn from_document(document: Document) -> Result<Digest, StoreError> {
     let id = document.get("_id").map(ToString::to_string).unwrap_or_default();
-    mongodb::bson::from_document(document).map_err(|err| StoreError::Corrupt(format!("digest {id}: {err}")))
+    mongodb::bson::from_document(document)
+        .map_err(|err| StoreError::Corrupt { id: format!("digest {id}"), reason: err.to_string() })
 }
 
 fn millis(duration: Duration) -> i64 {

@@ -5,7 +5,6 @@
 //! unreachable or slow, retry later" from "a unique index refused the write" (which
 //! the digest store uses as its compare-and-swap signal).
 
-use std::future::Future;
 use std::time::Duration;
 
 use mongodb::bson::doc;
@@ -15,45 +14,10 @@ use mongodb::{Client, Database};
 use crate::settings::MongoSettings;
 
 /// Why a MongoDB operation failed.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// MongoDB did not answer in time or cannot be reached: retry later.
-    #[error("MongoDB unavailable: {0}")]
-    Unavailable(String),
-    /// A unique index refused the write.
-    #[error("duplicate key: {0}")]
-    Duplicate(String),
-    /// A stored document does not have the expected shape.
-    #[error("corrupt document: {0}")]
-    Corrupt(String),
-    /// Anything else the server or driver reported.
-    #[error("MongoDB error: {0}")]
-    Other(String),
-}
-
-impl From<mongokit::Failure> for StoreError {
-    fn from(failure: mongokit::Failure) -> Self {
-        match failure {
-            mongokit::Failure::Duplicate(text) => StoreError::Duplicate(text),
-            mongokit::Failure::Unavailable(text) => StoreError::Unavailable(text),
-            mongokit::Failure::Other(text) => StoreError::Other(text),
-        }
-    }
-}
-
-impl From<mongodb::error::Error> for StoreError {
-    fn from(err: mongodb::error::Error) -> Self {
-        mongokit::Failure::from(err).into()
-    }
-}
+pub use mongokit::StoreError;
 
 /// Runs one MongoDB operation, failing with `Unavailable` if it takes longer than `timeout`.
-pub async fn with_timeout<T, F>(timeout: Duration, operation: F) -> Result<T, StoreError>
-where
-    F: Future<Output = Result<T, mongodb::error::Error>>,
-{
-    Ok(mongokit::bounded(timeout, operation).await?)
-}
+pub use mongokit::bounded as with_timeout;
 
 /// A client for `settings.uri` (connecting lazily, so a MongoDB that is down at start
 /// is not an error) and the configured database.
