@@ -452,7 +452,12 @@ pub mod ws {
         End,
     }
 
-    pub async fn next(ws: &mut Ws, within: Duration) -> Got {
+    /// What `ws` produced next, within `within` (any WebSocket stream: the usual
+    /// client, or one on a raw `TcpStream` with small buffers).
+    pub async fn next<S>(ws: &mut S, within: Duration) -> Got
+    where
+        S: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
         let deadline = Instant::now() + within;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -494,7 +499,10 @@ pub mod ws {
     }
 
     /// The close code a socket ends with, skipping the frames before it.
-    pub async fn close_code_after_frames(ws: &mut Ws, within: Duration) -> Option<u16> {
+    pub async fn close_code_after_frames<S>(ws: &mut S, within: Duration) -> Option<u16>
+    where
+        S: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+    {
         let deadline = Instant::now() + within;
         loop {
             match next(ws, deadline.saturating_duration_since(Instant::now())).await {

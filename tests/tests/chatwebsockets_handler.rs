@@ -16,7 +16,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use chatfleet_tests::ws::{expect_quiet, http, next, next_json, terminate_expecting_1001, upgrade_status, Got, Ws};
+use chatfleet_tests::ws::{
+    close_code_after_frames, expect_quiet, http, next, next_json, terminate_expecting_1001, upgrade_status, Got, Ws,
+};
 use chatfleet_tests::{bad_tokens, token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -270,17 +272,7 @@ async fn a_slow_consumer_gets_4001_its_peer_keeps_receiving_and_the_forward_is_2
     sent.push(id_of(&next_message));
 
     // The slow client, once it reads, finds the close code for "you missed events".
-    let code = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match slow.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                other => panic!("slow consumer connection ended without a close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("close frame within 20 s");
+    let code = close_code_after_frames(&mut slow, Duration::from_secs(20)).await;
     assert_eq!(code, Some(4001));
 
     // The healthy peer got everything, in order, exactly once.

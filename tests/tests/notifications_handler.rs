@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use chatfleet_tests::ws::{expect_quiet, http, next_json, terminate_expecting_1001, upgrade_status, Ws};
+use chatfleet_tests::ws::{
+    close_code_after_frames, expect_quiet, http, next_json, terminate_expecting_1001, upgrade_status, Ws,
+};
 use chatfleet_tests::{bad_tokens, token, Service, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId, UserId};
 use futures::{SinkExt, StreamExt};
@@ -360,17 +362,7 @@ async fn a_socket_that_cannot_keep_up_makes_it_206_and_none_left_makes_it_500() 
     assert_eq!((status, counts(&report)), (200, (1, 1, 0)), "{report}");
     sent.push(format!("chat:{}", after["message_id"].as_str().expect("id")));
 
-    let code = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match slow.next().await {
-                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
-                Some(Ok(_)) => continue,
-                other => panic!("slow consumer connection ended without a close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("close frame within 20 s");
+    let code = close_code_after_frames(&mut slow, Duration::from_secs(20)).await;
     assert_eq!(code, Some(4001), "slow consumer");
     let mut received = Vec::new();
     while received.len() < sent.len() {
