@@ -9,12 +9,15 @@
 //!
 //! Reading and writing run concurrently in the socket's task: the writer pumps the
 //! replay, then the live queue, pings and replies; the reader watches the pong
-//! deadline and hands client frames to the service's handler.
+//! deadline and hands client frames to the service's handler. A socket opened with
+//! a token that expires is closed at that instant with
+//! [`close_code::TOKEN_EXPIRED`]: authentication is checked once, at the upgrade, so
+//! without a deadline a socket would outlive its token (and a revoked user) for ever.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::hash::Hash;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -67,6 +70,7 @@ where
     shutdown: CancellationToken,
     replay: Vec<Frame>,
     on_client: Handler,
+    expires_at: Option<SystemTime>,
 }
 
 impl<K> Driver<K>
@@ -76,7 +80,16 @@ where
     /// A driver for `socket`, fed by `registration`; it closes with 1001 when
     /// `shutdown` is cancelled.
     pub fn new(socket: WebSocket, registration: Registration<K>, shutdown: CancellationToken) -> Self {
-        Self { socket, registration, shutdown, replay: Vec::new(), on_client: Box::new(|_| None) }
+        Self { socket, registration, shutdown, replay: Vec::new(), on_client: Box::new(|_| None), expires_at: None }
+    }
+
+    /// When the socket's credentials expire (the token's `exp`): at that instant the
+    /// socket is closed with [`close_code::TOKEN_EXPIRED`] (reason `token expired`,
+    /// after a `{"type":"token_expired"}` frame), interrupting whatever it was doing.
+    /// A time already past closes it right away.
+    pub fn expires_at(mut self, at: SystemTime) -> Self {
+        self.expires_at = Some(at);
+        self
     }
 
     /// Frames to send before any live frame. Live frames queued meanwhile whose event
@@ -97,16 +110,29 @@ where
 
     /// Serves the socket until it ends, then unregisters it.
     pub async fn run(self) -> Ended {
-        let Driver { socket, mut registration, shutdown, replay, mut on_client } = self;
+        let Driver { socket, mut registration, shutdown, replay, mut on_client, expires_at } = self;
         let settings = registration.hub().settings().clone();
         let hub = registration.hub().name();
         let (mut sink, mut stream) = socket.split();
         let (reply_tx, mut reply_rx) = mpsc::channel::<Utf8Bytes>(8);
+        let deadline = expires_at.map(instant_of);
 
         let stop = {
             let writer = write_loop(&mut sink, &mut registration, &shutdown, replay, &mut reply_rx, &settings, hub);
             let reader = read_loop(&mut stream, &mut on_client, &reply_tx, settings.pong_timeout);
+            let expiry = async {
+                match deadline {
+                    Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
+                // A due expiry wins over frames that are ready at the same time.
+                biased;
+                _ = expiry => {
+                    metrics::counter!("ws_token_expired_closes_total", "hub" => hub).increment(1);
+                    Stop::Close(token_expired())
+                }
                 stop = writer => stop,
                 stop = reader => stop,
             }
@@ -128,6 +154,22 @@ where
         let (mut sink, mut stream) = socket.split();
         finish(&mut sink, &mut stream, Stop::Close(close), &settings, hub).await
     }
+}
+
+/// The close of a socket whose token expired.
+fn token_expired() -> Close {
+    Close::new(close_code::TOKEN_EXPIRED, "token expired").with_farewell(Utf8Bytes::from_static(TOKEN_EXPIRED_FRAME))
+}
+
+/// The frame sent just before close 4003, for clients whose WebSocket API hides close codes.
+const TOKEN_EXPIRED_FRAME: &str = r#"{"type":"token_expired"}"#;
+
+/// The monotonic instant of a wall-clock time (now, when it is already past).
+fn instant_of(at: SystemTime) -> Instant {
+    let left = at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO);
+    // Far-future expiries (or absurd ones) must not overflow the monotonic clock.
+    let left = left.min(Duration::from_secs(100 * 365 * 24 * 3600));
+    Instant::now() + left
 }
 
 /// Resolves once the hub asks this connection to close.
@@ -311,5 +353,110 @@ where
             Ended::HeartbeatTimeout
         }
         Stop::Gone => Ended::Disconnected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use axum::extract::{State, WebSocketUpgrade};
+    use axum::response::Response;
+    use axum::routing::get;
+    use axum::Router;
+    use futures::StreamExt;
+    use tokio::sync::mpsc;
+    use tokio_tungstenite::tungstenite::Message as ClientMessage;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::{Hub, WsSettings};
+
+    #[derive(Clone)]
+    struct Server {
+        hub: Hub<u32>,
+        expires_in: Option<Duration>,
+        ended: mpsc::UnboundedSender<Ended>,
+    }
+
+    async fn upgrade(State(server): State<Server>, upgrade: WebSocketUpgrade) -> Response {
+        let registration = server.hub.register(7).expect("room for a socket");
+        upgrade.on_upgrade(move |socket| async move {
+            let mut driver = Driver::new(socket, registration, CancellationToken::new());
+            if let Some(expires_in) = server.expires_in {
+                driver = driver.expires_at(SystemTime::now() + expires_in);
+            }
+            let _ = server.ended.send(driver.run().await);
+        })
+    }
+
+    /// A socket served by a driver whose token expires in `expires_in`.
+    async fn socket(
+        expires_in: Option<Duration>,
+    ) -> (
+        tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+        mpsc::UnboundedReceiver<Ended>,
+    ) {
+        let (ended, ended_rx) = mpsc::unbounded_channel();
+        let server = Server { hub: Hub::new("test", WsSettings::default()), expires_in, ended };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+        let app = Router::new().route("/ws", get(upgrade)).with_state(server);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgraded");
+        (ws, ended_rx)
+    }
+
+    /// The frames a client sees until the close, and the close's code and reason.
+    async fn until_close(
+        ws: &mut (impl futures::Stream<Item = Result<ClientMessage, tokio_tungstenite::tungstenite::Error>> + Unpin),
+    ) -> (Vec<String>, Option<(u16, String)>) {
+        let mut texts = Vec::new();
+        while let Some(Ok(message)) = ws.next().await {
+            match message {
+                ClientMessage::Text(text) => texts.push(text.to_string()),
+                ClientMessage::Close(frame) => {
+                    return (texts, frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
+                _ => {}
+            }
+        }
+        (texts, None)
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_closed_with_4003_when_its_token_expires() {
+        let opened = tokio::time::Instant::now();
+        let (mut ws, mut ended) = socket(Some(Duration::from_millis(800))).await;
+        let (texts, close) = tokio::time::timeout(Duration::from_secs(5), until_close(&mut ws)).await.expect("closed");
+        let took = opened.elapsed();
+        assert!(took >= Duration::from_millis(750), "closed too early: {took:?}");
+        assert!(took < Duration::from_millis(2_000), "closed too late: {took:?}");
+        assert_eq!(texts, vec![TOKEN_EXPIRED_FRAME.to_owned()]);
+        assert_eq!(close, Some((close_code::TOKEN_EXPIRED, "token expired".to_owned())));
+        // Reading on sends the client's close reply, which ends the handshake.
+        let _ = ws.next().await;
+        let ended = tokio::time::timeout(Duration::from_secs(6), ended.recv()).await.expect("driver ended");
+        assert_eq!(ended, Some(Ended::ServerClosed(close_code::TOKEN_EXPIRED)));
+    }
+
+    #[tokio::test]
+    async fn an_expiry_already_past_closes_at_once() {
+        let (mut ws, _ended) = socket(Some(Duration::ZERO)).await;
+        let (_, close) = tokio::time::timeout(Duration::from_secs(2), until_close(&mut ws)).await.expect("closed");
+        assert_eq!(close.map(|(code, _)| code), Some(close_code::TOKEN_EXPIRED));
+    }
+
+    #[tokio::test]
+    async fn without_an_expiry_the_socket_stays_open() {
+        let (mut ws, _ended) = socket(None).await;
+        assert!(tokio::time::timeout(Duration::from_millis(1_200), ws.next()).await.is_err(), "nothing arrives");
+    }
+
+    #[test]
+    fn far_future_expiries_do_not_overflow() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX) * 100);
+        assert!(instant_of(far) > Instant::now());
+        assert!(instant_of(SystemTime::UNIX_EPOCH) <= Instant::now());
     }
 }

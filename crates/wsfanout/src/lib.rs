@@ -65,4 +65,8 @@ pub mod close_code {
     pub const SLOW_CONSUMER: u16 = 4001;
     /// No frame (not even a pong) arrived within `WS_PONG_TIMEOUT`. Same recovery as [`RESYNC`].
     pub const HEARTBEAT_TIMEOUT: u16 = 4002;
+    /// The token the socket was opened with expired (its `exp`): get a fresh token
+    /// and reconnect with `since` (the last event seen); nothing is lost meanwhile.
+    /// Reason `token expired`, after a `{"type":"token_expired"}` frame.
+    pub const TOKEN_EXPIRED: u16 = 4003;
 }
