@@ -13,7 +13,7 @@ Run with the venv that deploy/check/install.sh makes (.local/deploy-venv):
 
     check.py versions
     check.py yaml FILE                         # YAML documents as a JSON list
-    check.py compose FILE [--env-file F]       # `docker-compose config`, as JSON
+    check.py compose FILE [--env-file F] [--env K=V]...   # `docker-compose config`, as JSON
     check.py helm-render CHART [--values F]... [--set K=V]... [--name N]
                          [--namespace NS] [--kube-version 1.30.0] [--no-validate]
     check.py helm-lint CHART [--values F]...
@@ -114,7 +114,11 @@ def cmd_compose(args: argparse.Namespace) -> None:
     command += ["config"]
     if args.profile:
         command[1:1] = [f"--profile={p}" for p in args.profile]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=Path(args.file).parent)
+    env = dict(os.environ)
+    for pair in args.env or []:
+        key, _, value = pair.partition("=")
+        env[key] = value
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=Path(args.file).parent, env=env)
     if result.returncode != 0:
         fail(f"docker-compose config failed:\n{result.stderr}")
     print(json.dumps({"config": yaml.safe_load(result.stdout), "warnings": result.stderr}))
@@ -226,6 +230,7 @@ def main() -> None:
     p.add_argument("file")
     p.add_argument("--env-file")
     p.add_argument("--profile", action="append")
+    p.add_argument("--env", action="append", help="KEY=VALUE for the interpolation environment")
     p.set_defaults(run=cmd_compose)
     for name, run in (("helm-render", cmd_helm_render), ("helm-lint", cmd_helm_lint)):
         p = sub.add_parser(name)

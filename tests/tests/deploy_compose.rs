@@ -4,6 +4,10 @@
 //! files to the variables the services really read, and the compose health checks
 //! are run for real against a real service and a real Envoy.
 //!
+//! No secret is committed: the services' secrets come from the ignored
+//! `deploy/compose/secrets.env` that `deploy/compose/init-secrets.sh` generates, compose
+//! refuses to start without it, and every published port binds to 127.0.0.1.
+//!
 //! Why this test exists: operators start the system with this file; a wrong
 //! dependency condition, a setting nobody reads or a health check that never passes
 //! would only surface on `docker compose up`.
@@ -20,8 +24,21 @@ use multipod_support::check_py;
 use serde_json::{json, Value};
 use testkit::{free_port, workspace_root, ServerProcess};
 
+/// A secrets file made by `init-secrets.sh` in a scratch directory (the real one is
+/// the operator's, and ignored by git).
+fn secrets_file() -> std::path::PathBuf {
+    let path = testkit::scratch("compose-secrets").join("secrets.env");
+    let status = Command::new(workspace_root().join("deploy/compose/init-secrets.sh"))
+        .arg(&path)
+        .status()
+        .expect("init-secrets.sh runs");
+    assert!(status.success(), "init-secrets.sh failed");
+    path
+}
+
 fn resolved() -> Value {
-    let out = check_py(&["compose", "docker-compose.yml"]);
+    let env = format!("CHATFLEET_SECRETS_FILE={}", secrets_file().display());
+    let out = check_py(&["compose", "docker-compose.yml", "--env", &env]);
     let parsed: Value = serde_json::from_str(&out).expect("check.py compose prints JSON");
     parsed["config"].clone()
 }
@@ -255,4 +272,123 @@ fn compose_health_checks_pass_against_real_processes() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(passed, "envoy's compose health check never passed against a running envoy");
+}
+
+const SECRETS_ENV_FILE: &str = "${CHATFLEET_SECRETS_FILE:-deploy/compose/secrets.env}";
+
+#[test]
+fn compose_runs_only_with_generated_secrets_and_binds_to_loopback() {
+    let root = workspace_root();
+    // No committed file sets a secret.
+    for (file, key, _) in env_files() {
+        assert!(
+            !matches!(key.as_str(), "JWT_SECRET" | "INTERNAL_SERVICE_TOKEN" | "SMTP_PASSWORD"),
+            "{file} commits {key}: secrets come from init-secrets.sh"
+        );
+    }
+    let old_samples = ["compose-dev-jwt-secret-change-me", "compose-dev-service-token-change-me"];
+    for path in ["docker-compose.yml", "docs/deploy.md", "deploy/helm/chatfleet/values.yaml"] {
+        let text = std::fs::read_to_string(root.join(path)).expect("read");
+        for sample in old_samples {
+            assert!(!text.contains(sample), "{path} still carries the sample secret {sample}");
+        }
+    }
+    // Every chatfleet service reads the generated file (raw file: before interpolation).
+    let raw: Value = serde_json::from_str(&check_py(&["yaml", "docker-compose.yml"])).expect("yaml");
+    for (name, _) in FLEET {
+        let files = raw[0]["services"][name]["env_file"].to_string();
+        assert!(files.contains(SECRETS_ENV_FILE), "{name} does not load the secrets file: {files}");
+    }
+    // Without it compose refuses, naming the file.
+    let output = Command::new(multipod_support::deploy_python())
+        .arg(root.join("deploy/check/check.py"))
+        .args(["compose", "docker-compose.yml", "--env", "CHATFLEET_SECRETS_FILE=deploy/compose/missing-secrets.env"])
+        .current_dir(&root)
+        .output()
+        .expect("check.py runs");
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && text.contains("missing-secrets.env"), "compose ran without secrets: {text}");
+    // The generated file is ignored by git.
+    let ignored = Command::new("git")
+        .args(["check-ignore", "-q", "deploy/compose/secrets.env"])
+        .current_dir(&root)
+        .status()
+        .expect("git runs");
+    assert!(ignored.success(), "deploy/compose/secrets.env must be in .gitignore");
+
+    let config = resolved();
+    let services = config["services"].as_object().expect("services");
+    for (name, service) in services {
+        for port in service["ports"].as_array().cloned().unwrap_or_default() {
+            let text = port.as_str().map(str::to_owned).unwrap_or_else(|| port.to_string());
+            let bound = text.starts_with("127.0.0.1:") || port["host_ip"] == "127.0.0.1";
+            assert!(bound, "{name} publishes {text} beyond 127.0.0.1 by default");
+        }
+    }
+    // CHATFLEET_BIND_ADDRESS opens the public API (only it).
+    let env = format!("CHATFLEET_SECRETS_FILE={}", secrets_file().display());
+    let out = check_py(&["compose", "docker-compose.yml", "--env", &env, "--env", "CHATFLEET_BIND_ADDRESS=0.0.0.0"]);
+    let opened: Value = serde_json::from_str(&out).expect("json");
+    let envoy_ports = opened["config"]["services"]["envoy"]["ports"].to_string();
+    assert!(envoy_ports.contains("0.0.0.0:8080:8080"), "{envoy_ports}");
+    assert!(envoy_ports.contains("127.0.0.1:9902:9902"), "the ops port stays local: {envoy_ports}");
+    assert!(!envoy_ports.contains("9901"), "Envoy's admin is never published: {envoy_ports}");
+    assert!(opened["config"]["services"]["kafka"]["ports"].to_string().contains("127.0.0.1:"), "kafka stays local");
+
+    // Token checks and the edge, for every service behind Envoy.
+    let services = &config["services"];
+    for (name, _) in FLEET {
+        let service = &services[name];
+        assert!(env_of(service, "JWT_SECRET").len() >= 43, "{name}: generated secret");
+        assert!(env_of(service, "INTERNAL_SERVICE_TOKEN").len() >= 43, "{name}: generated token");
+        assert!(!env_of(service, "JWT_ISSUER").is_empty(), "{name}: JWT_ISSUER");
+        assert!(!env_of(service, "JWT_AUDIENCE").is_empty(), "{name}: JWT_AUDIENCE");
+        assert!(!env_of(service, "ALLOWED_ORIGINS").is_empty(), "{name}: ALLOWED_ORIGINS");
+        assert_eq!(env_of(service, "CLIENT_IP_HEADER"), "x-forwarded-for", "{name}");
+    }
+    // The Debezium registration: non-root, read-only, installs nothing.
+    let register = &services["debezium-register"];
+    let command = format!("{} {}", register["entrypoint"], register["command"]);
+    for installer in ["apk ", "apt", "yum", "dnf", "pip"] {
+        assert!(!command.contains(installer), "debezium-register installs packages: {command}");
+    }
+    let user = register["user"].as_str().unwrap_or("root");
+    assert!(user != "root" && user != "0" && !user.is_empty(), "debezium-register runs as {user}");
+    assert_eq!(register["read_only"], true);
+}
+
+#[test]
+fn init_secrets_makes_long_url_safe_secrets_once() {
+    let dir = testkit::scratch("init-secrets");
+    let path = dir.join("secrets.env");
+    let script = workspace_root().join("deploy/compose/init-secrets.sh");
+    let run = |args: &[&str]| {
+        let output = Command::new(&script).args(args).output().expect("init-secrets.sh runs");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    run(&[path.to_str().expect("path")]);
+    let first = std::fs::read_to_string(&path).expect("written");
+    let values: Vec<(String, String)> = first
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).expect("KEY=VALUE"))
+        .collect();
+    let keys: Vec<&str> = values.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["JWT_SECRET", "INTERNAL_SERVICE_TOKEN"]);
+    for (key, value) in &values {
+        // 48 random bytes, base64url without padding: 64 characters.
+        assert_eq!(value.len(), 64, "{key}");
+        assert!(value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{key} is not URL-safe");
+    }
+    assert_ne!(values[0].1, values[1].1, "two different secrets");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "only the owner reads the secrets");
+    run(&[path.to_str().expect("path")]);
+    assert_eq!(std::fs::read_to_string(&path).expect("kept"), first, "a second run keeps the file");
+    run(&["--force", path.to_str().expect("path")]);
+    assert_ne!(std::fs::read_to_string(&path).expect("replaced"), first, "--force makes new secrets");
+    let printed = run(&["--print"]);
+    assert!(printed.contains("JWT_SECRET=") && !printed.contains(&values[0].1), "--print prints fresh values");
 }
