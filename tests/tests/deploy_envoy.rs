@@ -3,7 +3,11 @@
 //! the public listener, WebSocket upgrades on the socket routes, ring hash on the
 //! `stream_id` / `user_id` query parameters, the same keys and the same ring (per-pod
 //! `hash_key`s) on the internal listener, long-lived socket timeouts, health checks.
-//! `multipod_envoy.rs` runs the same file live.
+//! `multipod_envoy.rs` runs the same file live. The edge's hardening is held here
+//! too: admin on 127.0.0.1 only (probes and scrapes through the `ops` listener),
+//! access logs without query strings, a per-client rate limit on `POST
+//! /chat/messages` and connection caps, `X-Forwarded-For` the services can trust;
+//! a real Envoy refuses a POST flood from one address while serving another.
 //!
 //! Why this test exists: a route that loses its hash policy or a cluster whose ring
 //! differs between public and internal still "works" with one pod and silently
@@ -13,8 +17,9 @@ mod multipod_support;
 
 use std::collections::BTreeMap;
 
-use multipod_support::check_py;
+use multipod_support::{check_py, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
 use serde_json::Value;
+use testkit::free_port;
 
 pub fn config() -> Value {
     let docs: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
@@ -29,7 +34,7 @@ pub fn routes(config: &Value, name: &str) -> BTreeMap<String, Value> {
         .iter()
         .find(|l| l["name"] == name)
         .unwrap_or_else(|| panic!("listener {name}"));
-    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let hcm = http_manager(listener);
     let hosts = hcm["route_config"]["virtual_hosts"].as_array().expect("virtual hosts");
     assert_eq!(hosts.len(), 1, "one virtual host per listener");
     hosts[0]["routes"]
@@ -38,6 +43,17 @@ pub fn routes(config: &Value, name: &str) -> BTreeMap<String, Value> {
         .iter()
         .map(|r| (r["name"].as_str().expect("every route is named").to_owned(), r.clone()))
         .collect()
+}
+
+/// The http_connection_manager of a listener (after any network filters such as
+/// the public listener's connection limit).
+pub fn http_manager(listener: &Value) -> &Value {
+    &listener["filter_chains"][0]["filters"]
+        .as_array()
+        .expect("filters")
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.network.http_connection_manager")
+        .expect("http_connection_manager")["typed_config"]
 }
 
 fn hash_key(route: &Value) -> Option<String> {
@@ -142,13 +158,10 @@ fn public_listener_serves_only_public_paths_and_hashes_sockets() {
     }
     // The catch-all must be the last route (routes match in order).
     let listener = config["static_resources"]["listeners"][0].clone();
-    let ordered = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]
-        ["routes"]
-        .as_array()
-        .cloned()
-        .expect("routes");
+    let ordered =
+        http_manager(&listener)["route_config"]["virtual_hosts"][0]["routes"].as_array().cloned().expect("routes");
     assert_eq!(ordered.last().map(|r| r["name"].clone()), Some(Value::from("not-found")));
-    let hcm = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+    let hcm = http_manager(&listener);
     assert!(hcm["stream_idle_timeout"].is_string(), "stream idle timeout set for sockets");
 }
 
@@ -198,4 +211,57 @@ fn public_and_internal_clusters_build_the_same_ring() {
             assert_eq!(*phc, *pport, "{service}: health checked on the public port");
         }
     }
+}
+
+#[test]
+fn edge_is_hardened_admin_logs_limits_and_client_address() {
+    multipod_support::edge::assert_edge_hardening(&config(), "deploy/envoy/envoy.yaml");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_envoy_refuses_a_post_flood_from_one_address_and_serves_others() {
+    let stub = StubUpstream::start().await;
+    let dead = |name: &str| PodAddr { name: name.to_owned(), public_port: free_port(), internal_port: free_port() };
+    let persistence = PodAddr { name: "p".into(), public_port: stub.port, internal_port: free_port() };
+    let upstreams = Upstreams { persistence, chat: vec![dead("c1"), dead("c2")], notify: vec![dead("n1"), dead("n2")] };
+    let proxy = tokio::task::spawn_blocking(move || Proxy::envoy(free_port(), free_port(), &upstreams))
+        .await
+        .expect("envoy starts");
+    let url = proxy.public_http("/chat/messages?access_token=SECRET-IN-QUERY");
+
+    // A normal client is served; what it claims in XFF stays on the left and
+    // Envoy appends the peer address it saw (for a loopback peer Envoy writes the
+    // host's own address instead, by design), which is what the services read.
+    let client = reqwest::Client::new();
+    let response = client
+        .post(&url)
+        .header("x-forwarded-for", "6.6.6.6")
+        .json(&serde_json::json!({"content": "hi"}))
+        .send()
+        .await
+        .expect("envoy answers");
+    assert_eq!(response.status().as_u16(), 200);
+    let xff = stub.last_forwarded_for.lock().expect("lock").clone().unwrap_or_default();
+    let entries: Vec<&str> = xff.split(',').map(str::trim).collect();
+    assert!(entries.len() == 2 && entries[0] == "6.6.6.6" && entries[1] != "6.6.6.6", "Envoy appends the peer: {xff}");
+
+    // One address floods: beyond its burst it gets 429 with Retry-After.
+    let flooder: std::net::IpAddr = "127.0.0.2".parse().expect("ip");
+    let (statuses, retry_after) = post_flood(&url, flooder, 1500).await;
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(limited > 0, "envoy never limited a 1500-request flood from one address: {served} served");
+    assert!(served >= 400, "the burst (400) is served: {served}");
+    assert!(retry_after, "every 429 carries Retry-After");
+    // Meanwhile another address is served normally.
+    let (others, _) = post_flood(&url, "127.0.0.1".parse().expect("ip"), 50).await;
+    assert!(others.iter().all(|s| *s == 200), "another address was refused: {others:?}");
+
+    // GET history is not limited by the POST bucket.
+    let get = client.get(proxy.public_http("/chat/messages")).send().await.expect("get").status().as_u16();
+    assert_eq!(get, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let log = proxy.log_tail(5000);
+    assert!(log.contains("\"path\":\"/chat/messages\""), "access log lines are written: {}", proxy.log_tail(5));
+    assert!(!log.contains("SECRET-IN-QUERY"), "the access log contains the query string");
 }

@@ -12,6 +12,8 @@
 
 #![allow(dead_code)]
 
+pub mod edge;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -175,6 +177,7 @@ impl Proxy {
             let port = match listener["name"].as_str() {
                 Some("public") => public_port,
                 Some("internal") => internal_port,
+                Some("ops") => free_port(),
                 other => panic!("unexpected listener {other:?}"),
             };
             listener["address"]["socket_address"] = json!({"address": "127.0.0.1", "port_value": port});
@@ -189,6 +192,12 @@ impl Proxy {
             hosts.insert(format!("generalnotificationshandler-{}", i + 1), pod.clone());
         }
         for cluster in config["static_resources"]["clusters"].as_array_mut().expect("clusters") {
+            if cluster["name"] == "envoy_admin" {
+                // The ops listener's relay to the admin interface, which moved too.
+                cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                    ["socket_address"]["port_value"] = json!(admin_port);
+                continue;
+            }
             let internal = cluster["name"].as_str().is_some_and(|n| n.ends_with("_internal"));
             for group in cluster["load_assignment"]["endpoints"].as_array_mut().expect("endpoints") {
                 let lb_endpoints = group["lb_endpoints"].as_array_mut().expect("lb_endpoints");
@@ -294,6 +303,7 @@ fn render_nginx(dir: &Path, public_port: u16, internal_port: u16, upstreams: &Up
         .args(["--public-listen", &format!("127.0.0.1:{public_port}")])
         .args(["--internal-listen", &format!("127.0.0.1:{internal_port}")])
         .args(["--run-dir", &dir.display().to_string()])
+        .args(["--access-log", &dir.join("access.log").display().to_string()])
         .args(["--persistence", &format!("127.0.0.1:{}:{}", persistence.public_port, persistence.internal_port)]);
     for pod in chat {
         render.args(["--chat", &format!("{}=127.0.0.1:{}:{}", pod.name, pod.public_port, pod.internal_port)]);
@@ -939,4 +949,91 @@ pub async fn scale_out_moves_open_sockets_to_their_new_pods(kind: ProxyKind) {
          message exactly once:\n{}",
         trouble.join("\n")
     );
+}
+
+/// A stand-in upstream for the edge-limit tests: answers every request `200 {}`
+/// (closing the connection) and remembers the `X-Forwarded-For` it received last.
+pub struct StubUpstream {
+    pub port: u16,
+    pub last_forwarded_for: Arc<Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StubUpstream {
+    pub async fn start() -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
+        let port = listener.local_addr().expect("addr").port();
+        let last_forwarded_for = Arc::new(Mutex::new(None));
+        let seen = last_forwarded_for.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    let head_end = loop {
+                        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break at + 4;
+                        }
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
+                    let header = |name: &str| {
+                        head.lines().find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_owned()))
+                    };
+                    if let Some(xff) = header("x-forwarded-for") {
+                        *seen.lock().expect("lock") = Some(xff);
+                    }
+                    let length: usize = header("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+                    while buffer.len() < head_end + length {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
+                        .await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Self { port, last_forwarded_for, task }
+    }
+}
+
+impl Drop for StubUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `POST /chat/messages` `count` times, 64 at once, from the local address `from`
+/// (a loopback alias such as 127.0.0.2); returns the statuses, and whether every
+/// 429 carried `Retry-After`.
+pub async fn post_flood(url: &str, from: std::net::IpAddr, count: usize) -> (Vec<u16>, bool) {
+    let client =
+        reqwest::Client::builder().local_address(from).timeout(Duration::from_secs(10)).build().expect("client");
+    let results: Vec<(u16, bool)> = futures::stream::iter(0..count)
+        .map(|_| {
+            let client = client.clone();
+            async move {
+                match client.post(url).json(&json!({"content": "flood"})).send().await {
+                    Ok(response) => {
+                        let retry_after = response.headers().contains_key("retry-after");
+                        (response.status().as_u16(), retry_after)
+                    }
+                    Err(_) => (0, false),
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let retry_after = results.iter().filter(|(s, _)| *s == 429).all(|(_, r)| *r);
+    (results.into_iter().map(|(s, _)| s).collect(), retry_after)
 }
