@@ -8,6 +8,7 @@
 # Usage:
 #   deploy/nginx/render.sh \
 #     [--public-listen 8080] [--internal-listen 9080] [--run-dir /run/chatfleet] \
+#     [--access-log /var/log/nginx/access.log] \
 #     --persistence HOST:PUBLIC_PORT:INTERNAL_PORT \
 #     --chat NAME=HOST:PUBLIC_PORT:INTERNAL_PORT [--chat ...] \
 #     --notifications NAME=HOST:PUBLIC_PORT:INTERNAL_PORT [--notifications ...] \
@@ -23,6 +24,8 @@ template="$here/chatfleet.conf.template"
 public_listen=8080
 internal_listen=9080
 run_dir=/run/chatfleet
+# The nginx image links this to the container's stdout.
+access_log=/var/log/nginx/access.log
 persistence=""
 chat=()
 notifications=()
@@ -41,6 +44,7 @@ while (($#)); do
     --public-listen) public_listen=${2:?}; shift 2 ;;
     --internal-listen) internal_listen=${2:?}; shift 2 ;;
     --run-dir) run_dir=${2:?}; shift 2 ;;
+    --access-log) access_log=${2:?}; shift 2 ;;
     --persistence) persistence=${2:?}; shift 2 ;;
     --chat) chat+=("${2:?}"); shift 2 ;;
     --notifications) notifications+=("${2:?}"); shift 2 ;;
@@ -70,6 +74,7 @@ global_substitute() {
   line=${line//@PUBLIC_LISTEN@/$public_listen}
   line=${line//@INTERNAL_LISTEN@/$internal_listen}
   line=${line//@RUN_DIR@/$run_dir}
+  line=${line//@ACCESS_LOG@/$access_log}
   line=${line//@PERSISTENCE_HOST@/$persistence_host}
   line=${line//@PERSISTENCE_PUBLIC_PORT@/$persistence_public}
   line=${line//@PERSISTENCE_INTERNAL_PORT@/$persistence_internal}

@@ -2,7 +2,11 @@
 //! template rendered for compose, the rendering passes `nginx -t`, both servers share
 //! one hashed upstream per socket service, and a running nginx answers 404 to internal
 //! paths on its public server and to public paths on its internal one.
-//! `multipod_nginx.rs` runs it with real pods.
+//! `multipod_nginx.rs` runs it with real pods. The edge limits are held too: a
+//! per-address request rate on `POST /chat/messages`, per-address socket caps on the
+//! subscribe routes, `X-Forwarded-For` overwritten with the peer's address, access
+//! logs without query strings; a running nginx refuses a POST flood from one address
+//! (429 + Retry-After) while serving another.
 //!
 //! Why this test exists: the hand-maintained file and the template must not drift,
 //! and the public server must never carry an internal route.
@@ -12,7 +16,7 @@ mod multipod_support;
 use std::process::Command;
 use std::time::Duration;
 
-use multipod_support::{nginx_binary, PodAddr, Proxy, Upstreams};
+use multipod_support::{nginx_binary, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
 use testkit::{free_port, workspace_root};
 
 fn compose_render() -> String {
@@ -130,4 +134,88 @@ async fn running_nginx_refuses_internal_paths_publicly_and_public_paths_internal
         .status();
     assert_eq!(status.as_u16(), 502, "with no pod alive the public subscribe fails at the pod, not earlier");
     assert!(nginx_binary().is_file());
+}
+
+#[test]
+fn edge_limits_trusted_client_address_and_query_free_logs() {
+    let conf = compose_render();
+    let public = server_block(&conf, "8080");
+    let internal = server_block(&conf, "9080");
+
+    // POST /chat/messages: a per-address zone keyed only for POST, enforced with 429.
+    assert!(conf.contains("POST    $binary_remote_addr;"), "the rate zone's key is the address, for POST only");
+    assert!(conf.contains("limit_req_zone $chatfleet_post_client zone=chatfleet_post:"), "limit_req_zone");
+    let messages = &public[public.find("location = /chat/messages").expect("messages")..];
+    let messages = &messages[..messages.find('}').expect("end")];
+    assert!(messages.contains("limit_req zone=chatfleet_post"), "{messages}");
+    assert!(public.contains("limit_req_status 429;") && public.contains("limit_conn_status 429;"));
+    assert!(public.contains("add_header Retry-After"), "429s tell the client when to retry");
+    // Sockets: a per-address cap on both subscribe routes.
+    assert!(conf.contains("limit_conn_zone $binary_remote_addr zone=chatfleet_sockets:"));
+    for route in ["location = /chat/subscribe", "location = /notifications/subscribe"] {
+        let block = &public[public.find(route).expect(route)..];
+        let block = &block[..block.find('}').expect("end")];
+        assert!(block.contains("limit_conn chatfleet_sockets "), "{route}: {block}");
+    }
+    // X-Forwarded-For is overwritten, never appended to what the client sent.
+    assert!(!conf.contains("$proxy_add_x_forwarded_for"), "X-Forwarded-For must not keep client-sent entries");
+    assert_eq!(public.matches("proxy_set_header X-Forwarded-For $remote_addr;").count(), 4, "every public location");
+    // Logs: the format has no request line or query; every server logs with it or not at all.
+    let format = &conf[conf.find("log_format chatfleet_edge").expect("log_format")..];
+    let format = &format[..format.find(';').expect("end")];
+    for leak in ["$request ", "$request\"", "$request_uri", "$args", "$query_string", "$arg_"] {
+        assert!(!format.contains(leak), "the log format contains {leak}: {format}");
+    }
+    assert!(format.contains("$request_method") && format.contains("$uri"), "{format}");
+    for server in [public, internal] {
+        assert!(server.contains("access_log /var/log/nginx/access.log chatfleet_edge;"), "{server}");
+    }
+    let relays = conf.matches("listen unix:").count();
+    assert_eq!(
+        conf.matches("access_log off;").count(),
+        relays,
+        "every relay server logs nothing (logged once at the edge)"
+    );
+    assert_eq!(conf.matches("access_log ").count(), relays + 2, "no other access_log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn running_nginx_refuses_a_post_flood_from_one_address_and_serves_others() {
+    let stub = StubUpstream::start().await;
+    let dead = |name: &str| PodAddr { name: name.to_owned(), public_port: free_port(), internal_port: free_port() };
+    let persistence = PodAddr { name: "p".into(), public_port: stub.port, internal_port: free_port() };
+    let upstreams = Upstreams { persistence, chat: vec![dead("c1")], notify: vec![dead("n1")] };
+    let proxy = Proxy::nginx(free_port(), free_port(), &upstreams);
+    let url = proxy.public_http("/chat/messages?access_token=SECRET-IN-QUERY");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("client");
+
+    // The services see the peer's address, not what the client claims.
+    let response = client
+        .post(&url)
+        .header("X-Forwarded-For", "6.6.6.6")
+        .json(&serde_json::json!({"content": "hi"}))
+        .send()
+        .await
+        .expect("nginx answers");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(stub.last_forwarded_for.lock().expect("lock").as_deref(), Some("127.0.0.1"));
+
+    let (statuses, retry_after) = post_flood(&url, "127.0.0.2".parse().expect("ip"), 1500).await;
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    let served = statuses.iter().filter(|s| **s == 200).count();
+    assert!(limited > 0, "nginx never limited a 1500-request flood from one address: {served} served");
+    assert!(served >= 400, "the burst (400) is served: {served}");
+    assert!(retry_after, "every 429 carries Retry-After");
+    let (others, _) = post_flood(&url, "127.0.0.1".parse().expect("ip"), 50).await;
+    assert!(others.iter().all(|s| *s == 200), "another address was refused: {others:?}");
+
+    // A socket attempt with a token in the query: logged without it.
+    let _ = client
+        .get(proxy.public_http("/chat/subscribe?stream_id=0123456789abcdef&access_token=SECRET-IN-QUERY"))
+        .send()
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(proxy.dir.join("access.log")).expect("access.log");
+    assert!(log.contains("\"path\":\"/chat/subscribe\""), "access log written: {log:.300}");
+    assert!(!log.contains("SECRET-IN-QUERY"), "the access log contains the query string");
 }
