@@ -27,6 +27,10 @@
 #
 # --dry-run prints the rendered configuration instead of sending it.
 # Exit status: 0 when every connector is RUNNING, 1 otherwise.
+#
+# Needs only bash and curl (no jq, nothing installed at run time), so it runs
+# as-is in the Debezium Connect image, as that image's non-root user, with a
+# read-only root filesystem (temporary files go to $TMPDIR or /tmp).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -67,9 +71,8 @@ if [[ ${#files[@]} -eq 0 ]]; then
 fi
 [[ ${#files[@]} -gt 0 ]] || die "no connector files found in $here"
 
-command -v jq >/dev/null || die "jq is required (apt-get install jq)"
 if ! $dry_run; then
-  command -v curl >/dev/null || die "curl is required (apt-get install curl)"
+  command -v curl >/dev/null || die "curl is required"
 fi
 [[ -n "${MONGODB_CONNECTION_STRING:-}" ]] || die "MONGODB_CONNECTION_STRING must be set (a replica set connection string)"
 [[ "$KAFKA_TOPIC_PARTITIONS" =~ ^[1-9][0-9]*$ ]] || die "KAFKA_TOPIC_PARTITIONS must be a positive integer"
@@ -77,6 +80,19 @@ fi
 # regex_escape TEXT: TEXT with Java regex metacharacters escaped.
 regex_escape() {
   printf '%s' "$1" | sed 's/[][\\.^$|?*+(){}]/\\&/g'
+}
+
+# json_escape TEXT: TEXT as the inside of a JSON string (backslash, quote and
+# the control characters a connection string could carry; others refused).
+json_escape() {
+  local s=$1
+  s=${s//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/\\n}
+  s=${s//$'\r'/\\r}
+  s=${s//$'\t'/\\t}
+  [[ "$s" != *[[:cntrl:]]* ]] || die "a value contains a control character"
+  printf '%s' "$s"
 }
 
 # The placeholders a template may use, and their values.
@@ -94,24 +110,43 @@ declare -A values=(
 )
 
 # render FILE: the connector file with every ${NAME} placeholder replaced by its
-# value (JSON-escaped, so any connection string is safe); checks the result is JSON
-# of the form {name, config} and that no placeholder is left.
+# value (JSON-escaped, so any connection string is safe); checks the result has
+# the form {"name": "...", "config": {...}} (config last) and that no
+# placeholder is left. Kafka Connect parses the JSON itself and answers 400 to
+# anything malformed.
 render() {
   local text name escaped
   text="$(<"$1")"
   for name in "${!values[@]}"; do
-    # jq -R turns raw text into a JSON string; strip the outer quotes.
-    escaped="$(printf '%s' "${values[$name]}" | jq -Rs .)"
-    escaped="${escaped:1:${#escaped}-2}"
+    escaped="$(json_escape "${values[$name]}")"
     # Quoted replacement: taken literally (no & or backslash processing).
     text="${text//"\${$name}"/"$escaped"}"
   done
   if grep -Eo '\$\{[A-Z_][A-Z0-9_]*\}' <<<"$text" | sort -u | grep -q .; then
     die "$1: unknown placeholders: $(grep -Eo '\$\{[A-Z_][A-Z0-9_]*\}' <<<"$text" | sort -u | tr '\n' ' ')"
   fi
-  jq -e 'type == "object" and (.name | type == "string") and (.config | type == "object")' <<<"$text" >/dev/null ||
-    die "$1: not a {\"name\", \"config\"} JSON document after rendering"
+  [[ "$text" =~ ^[[:space:]]*\{[[:space:]]*\"name\"[[:space:]]*:[[:space:]]*\"[A-Za-z0-9._-]+\"[[:space:]]*,[[:space:]]*\"config\"[[:space:]]*:[[:space:]]*\{.*\}[[:space:]]*\}[[:space:]]*$ ]] ||
+    die "$1: not a {\"name\": \"...\", \"config\": {...}} document (name first, config last)"
   printf '%s\n' "$text"
+}
+
+# connector_name RENDERED: the value of the top-level "name".
+connector_name() {
+  [[ "$1" =~ ^[[:space:]]*\{[[:space:]]*\"name\"[[:space:]]*:[[:space:]]*\"([A-Za-z0-9._-]+)\" ]] || die "no connector name"
+  printf '%s' "${BASH_REMATCH[1]}"
+}
+
+# connector_config RENDERED: the top-level "config" object, as text.
+connector_config() {
+  local rest=${1#*\"config\"}
+  rest=${rest#*:}
+  rest=${rest%\}*}
+  printf '%s' "$rest"
+}
+
+# states STATUS_JSON: every "state" value of a connector status, connector first.
+states() {
+  grep -Eo '"state"[[:space:]]*:[[:space:]]*"[A-Z_]+"' <<<"$1" | sed -E 's/.*"([A-Z_]+)"$/\1/' || true
 }
 
 wait_for_connect() {
@@ -121,7 +156,7 @@ wait_for_connect() {
     ((SECONDS < deadline)) || die "Kafka Connect did not answer at $CONNECT_URL within ${CONNECT_WAIT_SECONDS}s"
     sleep 2
   done
-  say "Kafka Connect is up: $(curl -fsS --max-time 5 "$CONNECT_URL/" | jq -c '{version, commit}' 2>/dev/null || echo '?')"
+  say "Kafka Connect is up: $(curl -fsS --max-time 5 "$CONNECT_URL/" 2>/dev/null || echo '?')"
 }
 
 # register NAME CONFIG_JSON: create or update the connector.
@@ -138,7 +173,8 @@ register() {
     201) say "$name: connector created" ;;
     *)
       say "$name: Kafka Connect answered $status:"
-      jq . "$response" >&2 2>/dev/null || cat "$response" >&2
+      cat "$response" >&2
+      echo >&2
       rm -f "$response"
       return 1
       ;;
@@ -148,16 +184,25 @@ register() {
 
 # await_running NAME: wait until the connector and all its tasks run; print status.
 await_running() {
-  local name=$1 deadline=$((SECONDS + CONNECT_STATUS_SECONDS)) status state
+  local name=$1 deadline=$((SECONDS + CONNECT_STATUS_SECONDS)) status state all
   while :; do
     status="$(curl -fsS --max-time 10 "$CONNECT_URL/connectors/$name/status" 2>/dev/null || echo '{}')"
-    state="$(jq -r '[.connector.state // "UNKNOWN"] + [.tasks[]?.state] | if length > 1 and all(. == "RUNNING") then "RUNNING" elif any(. == "FAILED") then "FAILED" else "PENDING" end' <<<"$status")"
+    # The connector's state, then each task's: RUNNING when there is at least
+    # one task and all are RUNNING, FAILED when any failed.
+    mapfile -t all < <(states "$status")
+    if ((${#all[@]} > 1)) && ! printf '%s\n' "${all[@]}" | grep -qv '^RUNNING$'; then
+      state=RUNNING
+    elif printf '%s\n' "${all[@]}" | grep -qx FAILED; then
+      state=FAILED
+    else
+      state=PENDING
+    fi
     if [[ "$state" != "PENDING" ]] || ((SECONDS >= deadline)); then
       break
     fi
     sleep 2
   done
-  jq . <<<"$status"
+  printf '%s\n' "$status"
   if [[ "$state" == "RUNNING" ]]; then
     say "$name: RUNNING"
     return 0
@@ -171,11 +216,11 @@ $dry_run || wait_for_connect
 failed=0
 for file in "${files[@]}"; do
   rendered="$(render "$file")"
-  name="$(jq -r .name <<<"$rendered")"
-  config="$(jq -c .config <<<"$rendered")"
+  name="$(connector_name "$rendered")"
+  config="$(connector_config "$rendered")"
   if $dry_run; then
     say "$name (from $file), rendered:"
-    jq . <<<"$rendered"
+    printf '%s\n' "$rendered"
     continue
   fi
   if register "$name" "$config" && await_running "$name"; then
