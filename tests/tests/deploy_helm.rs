@@ -6,6 +6,11 @@
 //! hook, and an Envoy configuration that Envoy accepts and that routes like
 //! `deploy/envoy/envoy.yaml` with a ring of per-pod hash keys matching the StatefulSets.
 //!
+//! Security: no service-account token in any pod, Envoy admin on 127.0.0.1 with
+//! probes and scrapes through its ops listener, the Debezium hook as non-root with a
+//! read-only root and nothing installed at run time, secrets shorter than 32 bytes
+//! refused, issuer/audience/origins/client-address header set, RS256 usable.
+//!
 //! Why this test exists: no cluster runs here; this is as close to `helm install` as
 //! this machine gets, and refusals (no JWT secret, a grace period shorter than the
 //! drain) are tested to really refuse.
@@ -19,11 +24,21 @@ use serde_json::Value;
 use testkit::workspace_root;
 
 const CHART: &str = "deploy/helm/chatfleet";
-const JWT: &str = "secrets.jwtSecret=test-secret-0123456789";
+const JWT: &str = "secrets.jwtSecret=test-secret-0123456789-0123456789-abc";
+const ISSUER: &str = "auth.issuer=https://auth.example.com/";
+
+/// The value sets plus the required issuer (unless the set names one).
+fn with_issuer<'a>(sets: &[&'a str]) -> Vec<&'a str> {
+    let mut all = sets.to_vec();
+    if !sets.iter().any(|s| s.starts_with("auth.issuer=")) {
+        all.push(ISSUER);
+    }
+    all
+}
 
 fn render(sets: &[&str]) -> Vec<Value> {
     let mut args = vec!["helm-render", CHART];
-    for set in sets {
+    for set in with_issuer(sets) {
         args.push("--set");
         args.push(set);
     }
@@ -36,7 +51,7 @@ fn render_error(sets: &[&str]) -> String {
     let root = workspace_root();
     let mut command = Command::new(deploy_python());
     command.arg(root.join("deploy/check/check.py")).args(["helm-render", CHART]).current_dir(&root);
-    for set in sets {
+    for set in with_issuer(sets) {
         command.args(["--set", set]);
     }
     let output = command.output().expect("check.py runs");
@@ -74,13 +89,15 @@ const WORKLOADS: [(&str, &str, &str); 5] = [
 fn chart_renders_lints_and_every_object_is_valid_kubernetes() {
     let objects = render(&[JWT]);
     assert!(objects.len() > 20, "rendered {} objects", objects.len());
-    let out = check_py(&["helm-lint", CHART, "--set", JWT]);
+    let out = check_py(&["helm-lint", CHART, "--set", JWT, "--set", ISSUER]);
     let lint: Value = serde_json::from_str(&out).expect("lint JSON");
     assert_eq!(lint["errors"], Value::Array(vec![]), "{lint}");
     // Variants render and validate too.
     render(&[JWT, "chatsockets.autoscaling.enabled=true", "notifications.autoscaling.enabled=true"]);
     render(&[JWT, "chatsockets.replicas=3", "envoy.autoscaling.enabled=true"]);
-    render(&[JWT, "networkPolicy.enabled=false", "debezium.register.installPackages=false"]);
+    render(&[JWT, "networkPolicy.enabled=false", "debezium.register.enabled=false"]);
+    render(&["auth.algorithm=RS256", "auth.publicKey.configMapName=jwt-key"]);
+    render(&["auth.algorithm=RS256", "auth.jwksUrl=https://auth.example.com/.well-known/jwks.json"]);
 }
 
 #[test]
@@ -234,7 +251,11 @@ fn route_configs(config: &Value) -> Vec<Value> {
         .as_array()
         .expect("listeners")
         .iter()
-        .map(|l| l["filter_chains"][0]["filters"][0]["typed_config"]["route_config"].clone())
+        .map(|l| {
+            let filters = l["filter_chains"][0]["filters"].as_array().cloned().expect("filters");
+            let hcm = filters.into_iter().find(|f| f["name"] == "envoy.filters.network.http_connection_manager");
+            hcm.expect("http_connection_manager")["typed_config"]["route_config"].clone()
+        })
         .collect()
 }
 
@@ -243,6 +264,7 @@ fn envoy_in_the_chart_routes_like_deploy_envoy_over_per_pod_rings() {
     let objects = render(&[JWT]);
     let (config, path) = chart_envoy(&objects);
     check_py(&["envoy-validate", &path]);
+    multipod_support::edge::assert_edge_hardening(&config, "the chart's Envoy");
     let shipped: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
     assert_eq!(
         route_configs(&config),
@@ -296,4 +318,108 @@ fn debezium_hook_ships_every_connector_and_the_script() {
     assert!(container["command"].to_string().contains("/debezium/register.sh"));
     let env = container["env"].to_string();
     assert!(env.contains("CONNECT_URL") && env.contains("MONGODB_CONNECTION_STRING"), "{env}");
+}
+
+/// Every pod template of the release: (kind/name, pod spec).
+fn pod_specs(objects: &[Value]) -> Vec<(String, Value)> {
+    objects
+        .iter()
+        .filter(|o| matches!(o["kind"].as_str(), Some("Deployment" | "StatefulSet" | "Job" | "DaemonSet" | "CronJob")))
+        .map(|o| (format!("{} {}", o["kind"], o["metadata"]["name"]), o["spec"]["template"]["spec"].clone()))
+        .collect()
+}
+
+#[test]
+fn no_pod_gets_a_service_account_token_and_envoy_admin_stays_local() {
+    let objects = render(&[JWT]);
+    let pods = pod_specs(&objects);
+    assert!(pods.len() >= 7, "five services, Envoy and the Debezium job: {}", pods.len());
+    for (name, spec) in &pods {
+        assert_eq!(spec["automountServiceAccountToken"], false, "{name} mounts a service-account token");
+    }
+    for sa in objects.iter().filter(|o| o["kind"] == "ServiceAccount") {
+        assert_eq!(sa["automountServiceAccountToken"], false, "ServiceAccount {}", sa["metadata"]["name"]);
+    }
+    let envoy = find(&objects, "Deployment", "chatfleet-envoy");
+    let pod = &envoy["spec"]["template"];
+    let container = &pod["spec"]["containers"][0];
+    let ports = container["ports"].to_string();
+    assert!(!ports.contains("9901"), "the admin port is not a container port: {ports}");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "ops", "readiness through the ops listener");
+    assert_eq!(pod["metadata"]["annotations"]["prometheus.io/port"], "9902");
+    let (config, _) = chart_envoy(&objects);
+    assert_eq!(config["admin"]["address"]["socket_address"]["address"], "127.0.0.1");
+    let policy = find(&objects, "NetworkPolicy", "chatfleet-envoy").to_string();
+    assert!(!policy.contains("9901"), "no NetworkPolicy opens the admin port: {policy}");
+}
+
+#[test]
+fn debezium_job_runs_as_non_root_read_only_and_installs_nothing() {
+    let objects = render(&[JWT]);
+    let job = find(&objects, "Job", "chatfleet-debezium-register");
+    let spec = &job["spec"]["template"]["spec"];
+    assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
+    assert!(spec["securityContext"]["runAsUser"].as_u64().is_some_and(|u| u > 0));
+    let container = &spec["containers"][0];
+    assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(container["securityContext"]["allowPrivilegeEscalation"], false);
+    let command = format!("{} {}", container["command"], container["args"]);
+    for installer in ["apk ", "apt", "yum", "dnf", "pip", "microdnf"] {
+        assert!(!command.contains(installer), "the job installs packages at run time: {command}");
+    }
+    assert!(container["volumeMounts"].to_string().contains("\"/tmp\""), "a writable /tmp for curl's bodies");
+    let script = std::fs::read_to_string(workspace_root().join("debezium/register.sh")).expect("register.sh");
+    let code: String = script.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+    assert!(!code.contains("jq "), "register.sh must run with bash and curl only (no jq in the Connect image)");
+}
+
+#[test]
+fn tokens_edge_settings_and_secret_lengths() {
+    let objects = render(&[JWT]);
+    let common = &find(&objects, "ConfigMap", "chatfleet-common")["data"];
+    assert_eq!(common["JWT_ALGORITHM"], "HS256");
+    assert_eq!(common["JWT_ISSUER"], "https://auth.example.com/");
+    assert_eq!(common["JWT_AUDIENCE"], "chatfleet");
+    assert_eq!(common["CLIENT_IP_HEADER"], "x-forwarded-for");
+    assert!(common["ALLOWED_ORIGINS"].is_string());
+    let origins = render(&[JWT, "edge.allowedOrigins=https://app.example.com"]);
+    assert_eq!(find(&origins, "ConfigMap", "chatfleet-common")["data"]["ALLOWED_ORIGINS"], "https://app.example.com");
+    let secret = find(&objects, "Secret", "chatfleet");
+    assert!(secret["stringData"]["INTERNAL_SERVICE_TOKEN"].as_str().is_some_and(|t| t.len() >= 32), "generated token");
+
+    // Short secrets and a missing issuer are refused at render time.
+    let refused = render_error(&["secrets.jwtSecret=only-20-bytes-long!!"]);
+    assert!(refused.contains("secrets.jwtSecret") && refused.contains("32"), "{refused}");
+    let refused = render_error(&[JWT, "secrets.internalServiceToken=short-token"]);
+    assert!(refused.contains("internalServiceToken") && refused.contains("32"), "{refused}");
+    let refused = render_error(&[JWT, "auth.issuer="]);
+    assert!(refused.contains("auth.issuer"), "{refused}");
+    let refused = render_error(&[JWT, "config.JWT_SECRET=x"]);
+    assert!(refused.contains("config.JWT_SECRET"), "{refused}");
+    let refused = render_error(&["auth.algorithm=RS256"]);
+    assert!(refused.contains("RS256"), "RS256 without a key must be refused: {refused}");
+
+    // RS256 with a public key from a Secret: mounted read-only, JWT_PUBLIC_KEY_FILE
+    // points at it, no JWT_SECRET anywhere.
+    let rs =
+        render(&["auth.algorithm=RS256", "auth.publicKey.secretName=jwt-public-key", "auth.publicKey.key=issuer.pem"]);
+    let common = &find(&rs, "ConfigMap", "chatfleet-common")["data"];
+    assert_eq!(common["JWT_ALGORITHM"], "RS256");
+    assert_eq!(common["JWT_PUBLIC_KEY_FILE"], "/etc/chatfleet/jwt/issuer.pem");
+    assert!(find(&rs, "Secret", "chatfleet")["stringData"].get("JWT_SECRET").is_none());
+    for (kind, name, _) in WORKLOADS {
+        let spec = &find(&rs, kind, name)["spec"]["template"]["spec"];
+        assert_eq!(spec["volumes"][0]["secret"]["secretName"], "jwt-public-key", "{name}");
+        let mount = &spec["containers"][0]["volumeMounts"][0];
+        assert_eq!(mount["mountPath"], "/etc/chatfleet/jwt", "{name}");
+        assert_eq!(mount["readOnly"], true, "{name}");
+        assert!(!spec["containers"][0]["env"].to_string().contains("JWT_SECRET"), "{name}");
+    }
+    let jwks = render(&["auth.algorithm=RS256", "auth.jwksUrl=https://auth.example.com/jwks.json"]);
+    let common = &find(&jwks, "ConfigMap", "chatfleet-common")["data"];
+    assert_eq!(common["JWT_JWKS_URL"], "https://auth.example.com/jwks.json");
+    assert!(common["JWT_JWKS_REFRESH_INTERVAL"].is_string());
+    let values = std::fs::read_to_string(workspace_root().join(CHART).join("values.yaml")).expect("values.yaml");
+    assert!(values.contains(">= 32"), "values.yaml documents the 32-byte minimum");
 }

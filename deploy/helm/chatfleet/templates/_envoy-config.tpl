@@ -15,9 +15,18 @@ checksum on the pods). Same listeners and routes as deploy/envoy/envoy.yaml.
 {{- $fullname := include "chatfleet.fullname" . }}
 {{- $ns := .Release.Namespace }}
 {{- $hc := .Values.envoy.healthCheck }}
+{{- $limits := .Values.envoy.limits }}
+{{- /* Loopback only: the admin API can drain, quit and change log levels. The ops
+listener relays GET /ready and GET /stats/prometheus to it for probes and scrapes. */}}
 admin:
   address:
-    socket_address: { address: 0.0.0.0, port_value: {{ .Values.envoy.ports.admin }} }
+    socket_address: { address: 127.0.0.1, port_value: {{ .Values.envoy.ports.admin }} }
+overload_manager:
+  resource_monitors:
+    - name: envoy.resource_monitors.global_downstream_max_connections
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig
+        max_active_downstream_connections: {{ int $limits.maxConnections }}
 static_resources:
   listeners:
     - name: public
@@ -26,12 +35,18 @@ static_resources:
       per_connection_buffer_limit_bytes: 65536
       filter_chains:
         - filters:
+            - name: envoy.filters.network.connection_limit
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit
+                stat_prefix: public_connections
+                max_connections: {{ int $limits.maxPublicConnections }}
             - name: envoy.filters.network.http_connection_manager
               typed_config:
                 "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
                 stat_prefix: public
                 codec_type: AUTO
                 use_remote_address: true
+                xff_num_trusted_hops: 0
                 normalize_path: true
                 merge_slashes: true
                 path_with_escaped_slashes_action: REJECT_REQUEST
@@ -43,16 +58,62 @@ static_resources:
                 upgrade_configs:
                   - upgrade_type: websocket
                     enabled: false
-                access_log:
+                access_log: &access_log
                   - name: envoy.access_loggers.stdout
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                      log_format:
+                        json_format:
+                          time: "%START_TIME%"
+                          method: "%REQ(:METHOD)%"
+                          path: "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%"
+                          protocol: "%PROTOCOL%"
+                          status: "%RESPONSE_CODE%"
+                          flags: "%RESPONSE_FLAGS%"
+                          bytes_received: "%BYTES_RECEIVED%"
+                          bytes_sent: "%BYTES_SENT%"
+                          duration_ms: "%DURATION%"
+                          client: "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"
+                          upstream: "%UPSTREAM_HOST%"
+                          request_id: "%REQ(X-REQUEST-ID)%"
+                        formatters:
+                          - name: envoy.formatter.req_without_query
+                            typed_config:
+                              "@type": type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery
                 route_config:
                   name: public
                   virtual_hosts:
                     - name: chatfleet
                       domains: ["*"]
                       routes:
+                        - name: chat-messages-post
+                          match:
+                            path: /chat/messages
+                            headers:
+                              - name: ":method"
+                                string_match: { exact: POST }
+                          route:
+                            cluster: chatpersistence_public
+                            timeout: 15s
+                          typed_per_filter_config:
+                            envoy.filters.http.local_ratelimit:
+                              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                              stat_prefix: chat_messages_post
+                              token_bucket: { max_tokens: {{ int $limits.postBurst }}, tokens_per_fill: {{ int $limits.postPerSecond }}, fill_interval: 1s }
+                              filter_enabled:
+                                default_value: { numerator: 100, denominator: HUNDRED }
+                              filter_enforced:
+                                default_value: { numerator: 100, denominator: HUNDRED }
+                              response_headers_to_add:
+                                - header: { key: retry-after, value: "1" }
+                              rate_limits:
+                                - actions:
+                                    - remote_address: {}
+                              descriptors:
+                                - entries:
+                                    - key: remote_address
+                                  token_bucket: { max_tokens: {{ int $limits.postPerIpBurst }}, tokens_per_fill: {{ int $limits.postPerIpPerSecond }}, fill_interval: 1s }
+                              max_dynamic_descriptors: {{ int $limits.maxTrackedClients }}
                         - name: chat-messages
                           match: { path: /chat/messages }
                           route:
@@ -103,6 +164,10 @@ static_resources:
                             body:
                               inline_string: '{"error":{"code":"not_found","message":"no such route"}}'
                 http_filters:
+                  - name: envoy.filters.http.local_ratelimit
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+                      stat_prefix: public_ratelimit
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -121,10 +186,7 @@ static_resources:
                 request_headers_timeout: 10s
                 common_http_protocol_options:
                   idle_timeout: 300s
-                access_log:
-                  - name: envoy.access_loggers.stdout
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog
+                access_log: *access_log
                 route_config:
                   name: internal
                   virtual_hosts:
@@ -177,7 +239,53 @@ static_resources:
                   - name: envoy.filters.http.router
                     typed_config:
                       "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+    - name: ops
+      address:
+        socket_address: { address: 0.0.0.0, port_value: {{ .Values.envoy.ports.ops }} }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ops
+                codec_type: AUTO
+                request_headers_timeout: 10s
+                route_config:
+                  name: ops
+                  virtual_hosts:
+                    - name: ops
+                      domains: ["*"]
+                      routes:
+                        - name: ready
+                          match:
+                            path: /ready
+                            headers: &get_only
+                              - name: ":method"
+                                string_match: { exact: GET }
+                          route: { cluster: envoy_admin, timeout: 2s }
+                        - name: stats
+                          match:
+                            path: /stats/prometheus
+                            headers: *get_only
+                          route: { cluster: envoy_admin, timeout: 5s }
+                        - name: not-found
+                          match: { prefix: / }
+                          direct_response: { status: 404 }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
+    - name: envoy_admin
+      type: STATIC
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: envoy_admin
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: { address: 127.0.0.1, port_value: {{ .Values.envoy.ports.admin }} }
     {{- range $side, $port := dict "public" .Values.ports.public "internal" .Values.ports.internal }}
     - name: chatpersistence_{{ $side }}
       type: STRICT_DNS

@@ -99,8 +99,43 @@ emailhandler:
 {{- if le (int .Values.terminationGracePeriodSeconds) $needed -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed preStopSleepSeconds + SHUTDOWN_TIMEOUT (%d s), or draining pods are killed mid-drain" (int .Values.terminationGracePeriodSeconds) $needed) -}}
 {{- end -}}
-{{- if and (not .Values.secrets.existingSecret) (not .Values.secrets.jwtSecret) -}}
-{{- fail "secrets.jwtSecret is required (the HS256 secret shared with your token issuer), or set secrets.existingSecret" -}}
+{{- $auth := .Values.auth -}}
+{{- range $key := list "JWT_ALGORITHM" "JWT_ISSUER" "JWT_AUDIENCE" "JWT_PUBLIC_KEY_FILE" "JWT_JWKS_URL" "JWT_JWKS_REFRESH_INTERVAL" "JWT_SECRET" "INTERNAL_SERVICE_TOKEN" "ALLOWED_ORIGINS" "CLIENT_IP_HEADER" -}}
+{{- if hasKey $.Values.config $key -}}
+{{- fail (printf "config.%s: set it with the auth.*, edge.* or secrets.* values instead (values.yaml)" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- if not $auth.issuer -}}
+{{- fail "auth.issuer is required: the `iss` your token issuer writes into user tokens (JWT_ISSUER); tokens without it are refused" -}}
+{{- end -}}
+{{- if not $auth.audience -}}
+{{- fail "auth.audience is required: the `aud` your token issuer writes into user tokens for chatfleet (JWT_AUDIENCE)" -}}
+{{- end -}}
+{{- $keySources := 0 -}}
+{{- if $auth.publicKey.secretName }}{{ $keySources = add1 $keySources }}{{ end -}}
+{{- if $auth.publicKey.configMapName }}{{ $keySources = add1 $keySources }}{{ end -}}
+{{- if $auth.jwksUrl }}{{ $keySources = add1 $keySources }}{{ end -}}
+{{- if eq $auth.algorithm "HS256" -}}
+{{- if gt $keySources 0 -}}
+{{- fail "auth.publicKey / auth.jwksUrl are for auth.algorithm=RS256; HS256 uses secrets.jwtSecret" -}}
+{{- end -}}
+{{- if not .Values.secrets.existingSecret -}}
+{{- if not .Values.secrets.jwtSecret -}}
+{{- fail "secrets.jwtSecret is required (the HS256 secret shared with your token issuer, at least 32 bytes), or set secrets.existingSecret, or use auth.algorithm=RS256" -}}
+{{- end -}}
+{{- if lt (len .Values.secrets.jwtSecret) 32 -}}
+{{- fail (printf "secrets.jwtSecret is %d bytes: it must be at least 32 random bytes (for example: openssl rand -base64 48)" (len .Values.secrets.jwtSecret)) -}}
+{{- end -}}
+{{- end -}}
+{{- else if eq $auth.algorithm "RS256" -}}
+{{- if ne $keySources 1 -}}
+{{- fail "auth.algorithm=RS256 needs exactly one of auth.publicKey.secretName, auth.publicKey.configMapName (a PEM public key under auth.publicKey.key) or auth.jwksUrl" -}}
+{{- end -}}
+{{- else -}}
+{{- fail (printf "auth.algorithm=%q: HS256 or RS256" $auth.algorithm) -}}
+{{- end -}}
+{{- if and (not .Values.secrets.existingSecret) .Values.secrets.internalServiceToken (lt (len .Values.secrets.internalServiceToken) 32) -}}
+{{- fail (printf "secrets.internalServiceToken is %d bytes: it must be at least 32 random bytes, or leave it empty to have one generated" (len .Values.secrets.internalServiceToken)) -}}
 {{- end -}}
 {{- range $key := list "chatsockets" "notifications" -}}
 {{- $v := index $.Values $key -}}
