@@ -15,5 +15,5 @@ mod ids;
 mod message;
 
 pub use event::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
-pub use ids::{IdError, MessageId, StreamId, UserId};
+pub use ids::{ConversationKind, IdError, IdSettings, MessageId, StreamId, StreamIdFormat, UserId};
 pub use message::{ChatMessage, ContentError, MessageContent, MAX_CONTENT_CHARS};

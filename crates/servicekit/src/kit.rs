@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -12,10 +13,12 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower_http::trace::TraceLayer;
 
 use crate::config::{self, ConfigError, EnvMap};
+use crate::edge::EdgePolicy;
 use crate::health::{ops_router, Readiness};
 use crate::telemetry::{self, LogSettings};
 use crate::Shutdown;
@@ -36,6 +39,22 @@ pub struct HttpSettings {
     /// process exits anyway. Keep it below the pod's termination grace period.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// `HTTP_REQUEST_TIMEOUT`: a request not answered within it gets `503`.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// `HTTP_MAX_CONCURRENT_REQUESTS`: requests in flight per listener; more are
+    /// refused with `503` + `Retry-After` (`0`: no limit).
+    pub max_concurrent_requests: usize,
+    /// `HTTP_HEADER_READ_TIMEOUT`: a connection that has not sent a complete
+    /// request head within it (fresh, or idle between keep-alive requests) is closed.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// `ALLOWED_ORIGINS`: comma-separated browser origins allowed to call the public
+    /// API (CORS) and to open sockets (`Origin` check). Empty: any origin.
+    pub allowed_origins: String,
+    /// `CLIENT_IP_HEADER`: header the edge proxy writes the client address into
+    /// (`x-forwarded-for` behind the shipped Envoy and nginx). Empty: the TCP peer.
+    pub client_ip_header: String,
 }
 
 impl Default for HttpSettings {
@@ -46,6 +65,11 @@ impl Default for HttpSettings {
             internal_port: 9090,
             body_limit: 64 * 1024,
             shutdown_timeout: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 2048,
+            header_read_timeout: Duration::from_secs(10),
+            allowed_origins: String::new(),
+            client_ip_header: String::new(),
         }
     }
 }
@@ -57,7 +81,20 @@ impl HttpSettings {
         ("INTERNAL_HTTP_PORT", "internal_port"),
         ("HTTP_BODY_LIMIT", "body_limit"),
         ("SHUTDOWN_TIMEOUT", "shutdown_timeout"),
+        ("HTTP_REQUEST_TIMEOUT", "request_timeout"),
+        ("HTTP_MAX_CONCURRENT_REQUESTS", "max_concurrent_requests"),
+        ("HTTP_HEADER_READ_TIMEOUT", "header_read_timeout"),
+        ("ALLOWED_ORIGINS", "allowed_origins"),
+        ("CLIENT_IP_HEADER", "client_ip_header"),
     ];
+
+    /// The edge policy these settings describe.
+    pub fn edge_policy(&self) -> Result<EdgePolicy, String> {
+        if self.request_timeout.is_zero() || self.header_read_timeout.is_zero() {
+            return Err("HTTP_REQUEST_TIMEOUT and HTTP_HEADER_READ_TIMEOUT must be greater than zero".into());
+        }
+        EdgePolicy::new(&self.allowed_origins, &self.client_ip_header)
+    }
 }
 
 /// The settings every service has.
@@ -145,14 +182,23 @@ impl Kit {
         let http = self.base.http.clone();
         let ops = ops_router(readiness, self.metrics.clone(), self.shutdown.clone());
 
+        let policy =
+            Arc::new(http.edge_policy().map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?);
         let mut servers = JoinSet::new();
         let public_addr = bind_addr(&http.host, http.port)?;
-        let public = finish(routes.public, ops.clone(), http.body_limit);
-        servers.spawn(run_listener("public", public_addr, public, self.shutdown.clone()));
+        // CORS only where browsers call: the public API.
+        let public = finish(routes.public.layer(policy.cors()), ops.clone(), &http, &policy);
+        servers.spawn(run_listener("public", public_addr, public, http.header_read_timeout, self.shutdown.clone()));
         if let Some(internal) = routes.internal {
             let internal_addr = bind_addr(&http.host, http.internal_port)?;
-            let internal = finish(internal, ops, http.body_limit);
-            servers.spawn(run_listener("internal", internal_addr, internal, self.shutdown.clone()));
+            let internal = finish(internal, ops, &http, &policy);
+            servers.spawn(run_listener(
+                "internal",
+                internal_addr,
+                internal,
+                http.header_read_timeout,
+                self.shutdown.clone(),
+            ));
         }
 
         // Either a signal, a failed listener or a failed worker ends the run.
@@ -191,26 +237,44 @@ fn bind_addr(host: &str, port: u16) -> std::io::Result<SocketAddr> {
         .map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}:{port}: {err}")))
 }
 
-fn finish(router: Router, ops: Router, body_limit: usize) -> Router {
+/// The layers every listener has. The service's routes get the request timeout and
+/// the concurrency limit; the probes and metrics do not, so an overloaded pod still
+/// answers its probes.
+fn finish(router: Router, ops: Router, http: &HttpSettings, policy: &Arc<EdgePolicy>) -> Router {
+    let timeout = http.request_timeout;
+    let mut router = router
+        .layer(axum::middleware::from_fn(move |request, next| crate::edge::request_timeout(timeout, request, next)));
+    if http.max_concurrent_requests > 0 {
+        let permits = Arc::new(Semaphore::new(http.max_concurrent_requests));
+        router = router.layer(axum::middleware::from_fn(move |request, next| {
+            crate::edge::concurrency_limit(permits.clone(), request, next)
+        }));
+    }
+    let policy = policy.clone();
     router
         .merge(ops)
         .fallback(crate::http::not_found)
-        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(DefaultBodyLimit::max(http.body_limit))
         .layer(axum::middleware::from_fn(crate::http::record_metrics))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(move |request, next| crate::edge::with_policy(policy.clone(), request, next)))
+        // Spans name the method and path only: query strings can carry tokens.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
 }
 
 async fn run_listener(
     which: &'static str,
     addr: SocketAddr,
     router: Router,
+    header_read_timeout: Duration,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr} ({which}): {err}")))?;
     tracing::info!(listener = which, addr = %listener.local_addr()?, "listening");
-    axum::serve(listener, router).with_graceful_shutdown(shutdown.wait()).await
+    crate::serve::serve(listener, router, header_read_timeout, shutdown).await
 }
 
 /// What a service's build step hands back: its routes, readiness checks and

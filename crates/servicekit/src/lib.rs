@@ -14,14 +14,18 @@
 //! ```
 
 pub mod config;
+pub mod edge;
 pub mod health;
 pub mod http;
 pub mod kit;
 pub mod metrics;
+pub mod ratelimit;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use config::{ConfigError, EnvMap};
+pub use edge::{AllowedOrigin, ClientIp, EdgePolicy};
 pub use health::{Readiness, ReadinessCheck};
 pub use http::{ApiError, ApiJson, ApiQuery};
 pub use kit::{run, BaseSettings, Context, Kit, Launch, Routes};

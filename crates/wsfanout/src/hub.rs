@@ -226,6 +226,9 @@ impl Recent {
 
 struct Conn {
     id: ConnectionId,
+    /// Who this socket is for, in the service's terms (the chat hub: the user and
+    /// the peer). Broadcasts may be narrowed to some audiences.
+    audience: Arc<str>,
     tx: mpsc::Sender<Frame>,
     close_tx: watch::Sender<Option<Close>>,
     recent: Recent,
@@ -240,6 +243,7 @@ impl Conn {
 struct Shared<K> {
     name: &'static str,
     settings: WsSettings,
+    admission: crate::admit::Limits,
     groups: Mutex<HashMap<K, Vec<Conn>>>,
     /// Live registrations (sockets not yet finished), for the cap, the gauge and draining.
     live: AtomicUsize,
@@ -268,6 +272,7 @@ where
         Self {
             shared: Arc::new(Shared {
                 name,
+                admission: crate::admit::Limits::new(name, &settings),
                 settings,
                 groups: Mutex::new(HashMap::new()),
                 live: AtomicUsize::new(0),
@@ -283,6 +288,10 @@ where
 
     pub fn settings(&self) -> &WsSettings {
         &self.shared.settings
+    }
+
+    pub(crate) fn admission(&self) -> &crate::admit::Limits {
+        &self.shared.admission
     }
 
     /// Sockets currently open (registered and not yet finished).
@@ -310,6 +319,11 @@ where
     /// it, so register *before* fetching anything to replay. Dropping the
     /// registration (for example when the upgrade fails) removes the connection.
     pub fn register(&self, key: K) -> Result<Registration<K>, RegisterError> {
+        self.register_as(key, "")
+    }
+
+    /// [`Hub::register`] for a socket of `audience` (see [`Hub::broadcast_to`]).
+    pub fn register_as(&self, key: K, audience: &str) -> Result<Registration<K>, RegisterError> {
         let limit = self.shared.settings.max_connections;
         let admitted = self
             .shared
@@ -323,20 +337,36 @@ where
         let id = ConnectionId(self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = mpsc::channel(self.shared.settings.outbound_queue.max(1));
         let (close_tx, close_rx) = watch::channel(None);
-        let conn = Conn { id, tx, close_tx, recent: Recent::new(self.shared.settings.recent_events) };
+        let conn = Conn {
+            id,
+            audience: audience.into(),
+            tx,
+            close_tx,
+            recent: Recent::new(self.shared.settings.recent_events),
+        };
         self.groups().entry(key.clone()).or_default().push(conn);
-        Ok(Registration { hub: self.clone(), key, id, rx, close_rx })
+        Ok(Registration { hub: self.clone(), key, id, rx, close_rx, slots: Vec::new() })
     }
 
     /// Offers `frame` to every connection of `key` without waiting for any of them.
     pub fn broadcast(&self, key: &K, frame: Frame) -> DeliveryReport {
+        self.broadcast_to(key, frame, |_| true)
+    }
+
+    /// Offers `frame` to the connections of `key` whose audience `accepts`; the
+    /// others neither get it nor count in the report. This is how a socket only ever
+    /// sees what its own user may see, whatever else shares its key.
+    pub fn broadcast_to(&self, key: &K, frame: Frame, accepts: impl Fn(&str) -> bool) -> DeliveryReport {
         let mut report = DeliveryReport::default();
         let mut slow = Vec::new();
         {
             let mut groups = self.groups();
             if let Some(conns) = groups.get_mut(key) {
-                report.connections = conns.len();
                 conns.retain_mut(|conn| {
+                    if !accepts(&conn.audience) {
+                        return true;
+                    }
+                    report.connections += 1;
                     if let Some(id) = &frame.event_id {
                         if conn.recent.contains(id) {
                             report.delivered += 1;
@@ -467,6 +497,8 @@ where
     id: ConnectionId,
     pub(crate) rx: mpsc::Receiver<Frame>,
     pub(crate) close_rx: watch::Receiver<Option<Close>>,
+    /// Per-user and per-address socket slots, freed with the registration.
+    slots: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl<K> Registration<K>
@@ -483,6 +515,11 @@ where
 
     pub fn hub(&self) -> &Hub<K> {
         &self.hub
+    }
+
+    /// Keeps `slot` (a per-user or per-address cap) held as long as this connection.
+    pub(crate) fn hold(&mut self, slot: Box<dyn std::any::Any + Send + Sync>) {
+        self.slots.push(slot);
     }
 
     /// Marks `ids` as already delivered (they are being replayed), so broadcasts of
@@ -542,6 +579,20 @@ mod tests {
             out.push(frame.text().to_owned());
         }
         out
+    }
+
+    #[test]
+    fn broadcast_to_reaches_only_the_accepted_audiences_and_counts_only_them() {
+        let hub = hub(8);
+        let mut alice = hub.register_as(key("s1"), "alice").expect("admitted");
+        let mut mallory = hub.register_as(key("s1"), "mallory").expect("admitted");
+        let report = hub.broadcast_to(&key("s1"), Frame::event("m1", "secret"), |who| who == "alice");
+        assert_eq!(report, DeliveryReport { connections: 1, delivered: 1, failed: 0 });
+        assert_eq!(texts(&mut alice), ["secret"]);
+        assert!(texts(&mut mallory).is_empty());
+        let nobody = hub.broadcast_to(&key("s1"), Frame::event("m2", "x"), |_| false);
+        assert_eq!(nobody.outcome(), Outcome::NoConnections);
+        assert_eq!(hub.connections_of(&key("s1")), 2, "filtered sockets stay registered");
     }
 
     #[test]

@@ -40,7 +40,7 @@ mod hub;
 mod ownership;
 mod settings;
 
-pub use admit::admit;
+pub use admit::{admit, Admission};
 pub use client_frames::answer_ping;
 pub use driver::{Driver, Ended, Inbound};
 pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, RegisterError, Registration};

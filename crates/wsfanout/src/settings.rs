@@ -22,6 +22,18 @@ pub struct WsSettings {
     /// `WS_MAX_CONNECTIONS`: sockets one process accepts; further upgrades are refused
     /// with 503. `0` means no limit.
     pub max_connections: usize,
+    /// `WS_MAX_CONNECTIONS_PER_USER`: sockets one user may hold open on one pod;
+    /// further upgrades get 429. `0` means no limit.
+    pub max_connections_per_user: usize,
+    /// `WS_MAX_CONNECTIONS_PER_IP`: sockets one client address may hold open on one
+    /// pod (see `CLIENT_IP_HEADER`); further upgrades get 429. `0` means no limit.
+    pub max_connections_per_ip: usize,
+    /// `WS_CONNECT_RATE_PER_USER`: upgrade attempts per second one user may make
+    /// (bursts of twice that); more get 429. `0` means no limit.
+    pub connect_rate_per_user: u32,
+    /// `WS_CONNECT_RATE_PER_IP`: upgrade attempts per second one client address may
+    /// make (bursts of twice that); more get 429. `0` means no limit.
+    pub connect_rate_per_ip: u32,
     /// `WS_MAX_MESSAGE_SIZE`: largest frame a client may send, in bytes (larger: close 1009).
     pub max_message_size: usize,
     /// `WS_RECENT_EVENTS`: how many recently queued event ids each connection
@@ -50,7 +62,11 @@ impl Default for WsSettings {
             outbound_queue: 256,
             ping_interval: Duration::from_secs(20),
             pong_timeout: Duration::from_secs(60),
-            max_connections: 0,
+            max_connections: 20_000,
+            max_connections_per_user: 32,
+            max_connections_per_ip: 2_000,
+            connect_rate_per_user: 10,
+            connect_rate_per_ip: 200,
             max_message_size: 16 * 1024,
             recent_events: 256,
             close_timeout: Duration::from_secs(5),
@@ -67,6 +83,10 @@ impl WsSettings {
         ("WS_PING_INTERVAL", "ping_interval"),
         ("WS_PONG_TIMEOUT", "pong_timeout"),
         ("WS_MAX_CONNECTIONS", "max_connections"),
+        ("WS_MAX_CONNECTIONS_PER_USER", "max_connections_per_user"),
+        ("WS_MAX_CONNECTIONS_PER_IP", "max_connections_per_ip"),
+        ("WS_CONNECT_RATE_PER_USER", "connect_rate_per_user"),
+        ("WS_CONNECT_RATE_PER_IP", "connect_rate_per_ip"),
         ("WS_MAX_MESSAGE_SIZE", "max_message_size"),
         ("WS_RECENT_EVENTS", "recent_events"),
         ("WS_CLOSE_TIMEOUT", "close_timeout"),

@@ -16,15 +16,16 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use chatauth::{AuthUser, Authenticator, ServiceCaller};
-use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
+use chatstream::{ChatMessage, ConversationKind, MessageContent, MessageId, StreamId, StreamIdFormat, UserId};
 use chrono::{TimeZone, Utc};
 use serde::{Deserialize, Serialize};
+use servicekit::ratelimit::{KeyedLimiter, Rate};
 use servicekit::{ApiError, ApiJson, ApiQuery};
 use tokio::sync::Mutex;
 
 use crate::relay::RelayFeed;
-use crate::settings::HistorySettings;
-use crate::store::{Cursor, Inserted, Store, StoreError};
+use crate::settings::{HistorySettings, WriteSettings};
+use crate::store::{Cursor, Inserted, Reader, Store, StoreError};
 
 /// The response header that marks an idempotent replay (`200`, nothing written).
 pub const REPLAY_HEADER: &str = "idempotent-replay";
@@ -43,6 +44,12 @@ pub struct AppState {
     store: Store,
     auth: Authenticator,
     history: HistorySettings,
+    /// The pair id format new messages get (`STREAM_ID_FORMAT`).
+    format: StreamIdFormat,
+    /// `RATE_LIMIT_POST_*`: one bucket per sender.
+    post_limiter: Arc<KeyedLimiter<UserId>>,
+    /// `STREAM_LOCK_TIMEOUT`.
+    lock_timeout: Duration,
     /// Hands local inserts to the outbox relay (outbox mode only).
     feed: Option<Arc<RelayFeed>>,
     /// Set once the indexes exist; writes wait for it (idempotency needs the
@@ -55,19 +62,35 @@ impl AppState {
     pub fn new(
         store: Store,
         auth: Authenticator,
-        history: HistorySettings,
+        limits: Limits,
         feed: Option<Arc<RelayFeed>>,
         indexes_ready: Arc<AtomicBool>,
     ) -> Self {
         let stream_locks = Arc::new((0..STREAM_LOCK_STRIPES).map(|_| Mutex::new(())).collect());
-        Self { store, auth, history, feed, indexes_ready, stream_locks }
+        let writes = &limits.writes;
+        let rate = Rate::new(writes.rate_limit_post_per_second, writes.rate_limit_post_burst);
+        Self {
+            store,
+            auth,
+            history: limits.history,
+            format: limits.format,
+            post_limiter: Arc::new(KeyedLimiter::new("post_message", rate, MAX_LIMITED_USERS)),
+            lock_timeout: writes.stream_lock_timeout,
+            feed,
+            indexes_ready,
+            stream_locks,
+        }
     }
 
-    fn stream_lock(&self, stream: &StreamId) -> &Mutex<()> {
-        // Stream ids are hex digests already: their leading bytes are uniform.
-        let head = stream.as_str().get(..8).unwrap_or_default();
+    /// The write lock of `stream`'s stripe, waited for at most `STREAM_LOCK_TIMEOUT`.
+    async fn lock_stream(&self, stream: &StreamId) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+        // Stream ids are hex digests (after a group's prefix): their leading bytes are uniform.
+        let head = stream.digest_hex().get(..8).unwrap_or_default();
         let stripe = u64::from_str_radix(head, 16).unwrap_or(0) as usize % STREAM_LOCK_STRIPES;
-        &self.stream_locks[stripe]
+        tokio::time::timeout(self.lock_timeout, self.stream_locks[stripe].lock()).await.map_err(|_| {
+            metrics::counter!("stream_lock_timeouts_total").increment(1);
+            ApiError::unavailable("this conversation is busy, retry shortly", RETRY_AFTER)
+        })
     }
 
     /// A writable store, or 503 while the indexes are not there yet.
@@ -84,6 +107,16 @@ impl FromRef<AppState> for Authenticator {
     fn from_ref(state: &AppState) -> Self {
         state.auth.clone()
     }
+}
+
+/// The most users whose post rate is tracked at once (the limiter's memory bound).
+const MAX_LIMITED_USERS: usize = 100_000;
+
+/// What the API's limits and formats come from.
+pub struct Limits {
+    pub history: HistorySettings,
+    pub writes: WriteSettings,
+    pub format: StreamIdFormat,
 }
 
 /// What clients are told to wait before retrying after a 503.
@@ -137,7 +170,7 @@ fn invalid(field: &str, err: impl std::fmt::Display) -> ApiError {
 }
 
 /// Checks a post against the caller; every rule of the API in one place.
-fn validate(caller: &UserId, body: PostMessage) -> Result<NewMessage, ApiError> {
+fn validate(format: StreamIdFormat, caller: &UserId, body: PostMessage) -> Result<NewMessage, ApiError> {
     let sender = UserId::parse(&body.sender_id).map_err(|e| invalid("sender_id", e))?;
     if &sender != caller {
         return Err(ApiError::forbidden("sender_id must be the authenticated user"));
@@ -147,7 +180,7 @@ fn validate(caller: &UserId, body: PostMessage) -> Result<NewMessage, ApiError> 
         return Err(invalid("receiver_id", "must differ from sender_id"));
     }
     let content = MessageContent::parse(&body.content).map_err(|e| invalid("content", e))?;
-    let stream = StreamId::for_pair(&sender, &receiver);
+    let stream = StreamId::for_pair_as(format, &sender, &receiver);
     if let Some(given) = body.stream_id.as_deref() {
         if given != stream.as_str() {
             return Err(invalid("stream_id", format!("{given:?} is not the stream of sender_id and receiver_id")));
@@ -170,12 +203,13 @@ async fn post_message(
     AuthUser(caller): AuthUser,
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
-    let new = validate(&caller, body)?;
+    state.post_limiter.admit(&caller, "messages")?;
+    let new = validate(state.format, &caller, body)?;
     let store = state.writable()?;
 
     let started = Instant::now();
     let outcome = {
-        let _serial = state.stream_lock(&new.stream).lock().await;
+        let _serial = state.lock_stream(&new.stream).await?;
         let now = Utc::now().timestamp_millis();
         let message = ChatMessage {
             message_id: MessageId::new(),
@@ -230,16 +264,18 @@ pub struct PublicHistoryQuery {
     before: Option<String>,
     #[serde(default)]
     limit: Option<u32>,
-    /// Accepted (and read by the authenticator) so browsers can use the query form.
-    #[serde(default, rename = "access_token")]
-    _access_token: Option<String>,
 }
 
-/// `GET /chat/messages` query on the internal listener.
+/// `GET /chat/messages` query on the internal listener. With `user_id` and
+/// `peer_id` only that pair's messages are returned (what a socket may replay).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InternalHistoryQuery {
     stream_id: String,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    peer_id: Option<String>,
     #[serde(default)]
     since: Option<String>,
     #[serde(default)]
@@ -276,8 +312,14 @@ fn page_limit(settings: &HistorySettings, limit: Option<u32>) -> Result<u32, Api
     }
 }
 
-async fn read_page(state: &AppState, stream: StreamId, cursor: Cursor, limit: u32) -> Result<HistoryPage, ApiError> {
-    let mut messages = state.store.history(&stream, cursor, limit + 1).await.map_err(store_error)?;
+async fn read_page(
+    state: &AppState,
+    stream: StreamId,
+    reader: &Reader,
+    cursor: Cursor,
+    limit: u32,
+) -> Result<HistoryPage, ApiError> {
+    let mut messages = state.store.history(&stream, reader, cursor, limit + 1).await.map_err(store_error)?;
     let has_more = messages.len() > limit as usize;
     if has_more {
         match cursor {
@@ -300,30 +342,33 @@ async fn public_history(
         query.stream_id.as_deref().map(|s| StreamId::parse(s).map_err(|e| invalid("stream_id", e))).transpose()?;
     let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
     let limit = page_limit(&state.history, query.limit)?;
-    let stream = match (query.peer_id.as_deref(), given) {
+    let (stream, reader) = match (query.peer_id.as_deref(), given) {
         // The stream is recomputed from the caller and the peer, never taken on trust.
         (Some(peer), given) => {
             let peer = UserId::parse(peer).map_err(|e| invalid("peer_id", e))?;
             if peer == caller {
                 return Err(invalid("peer_id", "must differ from the authenticated user"));
             }
-            let stream = StreamId::for_pair(&caller, &peer);
-            if given.is_some_and(|given| given != stream) {
-                return Err(ApiError::forbidden("you are not a participant of this stream"));
-            }
-            stream
+            let stream = match given {
+                // A pair id in the legacy format is accepted for reading old data.
+                Some(given) if given.is_pair_of(&caller, &peer) => given,
+                Some(_) => return Err(invalid("stream_id", "is not the conversation of you and peer_id")),
+                None => StreamId::for_pair_as(state.format, &caller, &peer),
+            };
+            (stream, Reader::Pair(caller, peer))
         }
-        // Only the stream id: its participants come from its stored messages (the
-        // hash cannot be reversed), and the caller must be one of them.
-        (None, Some(stream)) => match state.store.participants(&stream).await.map_err(store_error)? {
-            Some((a, b)) if caller == a || caller == b => stream,
-            Some(_) => return Err(ApiError::forbidden("you are not a participant of this stream")),
-            // Nothing to read, and nothing about the stream to reveal.
-            None => return Ok(Json(HistoryPage { stream_id: stream, messages: Vec::new(), has_more: false })),
-        },
+        // Only the stream id: the caller sees the messages of it they sent or
+        // received. A stranger's read and an empty conversation answer alike, so the
+        // endpoint tells nobody who talks to whom.
+        (None, Some(stream)) => {
+            if stream.kind() == ConversationKind::Group {
+                return Err(invalid("stream_id", "group conversations are read through their conversation id"));
+            }
+            (stream, Reader::Participant(caller))
+        }
         (None, None) => return Err(invalid("stream_id", "stream_id or peer_id is required")),
     };
-    read_page(&state, stream, cursor, limit).await.map(Json)
+    read_page(&state, stream, &reader, cursor, limit).await.map(Json)
 }
 
 async fn internal_history(
@@ -334,7 +379,15 @@ async fn internal_history(
     let stream = StreamId::parse(&query.stream_id).map_err(|e| invalid("stream_id", e))?;
     let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
     let limit = page_limit(&state.history, query.limit)?;
-    read_page(&state, stream, cursor, limit).await.map(Json)
+    let reader = match (query.user_id.as_deref(), query.peer_id.as_deref()) {
+        (None, None) => Reader::Service,
+        (Some(user), Some(peer)) => Reader::Pair(
+            UserId::parse(user).map_err(|e| invalid("user_id", e))?,
+            UserId::parse(peer).map_err(|e| invalid("peer_id", e))?,
+        ),
+        _ => return Err(invalid("peer_id", "user_id and peer_id go together")),
+    };
+    read_page(&state, stream, &reader, cursor, limit).await.map(Json)
 }
 
 #[cfg(test)]
@@ -360,7 +413,7 @@ mod tests {
         let mut b = body("alice", "bob", "  hi  ");
         b.stream_id = Some(StreamId::for_pair(&user("alice"), &user("bob")).to_string());
         b.client_message_id = Some("web:1.2_3-x".into());
-        let new = validate(&user("alice"), b).expect("valid");
+        let new = validate(StreamIdFormat::V2, &user("alice"), b).expect("valid");
         assert_eq!(new.content.as_str(), "hi");
         assert_eq!(new.client_message_id.as_deref(), Some("web:1.2_3-x"));
     }
@@ -368,7 +421,7 @@ mod tests {
     #[test]
     fn bad_posts_are_refused_with_the_right_status() {
         let alice = user("alice");
-        let status = |b: PostMessage| validate(&alice, b).map(|_| ()).map_err(|e| e.status).err();
+        let status = |b: PostMessage| validate(StreamIdFormat::V2, &alice, b).map(|_| ()).map_err(|e| e.status).err();
         assert_eq!(status(body("mallory", "bob", "x")), Some(StatusCode::FORBIDDEN));
         assert_eq!(status(body("alice", "alice", "x")), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status(body("alice", "b o b", "x")), Some(StatusCode::BAD_REQUEST));
@@ -378,11 +431,25 @@ mod tests {
         let mut wrong_stream = body("alice", "bob", "x");
         wrong_stream.stream_id = Some(StreamId::for_pair(&alice, &user("carol")).to_string());
         assert_eq!(status(wrong_stream), Some(StatusCode::BAD_REQUEST));
+        // A legacy id of the right pair is not the id of the configured format.
+        let mut legacy = body("alice", "bob", "x");
+        legacy.stream_id = Some(StreamId::for_pair_as(StreamIdFormat::Legacy, &alice, &user("bob")).to_string());
+        assert_eq!(status(legacy), Some(StatusCode::BAD_REQUEST));
         for bad in ["", "has space", "slash/", &"k".repeat(129)] {
             let mut b = body("alice", "bob", "x");
             b.client_message_id = Some(bad.to_owned());
             assert_eq!(status(b), Some(StatusCode::BAD_REQUEST), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_legacy_format_is_used_only_when_configured() {
+        let (alice, bob) = (user("alice"), user("bob"));
+        let legacy = validate(StreamIdFormat::Legacy, &alice, body("alice", "bob", "x")).expect("valid");
+        assert_eq!(legacy.stream.as_str(), "a83ab2505ace9a87");
+        let v2 = validate(StreamIdFormat::V2, &alice, body("alice", "bob", "x")).expect("valid");
+        assert_eq!(v2.stream, StreamId::for_pair(&alice, &bob));
+        assert_eq!(v2.stream.as_str().len(), 32);
     }
 
     #[test]

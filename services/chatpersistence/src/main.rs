@@ -28,7 +28,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
     settings.validate()?;
-    let auth = Authenticator::new(&settings.auth).map_err(|e| e.to_string())?;
+    let auth = Authenticator::start(&settings.auth).await.map_err(|e| e.to_string())?;
     let outbox = settings.capture.mode == CaptureMode::Outbox;
     let store = Store::new(&settings.mongo, outbox).await.map_err(|e| e.to_string())?;
 
@@ -37,7 +37,12 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
 
     let feed = outbox.then(|| relay::RelayFeed::new(settings.capture.batch_size as usize * 8));
     let api_feed = feed.as_ref().map(|(feed, _)| feed.clone());
-    let state = api::AppState::new(store.clone(), auth, settings.history.clone(), api_feed, indexes_ready.clone());
+    let limits = api::Limits {
+        history: settings.history.clone(),
+        writes: settings.writes.clone(),
+        format: settings.ids.stream_id_format,
+    };
+    let state = api::AppState::new(store.clone(), auth, limits, api_feed, indexes_ready.clone());
     let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));
 
     let ping_store = store.clone();

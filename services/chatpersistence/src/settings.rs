@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use chatauth::AuthSettings;
+use chatstream::IdSettings;
 use kafkawrapper::KafkaSettings;
 use serde::{Deserialize, Serialize};
 use servicekit::EnvMap;
@@ -143,6 +144,39 @@ impl HistorySettings {
         &[("HISTORY_DEFAULT_LIMIT", "default_limit"), ("HISTORY_MAX_LIMIT", "max_limit")];
 }
 
+/// The write path's abuse limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriteSettings {
+    /// `RATE_LIMIT_POST_PER_SECOND`: messages one user may post per second,
+    /// sustained (`0`: no limit).
+    pub rate_limit_post_per_second: f64,
+    /// `RATE_LIMIT_POST_BURST`: messages one user may post at once.
+    pub rate_limit_post_burst: f64,
+    /// `STREAM_LOCK_TIMEOUT`: the longest a write waits for its conversation's
+    /// write lock before answering `503` + `Retry-After`.
+    #[serde(with = "humantime_serde")]
+    pub stream_lock_timeout: Duration,
+}
+
+impl Default for WriteSettings {
+    fn default() -> Self {
+        Self {
+            rate_limit_post_per_second: 20.0,
+            rate_limit_post_burst: 40.0,
+            stream_lock_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl WriteSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("RATE_LIMIT_POST_PER_SECOND", "rate_limit_post_per_second"),
+        ("RATE_LIMIT_POST_BURST", "rate_limit_post_burst"),
+        ("STREAM_LOCK_TIMEOUT", "stream_lock_timeout"),
+    ];
+}
+
 /// Everything chatpersistence reads besides servicekit's base settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -150,6 +184,8 @@ pub struct Settings {
     pub mongo: MongoSettings,
     pub capture: CaptureSettings,
     pub history: HistorySettings,
+    pub writes: WriteSettings,
+    pub ids: IdSettings,
     pub auth: AuthSettings,
     pub kafka: KafkaSettings,
 }
@@ -161,6 +197,8 @@ impl Settings {
             .section("mongo", MongoSettings::ENV)
             .section("capture", CaptureSettings::ENV)
             .section("history", HistorySettings::ENV)
+            .section("writes", WriteSettings::ENV)
+            .section("ids", IdSettings::ENV)
             .section("auth", AuthSettings::ENV)
             .section("kafka", KafkaSettings::ENV)
     }
@@ -175,6 +213,12 @@ impl Settings {
         }
         if self.history.default_limit == 0 || self.history.max_limit == 0 {
             return Err("HISTORY_DEFAULT_LIMIT and HISTORY_MAX_LIMIT must be at least 1".into());
+        }
+        if self.writes.rate_limit_post_per_second < 0.0 || self.writes.rate_limit_post_burst < 1.0 {
+            return Err("RATE_LIMIT_POST_PER_SECOND must be >= 0 and RATE_LIMIT_POST_BURST >= 1".into());
+        }
+        if self.writes.stream_lock_timeout.is_zero() {
+            return Err("STREAM_LOCK_TIMEOUT must be greater than zero".into());
         }
         if self.history.default_limit > self.history.max_limit {
             return Err("HISTORY_DEFAULT_LIMIT must not exceed HISTORY_MAX_LIMIT".into());
@@ -221,6 +265,10 @@ mod tests {
         assert_eq!(s.capture.partitions, 6);
         assert_eq!(s.history.default_limit, 50);
         assert_eq!(s.history.max_limit, 200);
+        assert_eq!(s.writes.rate_limit_post_per_second, 20.0);
+        assert_eq!(s.writes.rate_limit_post_burst, 40.0);
+        assert_eq!(s.writes.stream_lock_timeout, Duration::from_secs(2));
+        assert_eq!(s.ids.stream_id_format, chatstream::StreamIdFormat::V2);
         assert!(s.validate().is_ok());
     }
 
@@ -239,7 +287,13 @@ mod tests {
             ("RELAY_LEASE_TTL", "2s"),
             ("HISTORY_MAX_LIMIT", "100"),
             ("KAFKA_BROKERS", "k:9092"),
+            ("STREAM_ID_FORMAT", "legacy"),
+            ("RATE_LIMIT_POST_PER_SECOND", "0"),
+            ("STREAM_LOCK_TIMEOUT", "500ms"),
         ]);
+        assert_eq!(s.ids.stream_id_format, chatstream::StreamIdFormat::Legacy);
+        assert_eq!(s.writes.rate_limit_post_per_second, 0.0);
+        assert_eq!(s.writes.stream_lock_timeout, Duration::from_millis(500));
         assert_eq!(s.mongo.uri, "mongodb://db:27017/?replicaSet=rs0");
         assert_eq!(s.mongo.database, "c2");
         assert_eq!(s.mongo.messages_collection, "m2");

@@ -91,6 +91,18 @@ pub enum Cursor {
     Before(MessageId),
 }
 
+/// Whose messages of a conversation a history read returns. A conversation id is
+/// never enough on its own: under the legacy id format two pairs can share one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reader {
+    /// An internal service: every message stored under the id.
+    Service,
+    /// Exactly the messages between these two users.
+    Pair(UserId, UserId),
+    /// The messages this user sent or received.
+    Participant(UserId),
+}
+
 /// What an insert did.
 #[derive(Debug)]
 pub enum Inserted {
@@ -215,9 +227,60 @@ impl Store {
         self.bounded(self.messages.find_one(filter)).await?.map(MessageDoc::into_message).transpose()
     }
 
-    /// Up to `limit` messages of `stream` from `cursor`, oldest first.
-    pub async fn history(&self, stream: &StreamId, cursor: Cursor, limit: u32) -> Result<Vec<ChatMessage>, StoreError> {
-        let mut filter = doc! { "stream_id": { "$eq": stream.as_str() } };
+    /// Up to `limit` messages of `stream` from `cursor` that `reader` may see, oldest first.
+    pub async fn history(
+        &self,
+        stream: &StreamId,
+        reader: &Reader,
+        cursor: Cursor,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let base = doc! { "stream_id": { "$eq": stream.as_str() } };
+        let filters = match reader {
+            Reader::Service => vec![base],
+            Reader::Pair(a, b) => {
+                let pair = [a.as_str(), b.as_str()];
+                let mut filter = base;
+                filter.insert("sender_id", doc! { "$in": pair.to_vec() });
+                filter.insert("receiver_id", doc! { "$in": pair.to_vec() });
+                vec![filter]
+            }
+            // Two indexed reads merged here instead of one `$or` (which the local
+            // stand-in answers with a full scan): the caller sent it or received it.
+            Reader::Participant(user) => ["sender_id", "receiver_id"]
+                .into_iter()
+                .map(|field| {
+                    let mut filter = base.clone();
+                    filter.insert(field, doc! { "$eq": user.as_str() });
+                    filter
+                })
+                .collect(),
+        };
+        let mut merged: Vec<ChatMessage> = Vec::new();
+        for filter in filters {
+            merged.extend(self.history_page(filter, cursor, limit).await?);
+        }
+        merged.sort_by_key(|message| message.message_id);
+        merged.dedup_by_key(|message| message.message_id);
+        // Keep the `limit` nearest the cursor: the oldest for `Start`/`Since`, the
+        // newest for `Before`.
+        if merged.len() > limit as usize {
+            match cursor {
+                Cursor::Before(_) => {
+                    merged.drain(..merged.len() - limit as usize);
+                }
+                _ => merged.truncate(limit as usize),
+            }
+        }
+        Ok(merged)
+    }
+
+    async fn history_page(
+        &self,
+        mut filter: Document,
+        cursor: Cursor,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
         let ascending = match cursor {
             Cursor::Start => true,
             Cursor::Since(id) => {
@@ -240,11 +303,7 @@ impl Store {
                 .await
         };
         let docs = self.bounded(find).await?;
-        let mut messages = docs.into_iter().map(MessageDoc::into_message).collect::<Result<Vec<_>, _>>()?;
-        if !ascending {
-            messages.reverse();
-        }
-        Ok(messages)
+        docs.into_iter().map(MessageDoc::into_message).collect()
     }
 
     /// The oldest `limit` messages still marked for the relay, oldest first.
@@ -260,20 +319,6 @@ impl Store {
                 .await
         };
         Ok(self.bounded(find).await?.into_iter().map(MessageDoc::into_message).collect())
-    }
-
-    /// The two participants of `stream`, read from one of its messages (`None` while
-    /// the stream has none). The pair is checked against the stream id it claims.
-    pub async fn participants(&self, stream: &StreamId) -> Result<Option<(UserId, UserId)>, StoreError> {
-        let found = self.bounded(self.messages.find_one(doc! { "stream_id": { "$eq": stream.as_str() } })).await?;
-        let Some(message) = found.map(MessageDoc::into_message).transpose()? else { return Ok(None) };
-        if StreamId::for_pair(&message.sender_id, &message.receiver_id) != *stream {
-            return Err(StoreError::Corrupt {
-                id: message.message_id.to_string(),
-                reason: format!("stored under stream {stream}, which is not its participants' stream"),
-            });
-        }
-        Ok(Some((message.sender_id, message.receiver_id)))
     }
 
     /// Clears the outbox marker of `ids` (after the broker acknowledged them).

@@ -10,7 +10,7 @@ use axum::extract::FromRef;
 use axum::routing::{get, post};
 use axum::Router;
 use chatauth::Authenticator;
-use chatstream::StreamId;
+use chatstream::{StreamId, StreamIdFormat};
 use servicekit::{Context, Launch, Readiness, Routes, Shutdown};
 use wsfanout::{Hub, OwnershipCheck, PodIdentity};
 
@@ -31,6 +31,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// This process's name in ownership answers (`GET /chat/forward-to-websocket`).
     pub identity: PodIdentity,
+    /// The pair id format subscriptions must use (`STREAM_ID_FORMAT`).
+    pub format: StreamIdFormat,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -55,7 +57,7 @@ pub fn internal_router(state: AppState) -> Router {
 /// Builds the service from its settings.
 pub async fn launch(context: Context, settings: Settings) -> Result<Launch, String> {
     settings.validate()?;
-    let auth = Authenticator::new(&settings.auth).map_err(|err| err.to_string())?;
+    let auth = Authenticator::start(&settings.auth).await.map_err(|err| err.to_string())?;
     let history = HistoryClient::new(&settings.history, auth.service_token())?;
     let hub = Hub::new(HUB_NAME, settings.ws.clone());
     let identity = PodIdentity::generate();
@@ -68,7 +70,14 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
         auth.service_token(),
         resync(resync_reason::STREAM_MOVED),
     );
-    let state = AppState { hub: hub.clone(), auth, history, shutdown: context.shutdown.clone(), identity };
+    let state = AppState {
+        hub: hub.clone(),
+        auth,
+        history,
+        shutdown: context.shutdown.clone(),
+        identity,
+        format: settings.ids.stream_id_format,
+    };
 
     let routes = Routes::new(public_router(state.clone())).internal(internal_router(state));
     // No readiness dependency: sockets and forwarding work without chatpersistence

@@ -5,9 +5,10 @@
 //! chatpersistence's internal `GET /chat/messages`) is the source of truth, so the
 //! replay pages through it here, bounded by `HISTORY_REPLAY_LIMIT`.
 
-use chatstream::{ChatMessage, MessageId, StreamId};
+use chatstream::{ChatMessage, MessageId, StreamId, UserId};
 use serde::Deserialize;
 
+use crate::protocol;
 use crate::settings::HistorySettings;
 
 /// Why the replay could not be built.
@@ -58,19 +59,30 @@ impl HistoryClient {
         })
     }
 
-    /// Every message of `stream` after `since`, oldest first.
-    pub async fn after(&self, stream: StreamId, since: MessageId) -> Result<Vec<ChatMessage>, HistoryError> {
+    /// Every message between `pair` in `stream` after `since`, oldest first.
+    pub async fn after(
+        &self,
+        stream: StreamId,
+        pair: (&UserId, &UserId),
+        since: MessageId,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
+        let audience = protocol::pair_audience(pair.0, pair.1);
         let mut messages: Vec<ChatMessage> = Vec::new();
         let mut cursor = since;
         // Each page advances the cursor, so this ends; the bound is a second guard.
         let max_pages = self.replay_limit / self.page_size + 2;
         for _ in 0..max_pages {
-            let (page, has_more) = self.page(stream, cursor).await?;
+            let (page, has_more) = self.page(stream, pair, cursor).await?;
             let received = page.len();
             for message in page {
-                // Defensive: only this stream, strictly after the cursor, in order.
-                if message.stream_id == stream && message.message_id > cursor {
-                    cursor = message.message_id;
+                // Defensive: only this stream and pair, strictly after the cursor, in order.
+                if message.message_id <= cursor {
+                    continue;
+                }
+                cursor = message.message_id;
+                if message.stream_id == stream
+                    && protocol::pair_audience(&message.sender_id, &message.receiver_id) == audience
+                {
                     messages.push(message);
                 }
             }
@@ -85,13 +97,24 @@ impl HistoryClient {
         Err(HistoryError::TooFarBehind { limit: self.replay_limit })
     }
 
-    async fn page(&self, stream: StreamId, since: MessageId) -> Result<(Vec<ChatMessage>, Option<bool>), HistoryError> {
+    async fn page(
+        &self,
+        stream: StreamId,
+        pair: (&UserId, &UserId),
+        since: MessageId,
+    ) -> Result<(Vec<ChatMessage>, Option<bool>), HistoryError> {
         let limit = self.page_size.min(self.replay_limit + 1).max(1).to_string();
         let response = self
             .http
             .get(&self.url)
             .bearer_auth(&self.token)
-            .query(&[("stream_id", stream.to_string()), ("since", since.to_string()), ("limit", limit)])
+            .query(&[
+                ("stream_id", stream.to_string()),
+                ("user_id", pair.0.to_string()),
+                ("peer_id", pair.1.to_string()),
+                ("since", since.to_string()),
+                ("limit", limit),
+            ])
             .send()
             .await
             .map_err(|err| HistoryError::Unavailable(format!("GET {}: {err}", self.url)))?;

@@ -87,7 +87,9 @@ pub async fn forward(
     let stream = stream_of(&query)?;
     validate(stream, &body)?;
     let frame = protocol::event_frame(body.kind, &body.message, body.event_id.as_deref());
-    let report = state.hub.broadcast(&stream, frame);
+    // Only the sockets of exactly this message's pair, whatever else shares the key.
+    let audience = protocol::pair_audience(&body.message.sender_id, &body.message.receiver_id);
+    let report = state.hub.broadcast_to(&stream, frame, |socket| socket == audience);
     let status = match report.outcome() {
         Outcome::Ok | Outcome::NoConnections => StatusCode::OK,
         Outcome::Partial => StatusCode::PARTIAL_CONTENT,

@@ -8,7 +8,7 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::ws::Utf8Bytes;
-use chatstream::ChatMessage;
+use chatstream::{ChatMessage, UserId};
 use serde::{Deserialize, Serialize};
 use wsfanout::{close_code, Close, EventId, Frame, Inbound};
 
@@ -37,6 +37,15 @@ impl ServerFrame<'_> {
         // noticed by any client test.
         Utf8Bytes::from(serde_json::to_string(self).unwrap_or_default())
     }
+}
+
+/// The audience a chat socket is registered with, and what a message's frame is
+/// offered to: the two users of the conversation, sorted, space-separated (user ids
+/// never contain a space). A socket only receives messages between exactly its user
+/// and its peer, even where another pair shares the stream id (the legacy format).
+pub fn pair_audience(a: &UserId, b: &UserId) -> String {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    format!("{first} {second}")
 }
 
 /// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else

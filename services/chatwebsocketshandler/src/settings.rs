@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chatauth::AuthSettings;
+use chatstream::IdSettings;
 use serde::{Deserialize, Serialize};
 use servicekit::EnvMap;
 use wsfanout::WsSettings;
@@ -66,6 +67,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ws: WsSettings,
     pub history: HistorySettings,
+    pub ids: IdSettings,
 }
 
 impl Settings {
@@ -74,6 +76,7 @@ impl Settings {
             .section("auth", AuthSettings::ENV)
             .section("ws", WsSettings::ENV)
             .section("history", HistorySettings::ENV)
+            .section("ids", IdSettings::ENV)
     }
 
     pub fn validate(&self) -> Result<(), String> {

@@ -10,10 +10,10 @@ use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
-use chatauth::AuthUser;
+use chatauth::SocketUser;
 use chatstream::UserId;
-use servicekit::{ApiError, ApiQuery};
-use wsfanout::{Driver, Ended, Registration};
+use servicekit::{AllowedOrigin, ApiError, ApiQuery, ClientIp};
+use wsfanout::{Admission, Driver, Ended, Registration};
 
 use crate::app::{AppState, UserQuery};
 use crate::presence::Tracked;
@@ -31,22 +31,34 @@ fn authorize(caller: &UserId, query: &UserQuery) -> Result<UserId, ApiError> {
 /// `GET /notifications/subscribe?user_id=…` (user JWT in `Authorization` or `access_token`).
 pub async fn subscribe(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    _origin: AllowedOrigin,
+    ClientIp(ip): ClientIp,
+    SocketUser { user: caller, expires_at }: SocketUser,
     ApiQuery(query): ApiQuery<UserQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let user = authorize(&caller, &query)?;
-    let (upgrade, registration) = wsfanout::admit(&state.hub, user.clone(), upgrade)?;
+    let who = Admission { user: user.as_str(), ip, audience: user.as_str() };
+    let (upgrade, registration) = wsfanout::admit(&state.hub, user.clone(), who, upgrade)?;
     let tracked = state.presence.track(user.clone());
     tracing::debug!(%user, connection = %registration.id(), "socket admitted");
-    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, tracked)))
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, tracked, expires_at)))
 }
 
-/// Runs one upgraded socket until it ends.
-async fn serve(state: AppState, socket: WebSocket, registration: Registration<UserId>, tracked: Tracked) {
+/// Runs one upgraded socket until it ends (at the latest when its token expires: 4003).
+async fn serve(
+    state: AppState,
+    socket: WebSocket,
+    registration: Registration<UserId>,
+    tracked: Tracked,
+    expires_at: std::time::SystemTime,
+) {
     let user = registration.key().clone();
-    let ended =
-        Driver::new(socket, registration, state.shutdown.token()).on_client(protocol::answer_client).run().await;
+    let ended = Driver::new(socket, registration, state.shutdown.token())
+        .on_client(protocol::answer_client)
+        .expires_at(expires_at)
+        .run()
+        .await;
     // The registration is gone now: the presence worker sees the user's real count.
     drop(tracked);
     if let Ended::HeartbeatTimeout = ended {
