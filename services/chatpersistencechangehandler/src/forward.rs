@@ -6,22 +6,69 @@
 //! may have been replaced. Any other `4xx` means the request itself is wrong, and no
 //! retry will change that.
 
+use std::fmt;
 use std::time::Duration;
 
 use kafkawrapper::HandlerError;
+use reqwest::header::HeaderValue;
 use reqwest::StatusCode;
+
+/// The shortest `INTERNAL_SERVICE_TOKEN` accepted (the internal endpoints refuse shorter ones).
+pub const MIN_SERVICE_TOKEN_BYTES: usize = 32;
+
+/// The bearer token presented to the internal endpoints, checked at start: without it
+/// every forward would be refused with a permanent `401` and the changes silently
+/// given up on, so the handler refuses to start instead. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServiceToken(String);
+
+impl ServiceToken {
+    /// Checks `INTERNAL_SERVICE_TOKEN`; the error names the variable and the fix.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        if raw.trim().is_empty() {
+            return Err(format!(
+                "INTERNAL_SERVICE_TOKEN is not set: every call to the socket pods and the notification service \
+                 would be refused (401) and the changes given up on; set it to the internal service token the \
+                 other services use (at least {MIN_SERVICE_TOKEN_BYTES} bytes)"
+            ));
+        }
+        if raw.len() < MIN_SERVICE_TOKEN_BYTES {
+            return Err(format!(
+                "INTERNAL_SERVICE_TOKEN is {} bytes long; it must be at least {MIN_SERVICE_TOKEN_BYTES} bytes \
+                 (the internal endpoints refuse shorter tokens)",
+                raw.len()
+            ));
+        }
+        if raw.trim() != raw || HeaderValue::from_str(&format!("Bearer {raw}")).is_err() {
+            return Err("INTERNAL_SERVICE_TOKEN contains whitespace or characters that cannot be sent in an \
+                        Authorization header"
+                .to_owned());
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ServiceToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ServiceToken(<redacted>)")
+    }
+}
 
 /// An HTTP client for internal endpoints, presenting the service token. Each pipeline
 /// holds its own copy (sharing the connection pool) so its metrics carry its name.
 #[derive(Clone)]
 pub struct Forwarder {
     client: reqwest::Client,
-    token: String,
+    token: ServiceToken,
     pipeline: String,
 }
 
 impl Forwarder {
-    pub fn new(timeout: Duration, token: String) -> Result<Self, String> {
+    pub fn new(timeout: Duration, token: ServiceToken) -> Result<Self, String> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -39,7 +86,7 @@ impl Forwarder {
     /// POSTs `body` to `url`; maps the outcome to the handler's error kinds.
     pub async fn post(&self, target: &'static str, url: &str, body: &serde_json::Value) -> Result<(), HandlerError> {
         let started = std::time::Instant::now();
-        let result = self.client.post(url).bearer_auth(&self.token).json(body).send().await;
+        let result = self.client.post(url).bearer_auth(self.token.expose()).json(body).send().await;
         let outcome = match &result {
             Ok(response) => response.status().as_u16().to_string(),
             Err(err) if err.is_timeout() => "timeout".to_owned(),
@@ -72,6 +119,20 @@ pub fn classify(target: &str, status: StatusCode, body: String) -> Result<(), Ha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_short_or_unsendable_service_token_is_refused() {
+        let missing = ServiceToken::parse("").expect_err("empty");
+        assert!(missing.contains("INTERNAL_SERVICE_TOKEN is not set"), "{missing}");
+        assert!(ServiceToken::parse("   ").expect_err("blank").contains("is not set"));
+        let short = ServiceToken::parse("sixteen-bytes-xx").expect_err("short");
+        assert!(short.contains("INTERNAL_SERVICE_TOKEN is 16 bytes long"), "{short}");
+        assert!(short.contains("at least 32 bytes"), "{short}");
+        let spaced = ServiceToken::parse(" 0123456789abcdef0123456789abcdef").expect_err("whitespace");
+        assert!(spaced.contains("INTERNAL_SERVICE_TOKEN contains whitespace"), "{spaced}");
+        let ok = ServiceToken::parse("0123456789abcdef0123456789abcdef").expect("32 bytes");
+        assert_eq!(format!("{ok:?}"), "ServiceToken(<redacted>)", "never printed");
+    }
 
     #[test]
     fn answers_map_to_done_retry_or_give_up() {

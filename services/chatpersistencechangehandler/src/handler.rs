@@ -13,11 +13,17 @@
 //! 5. mark it done (the offset is committed after this returns), or release the claim
 //!    so the retry can take it.
 //!
-//! When the retries run out, the pipeline's `on_exhausted` action runs: failover closes
+//! When the retries run out, each target whose last call failed gets its own action
+//! (`Pipeline::action_for`): failover — for the `chat_websocket` target only — closes
 //! the stream's sockets with the resync code so the clients fetch what they missed
 //! from history; log-and-skip and dead-letter only log and count (the consumer writes
-//! the dead letter when the pipeline has a dead-letter topic).
+//! the dead letter when the pipeline has a dead-letter topic). A notification that
+//! could not be delivered therefore never closes anyone's chat sockets. Which targets
+//! failed is remembered per partition between the attempt and the give-up (a
+//! partition hands over one record at a time, so one entry per partition suffices).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chatstream::domain::{DomainEvent, DomainKind};
@@ -44,7 +50,7 @@ enum Change {
 
 /// One HTTP call a target makes for a change.
 struct Call {
-    target: &'static str,
+    target: Target,
     url: String,
     body: Value,
 }
@@ -57,13 +63,26 @@ pub struct Endpoints {
     pub failover_timeout: Duration,
 }
 
+/// The targets whose calls failed on the last attempt at one record.
+#[derive(Debug)]
+struct LastAttempt {
+    offset: i64,
+    failed: Vec<(Target, HandlerError)>,
+}
+
 pub struct PipelineHandler {
     name: String,
     store: RedisEventStore,
     forwarder: Forwarder,
     targets: Vec<Target>,
     dedup_by: DedupBy,
-    on_exhausted: OnExhausted,
+    /// Each target's action when its retries run out.
+    actions: Vec<(Target, OnExhausted)>,
+    /// The action for a record given up on before reaching any target.
+    record_action: OnExhausted,
+    /// Per (topic, partition): which targets failed on the last attempt at the record
+    /// being handled there; read (and removed) when the record is given up on.
+    last_attempts: Mutex<HashMap<(String, i32), LastAttempt>>,
     chat_websocket_url: String,
     notifications_url: String,
     failover_timeout: Duration,
@@ -78,7 +97,9 @@ impl PipelineHandler {
             forwarder: forwarder.for_pipeline(&pipeline.name),
             targets: pipeline.targets.clone(),
             dedup_by: pipeline.dedup_by,
-            on_exhausted: pipeline.on_exhausted,
+            actions: pipeline.actions(),
+            record_action: pipeline.record_action(),
+            last_attempts: Mutex::new(HashMap::new()),
             chat_websocket_url: trim(&endpoints.chat_websocket_url),
             notifications_url: trim(&endpoints.notifications_url),
             failover_timeout: endpoints.failover_timeout,
@@ -120,7 +141,7 @@ impl PipelineHandler {
                         ChangeOp::Delete => "message_deleted",
                     };
                     calls.push(Call {
-                        target: target.name(),
+                        target: *target,
                         url: format!(
                             "{}/chat/forward-to-websocket?stream_id={}",
                             self.chat_websocket_url,
@@ -131,7 +152,7 @@ impl PipelineHandler {
                 }
                 (Target::ChatNotification, Change::Chat(event)) if event.op == ChangeOp::Create => {
                     calls.push(Call {
-                        target: target.name(),
+                        target: *target,
                         url: format!(
                             "{}/notifications/chat?user_id={}",
                             self.notifications_url, event.message.receiver_id
@@ -142,7 +163,7 @@ impl PipelineHandler {
                 (Target::DomainNotification, Change::Domain(event)) => {
                     let document = &event.document;
                     calls.push(Call {
-                        target: target.name(),
+                        target: *target,
                         url: format!(
                             "{}{}?user_id={}",
                             self.notifications_url,
@@ -187,15 +208,80 @@ impl PipelineHandler {
         }
     }
 
-    /// Makes the calls concurrently; a retryable failure wins over a permanent one, so
-    /// a change is only given up on at once when nothing could be retried.
-    async fn forward(&self, calls: &[Call]) -> Result<(), HandlerError> {
-        let posts = calls.iter().map(|call| self.forwarder.post(call.target, &call.url, &call.body));
-        let errors: Vec<HandlerError> = join_all(posts).await.into_iter().filter_map(Result::err).collect();
-        match errors.iter().find(|e| e.is_retryable()).or(errors.first()) {
-            None => Ok(()),
-            Some(first) => Err(first.clone()),
+    /// Makes the calls concurrently; returns the targets whose call failed.
+    async fn forward(&self, calls: &[Call]) -> Vec<(Target, HandlerError)> {
+        let posts = calls.iter().map(|call| async move {
+            self.forwarder.post(call.target.name(), &call.url, &call.body).await.err().map(|err| (call.target, err))
+        });
+        join_all(posts).await.into_iter().flatten().collect()
+    }
+
+    /// The error of an attempt: a retryable failure wins over a permanent one, so a
+    /// change is only given up on at once when nothing could be retried.
+    fn combined(failed: &[(Target, HandlerError)]) -> Option<HandlerError> {
+        failed.iter().map(|(_, e)| e).find(|e| e.is_retryable()).or(failed.first().map(|(_, e)| e)).cloned()
+    }
+
+    fn last_attempts(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), LastAttempt>> {
+        self.last_attempts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Remembers which targets failed on this attempt at `record` (replacing whatever
+    /// an earlier record of its partition left behind).
+    fn remember(&self, record: &Record, failed: Vec<(Target, HandlerError)>) {
+        let key = (record.topic.clone(), record.partition);
+        if failed.is_empty() {
+            self.last_attempts().remove(&key);
+        } else {
+            self.last_attempts().insert(key, LastAttempt { offset: record.offset, failed });
         }
+    }
+
+    /// The targets that failed on the last attempt at `record`. When it is not known
+    /// (the attempt failed before calling anyone, e.g. another consumer held the
+    /// change, or the handler panicked) every target with a call for it counts as
+    /// failed with `error`: its delivery is not known to have happened.
+    fn failed_targets(&self, record: &Record, error: &HandlerError) -> Vec<(Target, HandlerError)> {
+        let remembered = self.last_attempts().remove(&(record.topic.clone(), record.partition));
+        if let Some(last) = remembered.filter(|last| last.offset == record.offset) {
+            return last.failed;
+        }
+        match Self::parse(record) {
+            Ok(change) => self.calls(&change).into_iter().map(|call| (call.target, error.clone())).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn action_for(&self, target: Target) -> OnExhausted {
+        self.actions.iter().find(|(t, _)| *t == target).map_or(self.record_action, |(_, action)| *action)
+    }
+
+    fn count_given_up(&self, target: &'static str, action: OnExhausted, error: &HandlerError) {
+        metrics::counter!(
+            "changes_given_up_total",
+            "pipeline" => self.name.clone(),
+            "target" => target,
+            "action" => action.name(),
+            "kind" => error.kind()
+        )
+        .increment(1);
+    }
+
+    fn log_given_up(&self, record: &Record, target: &'static str, action: OnExhausted, error: &HandlerError) {
+        let what = match action {
+            OnExhausted::DeadLetter => "giving up on this change for this target; it goes to the dead-letter topic",
+            OnExhausted::LogAndSkip | OnExhausted::Failover => "giving up on this change for this target; skipping it",
+        };
+        tracing::warn!(
+            pipeline = %self.name,
+            target,
+            action = action.name(),
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            error = %error,
+            "{what}"
+        );
     }
 
     /// Closes the stream's sockets with the resync code, retrying within the
@@ -223,6 +309,8 @@ impl PipelineHandler {
 
 impl Handler for PipelineHandler {
     async fn handle(&self, record: &Record) -> Result<(), HandlerError> {
+        // Whatever an earlier attempt left behind is stale now.
+        self.remember(record, Vec::new());
         let change = Self::parse(record)?;
         let calls = self.calls(&change);
         let pipeline = self.name.clone();
@@ -234,7 +322,10 @@ impl Handler for PipelineHandler {
             metrics::counter!("changes_skipped_duplicate_total", "pipeline" => pipeline).increment(1);
             return Ok(());
         };
-        match self.forward(&calls).await {
+        let failed = self.forward(&calls).await;
+        let result = Self::combined(&failed).map_or(Ok(()), Err);
+        self.remember(record, failed);
+        match result {
             Ok(()) => {
                 if let Some(token) = token {
                     self.store.mark_done(&key, token).await;
@@ -257,40 +348,37 @@ impl Handler for PipelineHandler {
     }
 
     async fn on_exhausted(&self, record: &Record, error: &HandlerError) {
-        let action = self.on_exhausted.name();
-        metrics::counter!("changes_given_up_total", "pipeline" => self.name.clone(), "action" => action, "kind" => error.kind())
-            .increment(1);
-        match self.on_exhausted {
-            OnExhausted::Failover => {
-                let Ok(Change::Chat(event)) = Self::parse(record) else { return };
-                tracing::error!(
-                    pipeline = %self.name,
-                    message_id = %event.message_id(),
-                    stream_id = %event.stream_id(),
-                    error = %error,
-                    "giving up on real-time delivery; closing the stream's sockets so clients resync from history"
-                );
-                let closed = self.fail_over(&event).await;
-                let outcome = if closed { "closed" } else { "failed" };
-                metrics::counter!("failovers_total", "pipeline" => self.name.clone(), "outcome" => outcome)
-                    .increment(1);
+        let failed = self.failed_targets(record, error);
+        if failed.is_empty() {
+            // Given up on before any target was involved (malformed, unroutable).
+            let action = self.record_action;
+            self.count_given_up("none", action, error);
+            self.log_given_up(record, "none", action, error);
+            return;
+        }
+        for (target, target_error) in &failed {
+            let action = self.action_for(*target);
+            self.count_given_up(target.name(), action, target_error);
+            match action {
+                OnExhausted::Failover => {
+                    let Ok(Change::Chat(event)) = Self::parse(record) else { continue };
+                    tracing::error!(
+                        pipeline = %self.name,
+                        target = target.name(),
+                        message_id = %event.message_id(),
+                        stream_id = %event.stream_id(),
+                        error = %target_error,
+                        "giving up on real-time delivery; closing the stream's sockets so clients resync from history"
+                    );
+                    let closed = self.fail_over(&event).await;
+                    let outcome = if closed { "closed" } else { "failed" };
+                    metrics::counter!("failovers_total", "pipeline" => self.name.clone(), "outcome" => outcome)
+                        .increment(1);
+                }
+                OnExhausted::LogAndSkip | OnExhausted::DeadLetter => {
+                    self.log_given_up(record, target.name(), action, target_error)
+                }
             }
-            OnExhausted::LogAndSkip => tracing::warn!(
-                pipeline = %self.name,
-                topic = %record.topic,
-                partition = record.partition,
-                offset = record.offset,
-                error = %error,
-                "giving up on this change; skipping it"
-            ),
-            OnExhausted::DeadLetter => tracing::warn!(
-                pipeline = %self.name,
-                topic = %record.topic,
-                partition = record.partition,
-                offset = record.offset,
-                error = %error,
-                "giving up on this change; it goes to the dead-letter topic"
-            ),
         }
     }
 }
@@ -314,10 +402,12 @@ mod tests {
             dedup_by,
             retry: RetryOverride::default(),
             on_exhausted: OnExhausted::LogAndSkip,
+            on_exhausted_per_target: Default::default(),
         }];
         let pipeline = resolve(&settings).expect("valid").remove(0);
         let store = RedisEventStore::new(pipeline.store.clone()).expect("store");
-        let forwarder = Forwarder::new(Duration::from_secs(1), String::new()).expect("client");
+        let token = crate::forward::ServiceToken::parse("0123456789abcdef0123456789abcdef").expect("token");
+        let forwarder = Forwarder::new(Duration::from_secs(1), token).expect("client");
         let endpoints = Endpoints {
             chat_websocket_url: "http://ws:8".into(),
             notifications_url: settings.forward.notifications_url.clone(),
@@ -363,6 +453,62 @@ mod tests {
         let calls = h.calls(&edit);
         assert_eq!(calls.len(), 1, "an edit is not notified");
         assert_eq!(calls[0].body["type"], "message_updated");
+    }
+
+    fn failure(reason: &str) -> HandlerError {
+        HandlerError::retryable(reason)
+    }
+
+    #[tokio::test]
+    async fn each_failed_target_gets_its_own_action() {
+        let mut settings = Settings::default();
+        settings.forward.notifications_url = "http://notify:9".to_owned();
+        let pipeline = resolve(&settings).expect("valid").remove(0);
+        let store = RedisEventStore::new(pipeline.store.clone()).expect("store");
+        let token = crate::forward::ServiceToken::parse("0123456789abcdef0123456789abcdef").expect("token");
+        let forwarder = Forwarder::new(Duration::from_secs(1), token).expect("client");
+        let endpoints = Endpoints {
+            chat_websocket_url: "http://ws:8".into(),
+            notifications_url: settings.forward.notifications_url.clone(),
+            failover_timeout: Duration::from_secs(1),
+        };
+        let h = PipelineHandler::new(&pipeline, store, &forwarder, &endpoints);
+        assert_eq!(h.action_for(Target::ChatWebsocket), OnExhausted::Failover);
+        assert_eq!(h.action_for(Target::ChatNotification), OnExhausted::DeadLetter);
+
+        // The targets that failed on the last attempt are the ones given up on.
+        let mut rec = record("chat.changes", chat("c"));
+        rec.offset = 7;
+        h.remember(&rec, vec![(Target::ChatNotification, failure("500"))]);
+        let failed = h.failed_targets(&rec, &failure("500"));
+        assert_eq!(failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![Target::ChatNotification]);
+        // Read once: a second give-up of the same record (redelivery) does not reuse it.
+        let unknown = h.failed_targets(&rec, &failure("another consumer holds the event"));
+        assert_eq!(
+            unknown.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            vec![Target::ChatWebsocket, Target::ChatNotification],
+            "unknown → every target with a call counts as failed"
+        );
+
+        // What an earlier record of the partition left behind does not apply to a later one.
+        h.remember(&rec, vec![(Target::ChatNotification, failure("500"))]);
+        let mut edit = record("chat.changes", chat("u"));
+        edit.offset = 8;
+        let failed = h.failed_targets(&edit, &failure("timeout"));
+        assert_eq!(failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![Target::ChatWebsocket]);
+
+        // A record that never parsed reached no target.
+        let mut bad = record("chat.changes", json!({"nonsense": true}));
+        bad.offset = 9;
+        assert!(h.failed_targets(&bad, &HandlerError::malformed("x")).is_empty());
+    }
+
+    #[test]
+    fn a_retryable_failure_wins_over_a_permanent_one() {
+        let failed =
+            vec![(Target::ChatNotification, HandlerError::permanent("401")), (Target::ChatWebsocket, failure("500"))];
+        assert!(matches!(PipelineHandler::combined(&failed), Some(HandlerError::Retryable(_))));
+        assert!(PipelineHandler::combined(&[]).is_none());
     }
 
     #[tokio::test]

@@ -16,14 +16,22 @@ use eventstore::RedisEventStore;
 use kafkawrapper::ConsumerGroup;
 use servicekit::{Launch, Readiness, Routes};
 
-use crate::forward::Forwarder;
+use crate::forward::{Forwarder, ServiceToken};
 use crate::handler::{Endpoints, PipelineHandler};
 use crate::settings::Settings;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     servicekit::run("chatpersistencechangehandler", &Settings::env_map(), |ctx, settings: Settings| async move {
-        let pipelines = pipeline::resolve(&settings)?;
+        // Every start-up problem at once: the pipelines and the service token.
+        let (pipelines, token) =
+            match (pipeline::resolve(&settings), ServiceToken::parse(&settings.forward.service_token)) {
+                (Ok(pipelines), Ok(token)) => (pipelines, token),
+                (pipelines, token) => {
+                    let problems: Vec<String> = [pipelines.err(), token.err()].into_iter().flatten().collect();
+                    return Err(problems.join("; "));
+                }
+            };
         // Topics normally exist already (created by the operator, the relay or the
         // connector); this only covers a fresh local broker, which does not auto-create.
         let topics = runner::topics_to_ensure(&pipelines, settings.topic_partitions);
@@ -31,7 +39,7 @@ async fn main() -> std::process::ExitCode {
         if let Err(err) = kafkawrapper::ensure_topics(&settings.kafka.brokers, &topics).await {
             tracing::warn!(error = %err, "could not ensure topics exist");
         }
-        let forwarder = Forwarder::new(settings.forward.timeout, settings.forward.service_token.clone())?;
+        let forwarder = Forwarder::new(settings.forward.timeout, token)?;
         let endpoints = Endpoints {
             chat_websocket_url: settings.forward.chat_websocket_url.clone(),
             notifications_url: settings.forward.notifications_url.clone(),

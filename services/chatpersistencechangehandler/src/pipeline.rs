@@ -9,7 +9,7 @@
 //! the `CHATFLEET_CONFIG` file, environment) into checked [`Pipeline`]s and refuses, at
 //! start-up and with a message naming the pipeline, combinations that cannot work.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use chatstream::domain::DomainKind;
@@ -30,7 +30,7 @@ pub const DEFAULT_DOMAIN_DEAD_LETTER_TOPIC: &str = "domain-notifications.dlq";
 pub const DEFAULT_DOMAIN_TTL: Duration = Duration::from_secs(6 * 60 * 60);
 
 /// Where a pipeline sends what it consumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// Chat changes as frames to the socket pod holding the stream
@@ -76,13 +76,16 @@ pub enum DedupBy {
     Stream,
 }
 
-/// What happens to a change whose retries ran out (the record is then committed; it is
-/// also written to the pipeline's dead-letter topic when one is configured).
+/// What happens, for one target, to a change whose retries towards that target ran out
+/// (the record is then committed; it is also written to the pipeline's dead-letter
+/// topic when one is configured). Each target of a pipeline has its own action; see
+/// [`Pipeline::action_for`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnExhausted {
     /// Close the stream's chat sockets with the resync close code, so the clients fetch
-    /// what they missed from history. Needs a `chat_websocket` target.
+    /// what they missed from history. Only for the `chat_websocket` target: a failed
+    /// notification says nothing about the chat sockets.
     Failover,
     /// Log and count it, and move on (non-critical deliveries).
     LogAndSkip,
@@ -163,7 +166,13 @@ pub struct PipelineSettings {
     pub dedup_by: DedupBy,
     #[serde(default)]
     pub retry: RetryOverride,
+    /// The action for every target without an entry in `on_exhausted_per_target`
+    /// (`failover` applies to `chat_websocket` only; see [`Pipeline::action_for`]).
     pub on_exhausted: OnExhausted,
+    /// Per-target actions (`[pipelines.on_exhausted_per_target]`, e.g.
+    /// `chat_notification = "log_and_skip"`); `failover` only for `chat_websocket`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub on_exhausted_per_target: BTreeMap<Target, OnExhausted>,
 }
 
 /// A checked pipeline with every setting resolved.
@@ -176,12 +185,48 @@ pub struct Pipeline {
     pub store: EventStoreSettings,
     pub targets: Vec<Target>,
     pub dedup_by: DedupBy,
+    /// The pipeline-wide action, as written (targets without their own entry follow it).
     pub on_exhausted: OnExhausted,
+    /// The per-target actions as written; [`Pipeline::action_for`] resolves them.
+    pub on_exhausted_per_target: BTreeMap<Target, OnExhausted>,
 }
 
 impl Pipeline {
     pub fn has(&self, target: Target) -> bool {
         self.targets.contains(&target)
+    }
+
+    /// What happens when the retries towards `target` run out: its entry in
+    /// `on_exhausted_per_target` if it has one, otherwise `on_exhausted` — except that
+    /// `failover` (closing the stream's chat sockets) belongs to `chat_websocket` alone:
+    /// other targets of a `failover` pipeline fall back to [`Pipeline::record_action`]
+    /// (`dead_letter` with a dead-letter topic, else `log_and_skip`). So strategy 1's
+    /// single pipeline fails over when the sockets could not be reached, and only
+    /// dead-letters when the notification service could not.
+    pub fn action_for(&self, target: Target) -> OnExhausted {
+        match self.on_exhausted_per_target.get(&target) {
+            Some(action) => *action,
+            None if self.on_exhausted == OnExhausted::Failover && target != Target::ChatWebsocket => {
+                self.record_action()
+            }
+            None => self.on_exhausted,
+        }
+    }
+
+    /// What happens to a record given up on that reached no target (malformed,
+    /// unroutable): it goes to the dead-letter topic if there is one, else it is
+    /// logged and skipped.
+    pub fn record_action(&self) -> OnExhausted {
+        if self.kafka.dead_letter_topic().is_some() {
+            OnExhausted::DeadLetter
+        } else {
+            OnExhausted::LogAndSkip
+        }
+    }
+
+    /// Every target with its resolved action, in the order of `targets`.
+    pub fn actions(&self) -> Vec<(Target, OnExhausted)> {
+        self.targets.iter().map(|t| (*t, self.action_for(*t))).collect()
     }
 }
 
@@ -236,7 +281,10 @@ pub fn default_pipelines(settings: &Settings) -> Vec<PipelineSettings> {
         event_store: StoreOverride::default(),
         dedup_by: DedupBy::Event,
         retry: RetryOverride::default(),
+        // Failover for the sockets; the notification target falls back to dead_letter
+        // (Pipeline::action_for).
         on_exhausted: OnExhausted::Failover,
+        on_exhausted_per_target: BTreeMap::new(),
     };
     let mut pipelines = vec![chat];
     if notifications {
@@ -254,6 +302,7 @@ pub fn default_pipelines(settings: &Settings) -> Vec<PipelineSettings> {
             dedup_by: DedupBy::Event,
             retry: RetryOverride::default(),
             on_exhausted: OnExhausted::DeadLetter,
+            on_exhausted_per_target: BTreeMap::new(),
         });
     }
     pipelines
@@ -281,6 +330,7 @@ fn resolve_one(settings: &Settings, raw: &PipelineSettings) -> Pipeline {
         targets: raw.targets.clone(),
         dedup_by: raw.dedup_by,
         on_exhausted: raw.on_exhausted,
+        on_exhausted_per_target: raw.on_exhausted_per_target.clone(),
     }
 }
 
@@ -375,6 +425,22 @@ pub fn validate(settings: &Settings, pipelines: &[Pipeline]) -> Vec<String> {
             }
             _ => {}
         }
+        for (target, action) in &p.on_exhausted_per_target {
+            let key = format!("on_exhausted_per_target.{} = \"{}\"", target.name(), action.name());
+            if !p.has(*target) {
+                problem(format!("{key}: {} is not one of this pipeline's targets", target.name()));
+            }
+            match action {
+                OnExhausted::Failover if *target != Target::ChatWebsocket => problem(format!(
+                    "{key}: failover closes the stream's chat sockets and is only for chat_websocket \
+                     (use log_and_skip or dead_letter)"
+                )),
+                OnExhausted::DeadLetter if p.kafka.dead_letter_topic().is_none() => {
+                    problem(format!("{key} needs a dead_letter_topic"))
+                }
+                _ => {}
+            }
+        }
         if p.has(Target::ChatWebsocket) && settings.forward.chat_websocket_url.trim().is_empty() {
             problem("target chat_websocket needs CHAT_WEBSOCKET_URL".to_owned());
         }
@@ -407,6 +473,7 @@ mod tests {
             dedup_by: DedupBy::Event,
             retry: RetryOverride::default(),
             on_exhausted: OnExhausted::LogAndSkip,
+            on_exhausted_per_target: BTreeMap::new(),
         }
     }
 
@@ -505,6 +572,63 @@ mod tests {
         let err = error_of(settings("http://n"), vec![failover, dead]);
         assert!(err.contains("pipeline `f`: on_exhausted = \"failover\""), "{err}");
         assert!(err.contains("pipeline `d`: on_exhausted = \"dead_letter\" needs a dead_letter_topic"), "{err}");
+    }
+
+    #[test]
+    fn failover_belongs_to_the_chat_websocket_target_alone() {
+        // The default (strategy 1): one pipeline with `on_exhausted = failover` for both
+        // chat targets; the notification target falls back to the dead-letter topic.
+        let pipelines = resolve(&settings("http://n")).expect("valid");
+        let chat = &pipelines[0];
+        assert_eq!(
+            chat.actions(),
+            vec![(Target::ChatWebsocket, OnExhausted::Failover), (Target::ChatNotification, OnExhausted::DeadLetter)]
+        );
+        assert_eq!(chat.record_action(), OnExhausted::DeadLetter);
+        // Without a dead-letter topic the fallback is log_and_skip.
+        let mut s = settings("http://n");
+        s.kafka.dead_letter_topic = None;
+        let chat = resolve(&s).expect("valid").remove(0);
+        assert_eq!(chat.action_for(Target::ChatNotification), OnExhausted::LogAndSkip);
+        assert_eq!(chat.action_for(Target::ChatWebsocket), OnExhausted::Failover);
+        // A pipeline-wide action other than failover applies to every target as written.
+        let domain = &pipelines[1];
+        assert_eq!(domain.actions(), vec![(Target::DomainNotification, OnExhausted::DeadLetter)]);
+    }
+
+    #[test]
+    fn per_target_actions_override_the_pipeline_action() {
+        let mut p = pipeline("c", &["chat.changes"], "g", &[Target::ChatWebsocket, Target::ChatNotification]);
+        p.on_exhausted = OnExhausted::LogAndSkip;
+        p.on_exhausted_per_target = BTreeMap::from([(Target::ChatWebsocket, OnExhausted::Failover)]);
+        let mut s = settings("http://n");
+        s.pipelines = vec![p];
+        let resolved = resolve(&s).expect("valid").remove(0);
+        assert_eq!(
+            resolved.actions(),
+            vec![(Target::ChatWebsocket, OnExhausted::Failover), (Target::ChatNotification, OnExhausted::LogAndSkip)]
+        );
+        assert_eq!(resolved.record_action(), OnExhausted::LogAndSkip);
+    }
+
+    #[test]
+    fn per_target_actions_are_checked() {
+        let mut p = pipeline("c", &["chat.changes"], "g", &[Target::ChatWebsocket, Target::ChatNotification]);
+        p.on_exhausted_per_target = BTreeMap::from([
+            (Target::ChatNotification, OnExhausted::Failover),
+            (Target::ChatWebsocket, OnExhausted::DeadLetter),
+            (Target::DomainNotification, OnExhausted::LogAndSkip),
+        ]);
+        let err = error_of(settings("http://n"), vec![p]);
+        for part in [
+            "pipeline `c`: on_exhausted_per_target.chat_notification = \"failover\": failover closes the stream's \
+             chat sockets and is only for chat_websocket",
+            "pipeline `c`: on_exhausted_per_target.chat_websocket = \"dead_letter\" needs a dead_letter_topic",
+            "pipeline `c`: on_exhausted_per_target.domain_notification = \"log_and_skip\": domain_notification is \
+             not one of this pipeline's targets",
+        ] {
+            assert!(err.contains(part), "missing {part:?} in {err}");
+        }
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub fn topics_to_ensure(pipelines: &[Pipeline], partitions: i32) -> Vec<(String,
 pub fn describe(pipeline: &Pipeline) {
     let targets: Vec<&str> = pipeline.targets.iter().map(|t| t.name()).collect();
     let dedup_by = format!("{:?}", pipeline.dedup_by).to_lowercase();
+    let by_target: Vec<String> =
+        pipeline.actions().iter().map(|(target, action)| format!("{}={}", target.name(), action.name())).collect();
+    let by_target = by_target.join(",");
     tracing::info!(
         pipeline = %pipeline.name,
         group = %pipeline.kafka.group_id,
@@ -47,6 +50,7 @@ pub fn describe(pipeline: &Pipeline) {
         ttl = ?pipeline.store.ttl,
         max_retries = pipeline.retry.max_retries,
         on_exhausted = pipeline.on_exhausted.name(),
+        on_exhausted_by_target = %by_target,
         "pipeline configured"
     );
     metrics::gauge!(
@@ -55,7 +59,8 @@ pub fn describe(pipeline: &Pipeline) {
         "group" => pipeline.kafka.group_id.clone(),
         "targets" => targets.join(","),
         "dedup_by" => dedup_by,
-        "on_exhausted" => pipeline.on_exhausted.name()
+        "on_exhausted" => pipeline.on_exhausted.name(),
+        "on_exhausted_by_target" => by_target
     )
     .set(1.0);
 }

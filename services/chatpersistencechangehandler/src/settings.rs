@@ -52,7 +52,8 @@ pub struct ForwardSettings {
     /// sockets after its retries are exhausted.
     #[serde(with = "humantime_serde")]
     pub failover_timeout: Duration,
-    /// `INTERNAL_SERVICE_TOKEN`: presented to the internal endpoints.
+    /// `INTERNAL_SERVICE_TOKEN`: presented to the internal endpoints. Required, at least
+    /// 32 bytes: the handler refuses to start without it (`forward::ServiceToken`).
     pub service_token: String,
 }
 
@@ -164,7 +165,13 @@ mod tests {
             assert_eq!(f.targets, d.targets);
             assert_eq!(f.dedup_by, d.dedup_by);
             assert_eq!(f.on_exhausted, d.on_exhausted);
+            assert_eq!(f.actions(), d.actions());
         }
+        assert_eq!(
+            from_file[0].on_exhausted_per_target.get(&Target::ChatNotification),
+            Some(&OnExhausted::DeadLetter),
+            "the file spells the per-target actions out"
+        );
     }
 
     #[test]
@@ -232,5 +239,14 @@ mod tests {
         .expect("write");
         let err = load(&[("CHATFLEET_CONFIG", &path.to_string_lossy())]).expect_err("unknown field");
         assert!(err.to_string().contains("ttl"), "{err}");
+        std::fs::write(
+            &path,
+            "[[pipelines]]\nname = \"x\"\ntopics = [\"chat.changes\"]\ngroup_id = \"g\"\n\
+             targets = [\"chat_websocket\"]\non_exhausted = \"failover\"\n\
+             [pipelines.on_exhausted_per_target]\nchat_sockets = \"failover\"\n",
+        )
+        .expect("write");
+        let err = load(&[("CHATFLEET_CONFIG", &path.to_string_lossy())]).expect_err("unknown per-target key");
+        assert!(err.to_string().contains("chat_sockets"), "{err}");
     }
 }
