@@ -93,7 +93,7 @@ async fn owner(
 /// Builds the service from its settings.
 pub async fn launch(context: Context, settings: Settings) -> Result<Launch, String> {
     settings.validate()?;
-    let auth = Authenticator::new(&settings.auth).map_err(|err| err.to_string())?;
+    let auth = Authenticator::start(&settings.auth).await.map_err(|err| err.to_string())?;
     let hub = Hub::new(HUB_NAME, settings.ws.clone());
     let presence = Presence::new(&settings.presence, Presence::instance_id())?;
     let identity = PodIdentity::generate();
