@@ -84,6 +84,9 @@ impl Stack {
             ("MESSAGE_RETRY_INITIAL_INTERVAL", "50ms"),
             ("MESSAGE_RETRY_MAX_INTERVAL", "1s"),
             ("FORWARD_TIMEOUT", "1s"),
+            // These tests post bursts from few senders; the limits have their own tests.
+            ("RATE_LIMIT_POST_PER_SECOND", "2000"),
+            ("RATE_LIMIT_POST_BURST", "4000"),
         ] {
             env.push((k.to_owned(), v.to_owned()));
         }

@@ -22,12 +22,13 @@ async fn mongo_count(fleet: &ChatFleet, filter: mongodb::bson::Document) -> u64 
         .expect("count")
 }
 
-/// Posts like a frontend does: a `503` (nothing stored, e.g. a restarting pod) is
-/// retried after a pause; anything else but `201` fails the test.
+/// Posts like a frontend does: a `503` (nothing stored, e.g. a restarting pod) or a
+/// `429` (over the sender's rate) is retried after a pause; anything else but `201`
+/// fails the test.
 async fn post_ok(fleet: &ChatFleet, from: &str, to: &str, content: &str) -> String {
     for _ in 0..100 {
         let (status, body) = client::post(&fleet.persistence, from, to, content, None).await;
-        if status == 503 {
+        if status == 503 || status == 429 {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
