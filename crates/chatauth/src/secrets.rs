@@ -23,6 +23,7 @@ pub const KNOWN_SAMPLE_SECRETS: &[&str] = &[
     // deploy/helm/chatfleet/README.md (render check) and tests/tests/deploy_helm.rs
     "x0123456789abcdef",
     "test-secret-0123456789",
+    "test-secret-0123456789-0123456789-abc",
 ];
 
 /// Checks one shared secret named `name` (its environment variable) and explains
