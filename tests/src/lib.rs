@@ -217,6 +217,8 @@ pub struct ChatFleet {
     pub sockets: Service,
     pub handlers: Vec<Service>,
     handler_env: Vec<(String, String)>,
+    /// The pair id format the services were started with (`STREAM_ID_FORMAT`).
+    pub format: chatstream::StreamIdFormat,
 }
 
 impl ChatFleet {
@@ -235,14 +237,19 @@ impl ChatFleet {
         handler_env.push(("CHAT_WEBSOCKET_URL".into(), sockets.internal_url("")));
         handler_env.push(("NOTIFICATIONS_URL".into(), String::new()));
         let handlers = vec![Service::start("chatpersistencechangehandler", &handler_env)];
-        Self { stack, persistence, sockets, handlers, handler_env }
+        let format = match extra.iter().find(|(k, _)| *k == "STREAM_ID_FORMAT") {
+            Some((_, "legacy")) => chatstream::StreamIdFormat::Legacy,
+            _ => chatstream::StreamIdFormat::V2,
+        };
+        Self { stack, persistence, sockets, handlers, handler_env, format }
     }
 
     /// Waits until a message posted now travels the whole pipeline (the consumer group
     /// has joined, the relay holds its lease), so tests can time what they measure.
     pub async fn warm_up(&self) {
         let (a, b) = ("warmup-a", "warmup-b");
-        let mut socket = client::ChatSocket::connect(&self.sockets, b, a, None).await;
+        let stream = client::stream_id_as(self.format, a, b);
+        let mut socket = client::ChatSocket::connect_to(&self.sockets, &stream, b, a, None).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (status, body) = client::post(&self.persistence, a, b, "warm-up", None).await;
@@ -317,9 +324,14 @@ pub mod client {
     }
 
     pub fn stream_id(a: &str, b: &str) -> String {
+        stream_id_as(chatstream::StreamIdFormat::V2, a, b)
+    }
+
+    /// The pair's stream id in `format`.
+    pub fn stream_id_as(format: chatstream::StreamIdFormat, a: &str, b: &str) -> String {
         let a = chatstream::UserId::parse(a).expect("valid");
         let b = chatstream::UserId::parse(b).expect("valid");
-        chatstream::StreamId::for_pair(&a, &b).to_string()
+        chatstream::StreamId::for_pair_as(format, &a, &b).to_string()
     }
 
     /// A chat socket held by `user` for the conversation with `peer`.
@@ -337,7 +349,11 @@ pub mod client {
 
     impl ChatSocket {
         pub async fn connect(sockets: &Service, user: &str, peer: &str, since: Option<&str>) -> Self {
-            let stream = stream_id(user, peer);
+            Self::connect_to(sockets, &stream_id(user, peer), user, peer, since).await
+        }
+
+        /// [`ChatSocket::connect`] naming the stream id explicitly (another format).
+        pub async fn connect_to(sockets: &Service, stream: &str, user: &str, peer: &str, since: Option<&str>) -> Self {
             let mut path = format!(
                 "/chat/subscribe?stream_id={stream}&sender_id={user}&receiver_id={peer}&access_token={}",
                 token(user)
