@@ -99,7 +99,15 @@ impl ChangeEvent {
         doc.insert("message_id".into(), Value::String(m.message_id.to_string()));
         doc.insert("stream_id".into(), Value::String(m.stream_id.to_string()));
         doc.insert("sender_id".into(), Value::String(m.sender_id.to_string()));
-        doc.insert("receiver_id".into(), Value::String(m.receiver_id.to_string()));
+        if let Some(receiver) = &m.receiver_id {
+            doc.insert("receiver_id".into(), Value::String(receiver.to_string()));
+        }
+        if !m.recipients.is_empty() {
+            doc.insert(
+                "recipients".into(),
+                Value::from(m.recipients.iter().map(ToString::to_string).collect::<Vec<_>>()),
+            );
+        }
         doc.insert("content".into(), Value::String(m.content.as_str().to_owned()));
         doc.insert("created_at".into(), Value::from(m.created_at.timestamp_millis()));
         doc.insert("__op".into(), Value::String(self.op.code().into()));
@@ -110,7 +118,10 @@ impl ChangeEvent {
 
     /// Reads a record value in either the flattened or the raw Debezium form.
     pub fn parse(payload: &[u8]) -> Result<Self, EventError> {
-        let change = ChangeRecord::parse(payload)?;
+        Self::from_record(ChangeRecord::parse(payload)?)
+    }
+
+    pub(crate) fn from_record(change: ChangeRecord) -> Result<Self, EventError> {
         let message = document_to_message(change.document, change.op)?;
         Ok(Self { op: change.op, message, source_ts_ms: change.source_ts_ms })
     }
@@ -216,18 +227,17 @@ fn document_to_message(mut doc: Map<String, Value>, op: ChangeOp) -> Result<Chat
     let created_at = doc.get("created_at").map(timestamp).transpose()?.unwrap_or_else(Utc::now);
     doc.insert("message_id".into(), Value::String(id));
     doc.insert("created_at".into(), Value::String(created_at.to_rfc3339()));
-    let fields: Map<String, Value> = ["message_id", "stream_id", "sender_id", "receiver_id", "content", "created_at"]
-        .iter()
-        .filter_map(|k| doc.get(*k).map(|v| ((*k).to_owned(), unwrap_string(v))))
-        .collect();
+    let mut fields: Map<String, Value> =
+        ["message_id", "stream_id", "sender_id", "receiver_id", "content", "created_at"]
+            .iter()
+            .filter_map(|k| doc.get(*k).map(|v| ((*k).to_owned(), unwrap_string(v))))
+            .collect();
+    if let Some(Value::Array(recipients)) = doc.get("recipients") {
+        fields.insert("recipients".into(), Value::Array(recipients.iter().map(unwrap_string).collect()));
+    }
     let message: ChatMessage =
         serde_json::from_value(Value::Object(fields)).map_err(|err| EventError::Malformed(err.to_string()))?;
-    if !message.stream_id.is_pair_of(&message.sender_id, &message.receiver_id) {
-        return Err(EventError::Malformed(format!(
-            "stream_id {} does not belong to {} and {}",
-            message.stream_id, message.sender_id, message.receiver_id
-        )));
-    }
+    message.check_consistent().map_err(EventError::Malformed)?;
     Ok(message)
 }
 
@@ -280,7 +290,8 @@ mod tests {
             message_id: MessageId::new(),
             stream_id: StreamId::for_pair(&alice, &bob),
             sender_id: alice,
-            receiver_id: bob,
+            receiver_id: Some(bob),
+            recipients: Vec::new(),
             content: MessageContent::parse("hi <b>there</b>").expect("valid"),
             created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
         }

@@ -9,11 +9,13 @@
 //! [`UserId`], [`StreamId`] or [`MessageId`] it is known to be well formed, and code
 //! further down never has to check again.
 
+pub mod conversation;
 pub mod domain;
 mod event;
 mod ids;
 mod message;
 
+pub use conversation::{ChatChange, ConversationEvent, ConversationEventKind, CONVERSATION_EVENTS_COLLECTION};
 pub use event::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
 pub use ids::{ConversationKind, IdError, IdSettings, MessageId, StreamId, StreamIdFormat, UserId};
 pub use message::{ChatMessage, ContentError, MessageContent, MAX_CONTENT_CHARS};

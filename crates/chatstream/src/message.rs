@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::{MessageId, StreamId, UserId};
+use crate::{ConversationKind, MessageId, StreamId, UserId};
 
 /// The most characters (Unicode scalar values) a message may hold after trimming.
 pub const MAX_CONTENT_CHARS: usize = 4000;
@@ -54,14 +54,51 @@ impl<'de> Deserialize<'de> for MessageContent {
 }
 
 /// A stored chat message, as the API returns it and as change events carry it.
+///
+/// A message of a pair conversation names its `receiver_id`; a message of a group
+/// has none and carries `recipients`: the members other than the sender when it
+/// was accepted (who gets notified; a later member reads it from history).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub message_id: MessageId,
     pub stream_id: StreamId,
     pub sender_id: UserId,
-    pub receiver_id: UserId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver_id: Option<UserId>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<UserId>,
     pub content: MessageContent,
     pub created_at: DateTime<Utc>,
+}
+
+impl ChatMessage {
+    /// Whether the message's fields agree with its conversation id: a pair id is the
+    /// hash of sender and receiver (in the id's own format) and has no recipients
+    /// list; a group message has no receiver. A consistency check, not authorization.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        match (self.stream_id.kind(), &self.receiver_id) {
+            (ConversationKind::Group, None) => Ok(()),
+            (ConversationKind::Group, Some(_)) => Err("a group message has no receiver_id".into()),
+            (_, None) => Err("a pair conversation's message needs receiver_id".into()),
+            (_, Some(receiver))
+                if !self.recipients.is_empty() || !self.stream_id.is_pair_of(&self.sender_id, receiver) =>
+            {
+                Err(format!("stream_id {} does not belong to {} and {}", self.stream_id, self.sender_id, receiver))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Who the message is addressed to (not the sender): the receiver, or the
+    /// group's recipients.
+    pub fn addressees(&self) -> impl Iterator<Item = &UserId> {
+        self.receiver_id.iter().chain(self.recipients.iter())
+    }
+
+    /// Whether `user` took part in the message (sent it or is addressed by it).
+    pub fn involves(&self, user: &UserId) -> bool {
+        &self.sender_id == user || self.addressees().any(|u| u == user)
+    }
 }
 
 #[cfg(test)]
@@ -95,12 +132,46 @@ mod tests {
             message_id: MessageId::new(),
             stream_id: StreamId::for_pair(&alice, &bob),
             sender_id: alice,
-            receiver_id: bob,
+            receiver_id: Some(bob),
+            recipients: Vec::new(),
             content: MessageContent::parse("<b>hello</b>").expect("valid"),
             created_at: Utc::now(),
         };
         let json = serde_json::to_string(&message).expect("serialize");
         let back: ChatMessage = serde_json::from_str(&json).expect("deserialize");
         assert_eq!(back, message);
+        assert!(!json.contains("recipients"), "{json}");
+        assert!(message.check_consistent().is_ok());
+    }
+
+    #[test]
+    fn group_and_pair_messages_are_checked_for_consistency() {
+        let user = |raw: &str| UserId::parse(raw).expect("valid");
+        let pair = ChatMessage {
+            message_id: MessageId::new(),
+            stream_id: StreamId::for_pair(&user("alice"), &user("bob")),
+            sender_id: user("alice"),
+            receiver_id: Some(user("bob")),
+            recipients: Vec::new(),
+            content: MessageContent::parse("x").expect("valid"),
+            created_at: Utc::now(),
+        };
+        assert!(pair.check_consistent().is_ok());
+        assert!(pair.involves(&user("bob")) && !pair.involves(&user("carol")));
+        let forged = ChatMessage { receiver_id: Some(user("carol")), ..pair.clone() };
+        assert!(forged.check_consistent().is_err());
+        let group = ChatMessage {
+            stream_id: StreamId::new_group(),
+            receiver_id: None,
+            recipients: vec![user("bob"), user("carol")],
+            ..pair.clone()
+        };
+        assert!(group.check_consistent().is_ok());
+        assert_eq!(group.addressees().count(), 2);
+        assert!(group.involves(&user("carol")));
+        let json = serde_json::to_value(&group).expect("serialize");
+        assert!(json.get("receiver_id").is_none(), "{json}");
+        assert!(ChatMessage { receiver_id: Some(user("bob")), ..group }.check_consistent().is_err());
+        assert!(ChatMessage { receiver_id: None, ..pair }.check_consistent().is_err());
     }
 }

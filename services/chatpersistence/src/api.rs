@@ -215,7 +215,8 @@ async fn post_message(
             message_id: MessageId::new(),
             stream_id: new.stream,
             sender_id: new.sender.clone(),
-            receiver_id: new.receiver.clone(),
+            receiver_id: Some(new.receiver.clone()),
+            recipients: Vec::new(),
             content: new.content.clone(),
             // Milliseconds: what BSON dates and the change events carry.
             created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
@@ -235,7 +236,7 @@ async fn post_message(
             Ok((StatusCode::CREATED, Json(message)).into_response())
         }
         (Inserted::Replay(original), _) => {
-            if original.receiver_id != new.receiver || original.content != new.content {
+            if original.receiver_id.as_ref() != Some(&new.receiver) || original.content != new.content {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     "client_message_id_reused",

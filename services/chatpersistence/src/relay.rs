@@ -550,7 +550,8 @@ mod tests {
             message_id: chatstream::MessageId::new(),
             stream_id: chatstream::StreamId::for_pair(&a, &b),
             sender_id: a,
-            receiver_id: b,
+            receiver_id: Some(b),
+            recipients: Vec::new(),
             content: chatstream::MessageContent::parse("hi").expect("valid"),
             created_at: chrono::Utc::now(),
         }

@@ -38,7 +38,10 @@ pub(crate) struct MessageDoc {
     message_id: String,
     stream_id: String,
     sender_id: String,
-    receiver_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    receiver_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    recipients: Vec<String>,
     content: String,
     created_at: DateTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,7 +57,8 @@ impl MessageDoc {
             message_id: message.message_id.to_string(),
             stream_id: message.stream_id.to_string(),
             sender_id: message.sender_id.to_string(),
-            receiver_id: message.receiver_id.to_string(),
+            receiver_id: message.receiver_id.as_ref().map(ToString::to_string),
+            recipients: message.recipients.iter().map(ToString::to_string).collect(),
             content: message.content.as_str().to_owned(),
             created_at: DateTime::from_millis(message.created_at.timestamp_millis()),
             client_message_id: client_message_id.map(str::to_owned),
@@ -69,7 +73,18 @@ impl MessageDoc {
             message_id: MessageId::parse(&self.message_id).map_err(|e| corrupt(e.to_string()))?,
             stream_id: StreamId::parse(&self.stream_id).map_err(|e| corrupt(e.to_string()))?,
             sender_id: UserId::parse(&self.sender_id).map_err(|e| corrupt(e.to_string()))?,
-            receiver_id: UserId::parse(&self.receiver_id).map_err(|e| corrupt(e.to_string()))?,
+            receiver_id: self
+                .receiver_id
+                .as_deref()
+                .map(UserId::parse)
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?,
+            recipients: self
+                .recipients
+                .iter()
+                .map(|r| UserId::parse(r))
+                .collect::<Result<_, _>>()
+                .map_err(|e| corrupt(e.to_string()))?,
             content: MessageContent::parse(&self.content).map_err(|e| corrupt(e.to_string()))?,
             created_at: Utc
                 .timestamp_millis_opt(self.created_at.timestamp_millis())
@@ -374,7 +389,8 @@ mod tests {
             message_id: MessageId::new(),
             stream_id: StreamId::for_pair(&a, &b),
             sender_id: a,
-            receiver_id: b,
+            receiver_id: Some(b),
+            recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
         }

@@ -150,15 +150,15 @@ impl PipelineHandler {
                         body: json!({ "type": kind, "message": event.message }),
                     });
                 }
+                // Every addressee but the sender: the receiver, or each group recipient.
                 (Target::ChatNotification, Change::Chat(event)) if event.op == ChangeOp::Create => {
-                    calls.push(Call {
-                        target: *target,
-                        url: format!(
-                            "{}/notifications/chat?user_id={}",
-                            self.notifications_url, event.message.receiver_id
-                        ),
-                        body: json!({ "message": event.message }),
-                    });
+                    for user in event.message.addressees() {
+                        calls.push(Call {
+                            target: *target,
+                            url: format!("{}/notifications/chat?user_id={user}", self.notifications_url),
+                            body: json!({ "message": event.message }),
+                        });
+                    }
                 }
                 (Target::DomainNotification, Change::Domain(event)) => {
                     let document = &event.document;
@@ -186,7 +186,8 @@ impl PipelineHandler {
                 Some(self.store.key(&event.dedup_id(), event.stream_id().as_str()))
             }
             (Change::Chat(event), DedupBy::Stream) => {
-                Some(self.store.key(event.stream_id().as_str(), event.message.receiver_id.as_str()))
+                let receiver = event.message.receiver_id.as_ref().map_or("group", |r| r.as_str());
+                Some(self.store.key(event.stream_id().as_str(), receiver))
             }
             (Change::Domain(event), _) => Some(self.store.key(&event.dedup_id(), event.document.user_id().as_str())),
             (Change::DomainDelete, _) => None,

@@ -80,9 +80,7 @@ impl HistoryClient {
                     continue;
                 }
                 cursor = message.message_id;
-                if message.stream_id == stream
-                    && protocol::pair_audience(&message.sender_id, &message.receiver_id) == audience
-                {
+                if message.stream_id == stream && protocol::may_see(&message, &audience) {
                     messages.push(message);
                 }
             }

@@ -62,9 +62,7 @@ fn validate(stream: StreamId, body: &ForwardBody) -> Result<(), ApiError> {
     if message.stream_id != stream {
         return Err(ApiError::bad_request("message.stream_id does not match the stream_id query parameter"));
     }
-    if !stream.is_pair_of(&message.sender_id, &message.receiver_id) {
-        return Err(ApiError::bad_request("message.stream_id is not the stream of its sender_id and receiver_id"));
-    }
+    message.check_consistent().map_err(|err| ApiError::bad_request(format!("message: {err}")))?;
     if let Some(id) = body.event_id.as_deref() {
         if id.is_empty() || id.len() > MAX_EVENT_ID || id.chars().any(char::is_control) {
             return Err(ApiError::bad_request(format!(
@@ -88,8 +86,7 @@ pub async fn forward(
     validate(stream, &body)?;
     let frame = protocol::event_frame(body.kind, &body.message, body.event_id.as_deref());
     // Only the sockets of exactly this message's pair, whatever else shares the key.
-    let audience = protocol::pair_audience(&body.message.sender_id, &body.message.receiver_id);
-    let report = state.hub.broadcast_to(&stream, frame, |socket| socket == audience);
+    let report = state.hub.broadcast_to(&stream, frame, |socket| protocol::may_see(&body.message, socket));
     let status = match report.outcome() {
         Outcome::Ok | Outcome::NoConnections => StatusCode::OK,
         Outcome::Partial => StatusCode::PARTIAL_CONTENT,

@@ -48,6 +48,16 @@ pub fn pair_audience(a: &UserId, b: &UserId) -> String {
     format!("{first} {second}")
 }
 
+/// Whether a socket registered with `audience` may see `message`: a pair socket
+/// only its own pair's messages, a group socket (audience: its user) only messages
+/// that involve its user (sender or addressed recipient when accepted).
+pub fn may_see(message: &ChatMessage, audience: &str) -> bool {
+    match &message.receiver_id {
+        Some(receiver) => pair_audience(&message.sender_id, receiver) == audience,
+        None => message.sender_id.as_str() == audience || message.recipients.iter().any(|r| r.as_str() == audience),
+    }
+}
+
 /// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
 /// an `error` frame (the socket stays open).
 pub fn answer_client(frame: Inbound<'_>) -> Option<Utf8Bytes> {

@@ -251,7 +251,8 @@ fn dead_letter_record(item: &DigestItem) -> (String, Vec<u8>) {
             message_id: MessageId::parse(&item.message_id).ok()?,
             stream_id: StreamId::parse(&item.stream_id).ok()?,
             sender_id: UserId::parse(&item.sender_id).ok()?,
-            receiver_id: UserId::parse(&item.receiver_id).ok()?,
+            receiver_id: Some(UserId::parse(&item.receiver_id).ok()?),
+            recipients: Vec::new(),
             content: MessageContent::parse(&item.content).ok()?,
             created_at: chrono::DateTime::from_timestamp_millis(item.created_at)?,
         })

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatstream::domain::{DomainEvent, DomainKind};
-use chatstream::{ChangeEvent, ChangeOp, EventError};
+use chatstream::{ChangeEvent, ChangeOp, ChatChange, EventError, UserId};
 use eventstore::{Claim, ClaimToken, EventKey};
 use kafkawrapper::{Handler, HandlerError, Record};
 
@@ -88,7 +88,14 @@ impl EmailHandler {
     }
 
     async fn chat(&self, payload: &[u8]) -> Result<(), HandlerError> {
-        let event = ChangeEvent::parse(payload).map_err(parse_error)?;
+        let event = match ChatChange::parse(payload).map_err(parse_error)? {
+            ChatChange::Message(event) => event,
+            // Membership changes and read markers send no email.
+            ChatChange::Conversation(_) => {
+                m::skipped("conversation_event", 1);
+                return Ok(());
+            }
+        };
         if event.op != ChangeOp::Create {
             m::skipped("not_new", 1);
             return Ok(());
@@ -106,10 +113,18 @@ impl EmailHandler {
         result
     }
 
-    /// Puts a new chat message into its recipient's pending digest.
+    /// Puts a new chat message into each addressee's pending digest (the receiver,
+    /// or every group member but the sender). Each digest deduplicates by message
+    /// id, so a retry after a partial failure queues nothing twice.
     async fn queue(&self, event: &ChangeEvent) -> Result<(), HandlerError> {
+        for to in event.message.addressees() {
+            self.queue_for(event, to).await?;
+        }
+        Ok(())
+    }
+
+    async fn queue_for(&self, event: &ChangeEvent, to: &UserId) -> Result<(), HandlerError> {
         let message = &event.message;
-        let to = &message.receiver_id;
         if self.shared.presence.is_online(to.as_str()).await {
             tracing::debug!(user = %to, message_id = %message.message_id, "recipient is online; no email");
             m::skipped("online", 1);

@@ -51,12 +51,10 @@ fn invalid(kind: Kind, err: ApiError) -> ApiError {
 }
 
 fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
-    if &message.receiver_id != user {
-        return Err(ApiError::bad_request("message.receiver_id does not match the user_id query parameter"));
+    if !message.addressees().any(|addressee| addressee == user) {
+        return Err(ApiError::bad_request("the message is not addressed to the user_id query parameter"));
     }
-    if !message.stream_id.is_pair_of(&message.sender_id, &message.receiver_id) {
-        return Err(ApiError::bad_request("message.stream_id is not the stream of its sender_id and receiver_id"));
-    }
+    message.check_consistent().map_err(|err| ApiError::bad_request(format!("message: {err}")))?;
     Ok(())
 }
 
@@ -154,7 +152,8 @@ mod tests {
             message_id: MessageId::new(),
             stream_id: StreamId::for_pair(&alice, &bob),
             sender_id: bob.clone(),
-            receiver_id: alice.clone(),
+            receiver_id: Some(alice.clone()),
+            recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: "2025-01-01T12:00:00Z".parse().expect("time"),
         };

@@ -110,7 +110,8 @@ mod tests {
             message_id: MessageId::new(),
             stream_id: StreamId::for_pair(&alice, &bob),
             sender_id: bob,
-            receiver_id: alice,
+            receiver_id: Some(alice),
+            recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: "2025-01-01T12:00:00Z".parse().expect("time"),
         };
