@@ -248,11 +248,20 @@ where
                 Some(frame) => {
                     if seam > 0 {
                         seam -= 1;
-                        if frame.event_id().is_some_and(|id| replayed.contains(id)) {
+                        if frame.event_id().is_some_and(|id| replayed.contains(id)) && frame.then_close().is_none() {
                             continue;
                         }
                     }
-                    (Message::Text(frame.into_text()), true)
+                    let (text, then_close) = frame.into_parts();
+                    if let Some(close) = then_close {
+                        // The connection's last frame (Hub::send_last): send it, then close.
+                        if let Err(stop) = send(sink, Message::Text(text), &mut registration.close_rx, shutdown).await {
+                            return stop;
+                        }
+                        frames_sent.increment(1);
+                        return Stop::Close(close);
+                    }
+                    (Message::Text(text), true)
                 }
                 // The hub dropped the queue: it asked to close (or is gone).
                 None => return Stop::Close(registration.close_requested().unwrap_or_else(Close::going_away)),

@@ -60,18 +60,20 @@ impl From<&str> for EventId {
 pub struct Frame {
     event_id: Option<EventId>,
     text: Utf8Bytes,
+    /// Close the connection right after this frame (see [`Hub::send_last`]).
+    then_close: Option<Close>,
 }
 
 impl Frame {
     /// A frame that is not an event (never deduplicated).
     pub fn new(text: impl Into<Utf8Bytes>) -> Self {
-        Self { event_id: None, text: text.into() }
+        Self { event_id: None, text: text.into(), then_close: None }
     }
 
     /// A frame carrying event `id`: sent at most once per connection while the id is
     /// remembered (`WS_RECENT_EVENTS`), and skipped at the replay seam.
     pub fn event(id: impl Into<EventId>, text: impl Into<Utf8Bytes>) -> Self {
-        Self { event_id: Some(id.into()), text: text.into() }
+        Self { event_id: Some(id.into()), text: text.into(), then_close: None }
     }
 
     pub fn event_id(&self) -> Option<&EventId> {
@@ -84,6 +86,16 @@ impl Frame {
 
     pub(crate) fn into_text(self) -> Utf8Bytes {
         self.text
+    }
+
+    /// The close that must follow this frame, if it is a connection's last.
+    pub fn then_close(&self) -> Option<&Close> {
+        self.then_close.as_ref()
+    }
+
+    /// The text, and the close that must follow it (if this is a connection's last frame).
+    pub(crate) fn into_parts(self) -> (Utf8Bytes, Option<Close>) {
+        (self.text, self.then_close)
     }
 }
 
@@ -422,6 +434,64 @@ where
         conns.len()
     }
 
+    /// Sends `frame` as the **last** frame of the connections of `key` whose audience
+    /// `accepts`, then closes them with `close`: they leave the key at once (no later
+    /// broadcast reaches them), but every frame queued for them before this one is
+    /// still sent, in order, and then `frame`, then the close. A connection whose
+    /// queue is full is closed at once, with `frame` as the close's farewell. A
+    /// connection that already has `frame`'s event is closed the same way, without it.
+    /// Returns the delivery report of `frame` (a closed queue counts as failed).
+    pub fn send_last(&self, key: &K, frame: Frame, close: Close, accepts: impl Fn(&str) -> bool) -> DeliveryReport {
+        let mut report = DeliveryReport::default();
+        let mut leaving = Vec::new();
+        {
+            let mut groups = self.groups();
+            if let Some(conns) = groups.get_mut(key) {
+                let mut index = 0;
+                while index < conns.len() {
+                    if accepts(&conns[index].audience) {
+                        leaving.push(conns.swap_remove(index));
+                    } else {
+                        index += 1;
+                    }
+                }
+                if conns.is_empty() {
+                    groups.remove(key);
+                }
+            }
+        }
+        for conn in leaving {
+            report.connections += 1;
+            if frame.event_id.as_ref().is_some_and(|id| conn.recent.contains(id)) {
+                // It has the frame already (a retry): only the close is left to do.
+                report.delivered += 1;
+                conn.close(close.clone());
+                continue;
+            }
+            match conn.tx.try_send(Frame { then_close: Some(close.clone()), ..frame.clone() }) {
+                Ok(()) => report.delivered += 1,
+                Err(TrySendError::Full(_)) => {
+                    conn.close(close.clone().with_farewell(frame.text.clone()));
+                    report.failed += 1;
+                }
+                Err(TrySendError::Closed(_)) => report.failed += 1,
+            }
+            // Dropping `conn` drops its queue's sender: the socket sends what is
+            // queued, this frame last, and then closes. A close request set above
+            // outlives the sender (the driver reads the last value).
+        }
+        if report.connections > 0 {
+            tracing::info!(
+                hub = self.shared.name,
+                ?key,
+                code = close.code,
+                closed = report.connections,
+                "closing connections after a last frame"
+            );
+        }
+        report
+    }
+
     /// Closes every connection of the hub with `close`. Returns how many.
     pub fn close_all(&self, close: Close) -> usize {
         let groups = std::mem::take(&mut *self.groups());
@@ -593,6 +663,42 @@ mod tests {
         let nobody = hub.broadcast_to(&key("s1"), Frame::event("m2", "x"), |_| false);
         assert_eq!(nobody.outcome(), Outcome::NoConnections);
         assert_eq!(hub.connections_of(&key("s1")), 2, "filtered sockets stay registered");
+    }
+
+    #[test]
+    fn send_last_drains_the_queue_then_the_last_frame_then_closes_and_nothing_after() {
+        let hub = hub(8);
+        let mut carol = hub.register_as(key("g1"), "carol").expect("admitted");
+        let mut alice = hub.register_as(key("g1"), "alice").expect("admitted");
+        hub.broadcast(&key("g1"), Frame::event("m1", "before"));
+        let left = Frame::event("e1", "carol left");
+        hub.broadcast_to(&key("g1"), left.clone(), |who| who != "carol");
+        let removed = Close::new(close_code::REMOVED, "removed");
+        let report = hub.send_last(&key("g1"), left.clone(), removed.clone(), |who| who == "carol");
+        assert_eq!(report, DeliveryReport { connections: 1, delivered: 1, failed: 0 });
+        hub.broadcast(&key("g1"), Frame::event("m2", "after"));
+        let first = carol.try_recv().expect("queued before");
+        assert_eq!((first.text(), first.then_close()), ("before", None));
+        let last = carol.try_recv().expect("the last frame");
+        assert_eq!((last.text(), last.then_close()), ("carol left", Some(&removed)));
+        assert!(carol.try_recv().is_none(), "nothing after the last frame");
+        assert_eq!(carol.close_requested(), None, "the close rides on the last frame");
+        assert_eq!(texts(&mut alice), ["before", "carol left", "after"]);
+        assert_eq!(hub.connections_of(&key("g1")), 1);
+        // A retry finds no one left to close.
+        let again = hub.send_last(&key("g1"), left, removed, |who| who == "carol");
+        assert_eq!(again.outcome(), Outcome::NoConnections);
+    }
+
+    #[test]
+    fn send_last_to_a_full_queue_closes_at_once_with_the_frame_as_farewell() {
+        let hub = hub(1);
+        let carol = hub.register_as(key("g1"), "carol").expect("admitted");
+        hub.broadcast(&key("g1"), Frame::event("m1", "fills the queue"));
+        let removed = Close::new(close_code::REMOVED, "removed");
+        let report = hub.send_last(&key("g1"), Frame::event("e1", "carol left"), removed.clone(), |_| true);
+        assert_eq!(report, DeliveryReport { connections: 1, delivered: 0, failed: 1 });
+        assert_eq!(carol.close_requested(), Some(removed.with_farewell("carol left")));
     }
 
     #[test]

@@ -69,4 +69,8 @@ pub mod close_code {
     /// and reconnect with `since` (the last event seen); nothing is lost meanwhile.
     /// Reason `token expired`, after a `{"type":"token_expired"}` frame.
     pub const TOKEN_EXPIRED: u16 = 4003;
+    /// The user is no longer a member of the conversation (they left or were removed):
+    /// do **not** reconnect to it; refresh the conversation list. Sent after the
+    /// `member_left` frame that says so, with every frame queued before it.
+    pub const REMOVED: u16 = 4004;
 }
