@@ -4,7 +4,11 @@
 //! 1. parse it — a chat change (flattened or raw Debezium form) or, on a domain topic,
 //!    a purchase, payment or shipment document; unparseable → dead-letter;
 //! 2. work out the calls the pipeline's targets make for it (socket frame, chat
-//!    notification for new messages, domain notification); none → done;
+//!    notification for new messages, domain notification); none → done. A
+//!    conversation event (membership, title, read marker; `chatstream::ChatChange`)
+//!    goes once to the conversation's socket pod (`/chat/forward-event`) and to the
+//!    notification socket of each user it concerns (`/notifications/conversation`;
+//!    a `read` only to the reader, whose other devices clear their badges);
 //! 3. claim it in the pipeline's event store under its dedup key (per event, or per
 //!    conversation and recipient): already done → skip; claimed by a consumer that is
 //!    still working on it (a rebalance race, or a crash whose lease has not run out) →
@@ -27,7 +31,9 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chatstream::domain::{DomainEvent, DomainKind};
-use chatstream::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
+use chatstream::{
+    ChangeEvent, ChangeOp, ChangeRecord, ChatChange, ConversationEvent, ConversationEventKind, EventError, StreamId,
+};
 use eventstore::{Claim, ClaimToken, EventKey, RedisEventStore};
 use futures::future::join_all;
 use kafkawrapper::{Handler, HandlerError, Record};
@@ -43,6 +49,8 @@ const LEASE_POLL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 enum Change {
     Chat(ChangeEvent),
+    /// A membership change, title change or read marker of a conversation.
+    Conversation(ConversationEvent),
     Domain(DomainEvent),
     /// A domain document was deleted: nothing to notify.
     DomainDelete,
@@ -113,7 +121,10 @@ impl PipelineHandler {
             EventError::Unroutable(reason) => HandlerError::permanent(reason),
         };
         match domain_kind(&record.topic) {
-            None => ChangeEvent::parse(payload).map(Change::Chat).map_err(map),
+            None => match ChatChange::parse(payload).map_err(map)? {
+                ChatChange::Message(event) => Ok(Change::Chat(event)),
+                ChatChange::Conversation(event) => Ok(Change::Conversation(event)),
+            },
             Some(kind) => Self::parse_domain(kind, payload).map_err(map),
         }
     }
@@ -160,6 +171,32 @@ impl PipelineHandler {
                         });
                     }
                 }
+                // Once per conversation: the socket pod holds all of its sockets.
+                (Target::ChatWebsocket, Change::Conversation(event)) => {
+                    calls.push(Call {
+                        target: *target,
+                        url: format!(
+                            "{}/chat/forward-event?stream_id={}",
+                            self.chat_websocket_url, event.conversation_id
+                        ),
+                        body: serde_json::to_value(event).unwrap_or(Value::Null),
+                    });
+                }
+                // Each user the change concerns, so their inbox updates; a read marker
+                // only concerns the reader (the other members see it on the chat socket).
+                (Target::ChatNotification, Change::Conversation(event)) => {
+                    let users = match event.kind {
+                        ConversationEventKind::Read => vec![event.user_id.clone()],
+                        _ => event.audience(),
+                    };
+                    for user in users {
+                        calls.push(Call {
+                            target: *target,
+                            url: format!("{}/notifications/conversation?user_id={user}", self.notifications_url),
+                            body: json!({ "event": event }),
+                        });
+                    }
+                }
                 (Target::DomainNotification, Change::Domain(event)) => {
                     let document = &event.document;
                     calls.push(Call {
@@ -189,6 +226,9 @@ impl PipelineHandler {
                 let receiver = event.message.receiver_id.as_ref().map_or("group", |r| r.as_str());
                 Some(self.store.key(event.stream_id().as_str(), receiver))
             }
+            // Per event whatever the pipeline's dedup: a conversation window must not
+            // swallow a membership change or a read marker.
+            (Change::Conversation(event), _) => Some(self.store.key(&event.event_id, event.conversation_id.as_str())),
             (Change::Domain(event), _) => Some(self.store.key(&event.dedup_id(), event.document.user_id().as_str())),
             (Change::DomainDelete, _) => None,
         }
@@ -287,8 +327,8 @@ impl PipelineHandler {
 
     /// Closes the stream's sockets with the resync code, retrying within the
     /// failover timeout (the pod may be restarting).
-    async fn fail_over(&self, event: &ChangeEvent) -> bool {
-        let url = format!("{}/chat/close-stream?stream_id={}", self.chat_websocket_url, event.stream_id());
+    async fn fail_over(&self, stream: StreamId) -> bool {
+        let url = format!("{}/chat/close-stream?stream_id={stream}", self.chat_websocket_url);
         let deadline = Instant::now() + self.failover_timeout;
         let mut pause = Duration::from_millis(100);
         loop {
@@ -300,7 +340,7 @@ impl PipelineHandler {
                     pause = (pause * 2).min(Duration::from_secs(2));
                 }
                 Err(err) => {
-                    tracing::error!(pipeline = %self.name, stream_id = %event.stream_id(), error = %err, "failover could not close the stream's sockets");
+                    tracing::error!(pipeline = %self.name, stream_id = %stream, error = %err, "failover could not close the stream's sockets");
                     return false;
                 }
             }
@@ -333,6 +373,7 @@ impl Handler for PipelineHandler {
                 }
                 let op = match &change {
                     Change::Chat(event) => event.op.code(),
+                    Change::Conversation(_) => "c",
                     Change::Domain(event) => event.op.code(),
                     Change::DomainDelete => "d",
                 };
@@ -362,16 +403,22 @@ impl Handler for PipelineHandler {
             self.count_given_up(target.name(), action, target_error);
             match action {
                 OnExhausted::Failover => {
-                    let Ok(Change::Chat(event)) = Self::parse(record) else { continue };
+                    // A message or a conversation event: either way the sockets of the
+                    // conversation may have missed it, so they resync.
+                    let (stream, what) = match Self::parse(record) {
+                        Ok(Change::Chat(event)) => (event.stream_id(), event.message_id().to_string()),
+                        Ok(Change::Conversation(event)) => (event.conversation_id, event.event_id.clone()),
+                        _ => continue,
+                    };
                     tracing::error!(
                         pipeline = %self.name,
                         target = target.name(),
-                        message_id = %event.message_id(),
-                        stream_id = %event.stream_id(),
+                        event = %what,
+                        stream_id = %stream,
                         error = %target_error,
                         "giving up on real-time delivery; closing the stream's sockets so clients resync from history"
                     );
-                    let closed = self.fail_over(&event).await;
+                    let closed = self.fail_over(stream).await;
                     let outcome = if closed { "closed" } else { "failed" };
                     metrics::counter!("failovers_total", "pipeline" => self.name.clone(), "outcome" => outcome)
                         .increment(1);
@@ -454,6 +501,93 @@ mod tests {
         let calls = h.calls(&edit);
         assert_eq!(calls.len(), 1, "an edit is not notified");
         assert_eq!(calls[0].body["type"], "message_updated");
+    }
+
+    fn conversation_event(kind: &str, group: &chatstream::StreamId) -> Value {
+        let mut event = json!({"_id": "0195c1a4-0000-7000-8000-0000000000e1", "type": kind,
+            "conversation_id": group.to_string(), "user_id": "carol", "actor_id": "alice",
+            "members": ["alice", "bob"], "at": 1_760_000_000_000_i64,
+            "__op": "c", "__source_ts_ms": 5, "__deleted": "false"});
+        if kind == "member_left" {
+            event["reason"] = json!("removed");
+        }
+        if kind == "read" {
+            event["members"] = json!(["alice", "bob", "carol"]);
+            event["up_to"] = json!("0195c1a4-0000-7000-8000-000000000001");
+        }
+        event
+    }
+
+    #[tokio::test]
+    async fn a_conversation_event_goes_once_to_the_socket_pod_and_to_each_user_it_concerns() {
+        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
+        let group = chatstream::StreamId::new_group();
+        let rec = record("chat.changes", conversation_event("member_left", &group));
+        let Ok(change) = PipelineHandler::parse(&rec) else { panic!("parses") };
+        let calls = h.calls(&change);
+        let urls: Vec<&str> = calls.iter().map(|c| c.url.as_str()).collect();
+        let forward = format!("http://ws:8/chat/forward-event?stream_id={group}");
+        assert_eq!(
+            urls,
+            [
+                forward.as_str(),
+                "http://notify:9/notifications/conversation?user_id=alice",
+                "http://notify:9/notifications/conversation?user_id=bob",
+                "http://notify:9/notifications/conversation?user_id=carol",
+            ],
+            "the socket pod once; every member and the one who left"
+        );
+        assert_eq!(calls[0].body["type"], "member_left");
+        assert_eq!(calls[0].body["event_id"], "0195c1a4-0000-7000-8000-0000000000e1");
+        assert_eq!(calls[0].body["reason"], "removed");
+        assert!(calls[0].body.get("__op").is_none(), "the event as chatstream serializes it");
+        assert_eq!(calls[1].body["event"]["user_id"], "carol");
+        assert_eq!(
+            h.key(&change).expect("key").as_str(),
+            format!("eventstore:p:0195c1a4-0000-7000-8000-0000000000e1:{group}")
+        );
+        // Per event even where the pipeline deduplicates per conversation.
+        let by_stream = handler(&[Target::ChatNotification], DedupBy::Stream, "chat.changes");
+        assert_eq!(by_stream.key(&change), h.key(&change));
+
+        // A read marker: the socket pod (the other members and the reader's devices),
+        // and only the reader's notification sockets.
+        let Ok(read) = PipelineHandler::parse(&record("chat.changes", conversation_event("read", &group))) else {
+            panic!("parses")
+        };
+        let calls = h.calls(&read);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].url, forward);
+        assert_eq!(calls[0].body["up_to"], "0195c1a4-0000-7000-8000-000000000001");
+        assert_eq!(calls[1].url, "http://notify:9/notifications/conversation?user_id=carol");
+
+        // Failover covers conversation events too; a failed notification does not.
+        let mut rec = rec;
+        rec.offset = 3;
+        let unknown = h.failed_targets(&rec, &failure("held"));
+        assert_eq!(unknown.iter().filter(|(t, _)| *t == Target::ChatWebsocket).count(), 1);
+        assert_eq!(unknown.iter().filter(|(t, _)| *t == Target::ChatNotification).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_group_message_is_forwarded_once_and_notified_per_recipient() {
+        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
+        let group = chatstream::StreamId::new_group();
+        let value = json!({"_id": "m-1", "message_id": "0195c1a4-0000-7000-8000-000000000002",
+            "stream_id": group.to_string(), "sender_id": "alice", "recipients": ["bob", "carol", "dave"],
+            "content": "hi all", "created_at": 1_760_000_000_000_i64, "__op": "c", "__source_ts_ms": 5,
+            "__deleted": "false"});
+        let Ok(change) = PipelineHandler::parse(&record("chat.changes", value)) else { panic!("parses") };
+        let calls = h.calls(&change);
+        let forwards: Vec<&Call> = calls.iter().filter(|c| c.target == Target::ChatWebsocket).collect();
+        assert_eq!(forwards.len(), 1, "one forward per conversation, not per member");
+        assert_eq!(forwards[0].url, format!("http://ws:8/chat/forward-to-websocket?stream_id={group}"));
+        let notified: Vec<&str> = calls
+            .iter()
+            .filter(|c| c.target == Target::ChatNotification)
+            .map(|c| c.url.rsplit('=').next().unwrap_or_default())
+            .collect();
+        assert_eq!(notified, ["bob", "carol", "dave"]);
     }
 
     fn failure(reason: &str) -> HandlerError {
