@@ -50,6 +50,7 @@ pub fn public_router(state: AppState) -> Router {
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/chat/forward-to-websocket", post(internal::forward).get(internal::owner))
+        .route("/chat/forward-event", post(internal::forward_event))
         .route("/chat/close-stream", post(internal::close_stream))
         .with_state(state)
 }

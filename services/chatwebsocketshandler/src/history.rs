@@ -3,7 +3,9 @@
 //! Why this module exists: a socket opened with `since=<message_id>` must first get
 //! every message after that id, and only then live ones. MongoDB (through
 //! chatpersistence's internal `GET /chat/messages`) is the source of truth, so the
-//! replay pages through it here, bounded by `HISTORY_REPLAY_LIMIT`.
+//! replay pages through it here, bounded by `HISTORY_REPLAY_LIMIT`. The same client
+//! asks chatpersistence who the members of a group are (`GET
+//! /chat/conversations/{id}/members`), because only current members may subscribe.
 
 use chatstream::{ChatMessage, MessageId, StreamId, UserId};
 use serde::Deserialize;
@@ -33,11 +35,27 @@ enum Page {
     Bare(Vec<ChatMessage>),
 }
 
-/// A client of chatpersistence's internal history endpoint.
+/// Whose messages a replay may contain: a pair socket's pair, or a group member's
+/// (the group's messages that involve them: sent by them or addressed to them).
+#[derive(Debug, Clone, Copy)]
+pub enum Reader<'a> {
+    Pair(&'a UserId, &'a UserId),
+    Member(&'a UserId),
+}
+
+/// A group's members as chatpersistence's internal endpoint reports them.
+#[derive(Debug, Deserialize)]
+pub struct Members {
+    pub members: Vec<UserId>,
+}
+
+/// A client of chatpersistence's internal history and members endpoints.
 #[derive(Clone)]
 pub struct HistoryClient {
     http: reqwest::Client,
     url: String,
+    /// chatpersistence's internal listener, without a trailing slash.
+    base: String,
     token: String,
     page_size: usize,
     replay_limit: usize,
@@ -53,26 +71,56 @@ impl HistoryClient {
         Ok(Self {
             http,
             url: format!("{}/chat/messages", settings.chatpersistence_internal_url.trim_end_matches('/')),
+            base: settings.chatpersistence_internal_url.trim_end_matches('/').to_owned(),
             token: service_token.to_owned(),
             page_size: settings.page_size.max(1),
             replay_limit: settings.replay_limit,
         })
     }
 
-    /// Every message between `pair` in `stream` after `since`, oldest first.
+    /// The current members of group `conversation`: `Ok(None)` when chatpersistence
+    /// knows no such conversation (`404`), `Unavailable` when it cannot say (down,
+    /// timeout, any other answer).
+    pub async fn members(&self, conversation: StreamId) -> Result<Option<Vec<UserId>>, HistoryError> {
+        let url = format!("{}/chat/conversations/{conversation}/members", self.base);
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|err| HistoryError::Unavailable(format!("GET {url}: {err}")))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            return Err(HistoryError::Unavailable(format!("GET {url} answered {status}")));
+        }
+        let body =
+            response.bytes().await.map_err(|err| HistoryError::Unavailable(format!("reading members: {err}")))?;
+        serde_json::from_slice::<Members>(&body)
+            .map(|members| Some(members.members))
+            .map_err(|err| HistoryError::Unavailable(format!("unexpected members body: {err}")))
+    }
+
+    /// Every message of `stream` after `since` that `reader` may see, oldest first.
     pub async fn after(
         &self,
         stream: StreamId,
-        pair: (&UserId, &UserId),
+        reader: Reader<'_>,
         since: MessageId,
     ) -> Result<Vec<ChatMessage>, HistoryError> {
-        let audience = protocol::pair_audience(pair.0, pair.1);
+        let audience = match reader {
+            Reader::Pair(user, peer) => protocol::pair_audience(user, peer),
+            Reader::Member(user) => user.to_string(),
+        };
         let mut messages: Vec<ChatMessage> = Vec::new();
         let mut cursor = since;
         // Each page advances the cursor, so this ends; the bound is a second guard.
         let max_pages = self.replay_limit / self.page_size + 2;
         for _ in 0..max_pages {
-            let (page, has_more) = self.page(stream, pair, cursor).await?;
+            let (page, has_more) = self.page(stream, reader, cursor).await?;
             let received = page.len();
             for message in page {
                 // Defensive: only this stream and pair, strictly after the cursor, in order.
@@ -98,21 +146,22 @@ impl HistoryClient {
     async fn page(
         &self,
         stream: StreamId,
-        pair: (&UserId, &UserId),
+        reader: Reader<'_>,
         since: MessageId,
     ) -> Result<(Vec<ChatMessage>, Option<bool>), HistoryError> {
         let limit = self.page_size.min(self.replay_limit + 1).max(1).to_string();
+        let mut query = vec![("stream_id", stream.to_string()), ("since", since.to_string()), ("limit", limit)];
+        // A pair's page is filtered by chatpersistence too; a group's page is the
+        // group's (filtered here by involvement, like live frames).
+        if let Reader::Pair(user, peer) = reader {
+            query.push(("user_id", user.to_string()));
+            query.push(("peer_id", peer.to_string()));
+        }
         let response = self
             .http
             .get(&self.url)
             .bearer_auth(&self.token)
-            .query(&[
-                ("stream_id", stream.to_string()),
-                ("user_id", pair.0.to_string()),
-                ("peer_id", pair.1.to_string()),
-                ("since", since.to_string()),
-                ("limit", limit),
-            ])
+            .query(&query)
             .send()
             .await
             .map_err(|err| HistoryError::Unavailable(format!("GET {}: {err}", self.url)))?;

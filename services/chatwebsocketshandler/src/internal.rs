@@ -1,5 +1,6 @@
-//! The internal endpoints the change handler calls: forward an event to a stream's
-//! sockets, and close a stream's sockets after delivery gave up (failover).
+//! The internal endpoints the change handler calls: forward a message event or a
+//! conversation event (membership, title, read marker) to a stream's sockets, and
+//! close a stream's sockets after delivery gave up (failover).
 //!
 //! Why this module exists: the status codes here drive the change handler's
 //! retries: `200` commits the event, `206` and `500` make it retry. They must mean
@@ -11,10 +12,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chatauth::ServiceCaller;
-use chatstream::{ChatMessage, StreamId};
+use chatstream::{ChatMessage, ConversationEvent, ConversationEventKind, ConversationKind, StreamId};
 use serde::{Deserialize, Serialize};
 use servicekit::{ApiError, ApiJson, ApiQuery};
-use wsfanout::{Outcome, OwnerAnswer};
+use wsfanout::{DeliveryReport, Outcome, OwnerAnswer};
 
 use crate::app::AppState;
 use crate::protocol::{self, resync_reason, EventKind};
@@ -87,13 +88,19 @@ pub async fn forward(
     let frame = protocol::event_frame(body.kind, &body.message, body.event_id.as_deref());
     // Only the sockets of exactly this message's pair, whatever else shares the key.
     let report = state.hub.broadcast_to(&stream, frame, |socket| protocol::may_see(&body.message, socket));
+    let what = body.message.message_id.to_string();
+    Ok(answer(stream, &what, report))
+}
+
+/// The forward's answer: `200`, `206` or `500` with the counts.
+fn answer(stream: StreamId, what: &str, report: DeliveryReport) -> Response {
     let status = match report.outcome() {
         Outcome::Ok | Outcome::NoConnections => StatusCode::OK,
         Outcome::Partial => StatusCode::PARTIAL_CONTENT,
         Outcome::Failed => StatusCode::INTERNAL_SERVER_ERROR,
     };
     if status != StatusCode::OK {
-        tracing::warn!(%stream, message_id = %body.message.message_id, ?report, "forward not delivered to every socket");
+        tracing::warn!(%stream, event = what, ?report, "forward not delivered to every socket");
     }
     let body = ForwardReport {
         stream_id: stream,
@@ -101,7 +108,61 @@ pub async fn forward(
         delivered: report.delivered,
         failed: report.failed,
     };
-    Ok((status, Json(body)).into_response())
+    (status, Json(body)).into_response()
+}
+
+fn validate_event(stream: StreamId, event: &ConversationEvent) -> Result<(), ApiError> {
+    if event.conversation_id != stream {
+        return Err(ApiError::bad_request("conversation_id does not match the stream_id query parameter"));
+    }
+    let id = &event.event_id;
+    if id.is_empty() || id.len() > MAX_EVENT_ID || id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "event_id must be 1 to {MAX_EVENT_ID} bytes without control characters"
+        )));
+    }
+    if event.kind == ConversationEventKind::Read && event.up_to.is_none() {
+        return Err(ApiError::bad_request("a read event needs up_to"));
+    }
+    if event.conversation_id.kind() != ConversationKind::Group && event.kind != ConversationEventKind::Read {
+        return Err(ApiError::bad_request("only groups have membership and title changes"));
+    }
+    Ok(())
+}
+
+/// `POST /chat/forward-event?stream_id=…` with a `ConversationEvent`: its frame to
+/// the conversation's sockets that may see it (`protocol::may_see_event`). For
+/// `member_left` the subject's sockets get the frame as their last, after everything
+/// queued before it, and are closed with 4004 (removed); from then on nothing of the
+/// conversation reaches them. Same `200`/`206`/`500` answers as a message forward; a
+/// retry neither repeats the frame nor the close.
+pub async fn forward_event(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<StreamQuery>,
+    ApiJson(event): ApiJson<ConversationEvent>,
+) -> Result<Response, ApiError> {
+    let stream = stream_of(&query)?;
+    validate_event(stream, &event)?;
+    let frame = protocol::conversation_frame(&event);
+    let report = if event.kind == ConversationEventKind::MemberLeft {
+        let subject = event.user_id.as_str();
+        let stayed = state.hub.broadcast_to(&stream, frame.clone(), |socket| {
+            socket != subject && protocol::may_see_event(&event, socket)
+        });
+        let left = state.hub.send_last(&stream, frame, protocol::removed(), |socket| socket == subject);
+        if left.connections > 0 {
+            metrics::counter!("chat_removed_closes_total").increment(left.connections as u64);
+        }
+        DeliveryReport {
+            connections: stayed.connections + left.connections,
+            delivered: stayed.delivered + left.delivered,
+            failed: stayed.failed + left.failed,
+        }
+    } else {
+        state.hub.broadcast_to(&stream, frame, |socket| protocol::may_see_event(&event, socket))
+    };
+    Ok(answer(stream, &event.event_id, report))
 }
 
 /// `GET /chat/forward-to-websocket?stream_id=…`: which pod a forward for this stream

@@ -4,6 +4,9 @@
 //! history after `since`); the change handler forwards each chat event to the pod
 //! holding the stream's sockets (`POST /chat/forward-to-websocket`, internal port)
 //! and, when delivery keeps failing, closes them with resync (`POST /chat/close-stream`).
+//! Groups subscribe with `conversation_id` (members only, asked of chatpersistence);
+//! membership, title and read-marker events arrive on `POST /chat/forward-event`, and
+//! a removed member's sockets close with 4004.
 //! The socket plumbing itself is the shared `wsfanout` crate. `main` only wires.
 
 mod app;

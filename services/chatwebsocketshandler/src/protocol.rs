@@ -8,7 +8,9 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use axum::extract::ws::Utf8Bytes;
-use chatstream::{ChatMessage, UserId};
+use chatstream::{
+    ChatMessage, ConversationEvent, ConversationEventKind, ConversationKind, MessageId, StreamId, UserId,
+};
 use serde::{Deserialize, Serialize};
 use wsfanout::{close_code, Close, EventId, Frame, Inbound};
 
@@ -90,6 +92,76 @@ pub fn event_frame(kind: EventKind, message: &ChatMessage, given_id: Option<&str
     }
     .to_text();
     Frame::event(event_id(kind, message, given_id), text)
+}
+
+/// The frame of a conversation event (`member_joined`, `member_left`,
+/// `conversation_updated`, `read`), as `docs/socket-protocol.md` shows it.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum ConversationFrame<'a> {
+    Membership {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        conversation_id: &'a StreamId,
+        user_id: &'a UserId,
+        actor_id: &'a UserId,
+        members: &'a [UserId],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        title: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    Read {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        conversation_id: &'a StreamId,
+        user_id: &'a UserId,
+        up_to: Option<&'a MessageId>,
+    },
+}
+
+/// The frame of a conversation event, deduplicated per socket by its `event_id`.
+pub fn conversation_frame(event: &ConversationEvent) -> Frame {
+    let frame = match event.kind {
+        ConversationEventKind::Read => ConversationFrame::Read {
+            kind: event.kind.as_str(),
+            conversation_id: &event.conversation_id,
+            user_id: &event.user_id,
+            up_to: event.up_to.as_ref(),
+        },
+        _ => ConversationFrame::Membership {
+            kind: event.kind.as_str(),
+            conversation_id: &event.conversation_id,
+            user_id: &event.user_id,
+            actor_id: &event.actor_id,
+            members: &event.members,
+            title: event.title.as_deref(),
+            reason: event.reason.as_deref(),
+        },
+    };
+    // Serializing these plain structs cannot fail.
+    let text = Utf8Bytes::from(serde_json::to_string(&frame).unwrap_or_default());
+    Frame::event(EventId::from(event.event_id.as_str()), text)
+}
+
+/// Whether a socket registered with `audience` may see a conversation event: in a
+/// group, the sockets of the members after the change and of its subject (a member
+/// who just left gets their `member_left`); in a pair conversation, the sockets of
+/// exactly that pair (both users, all their devices).
+pub fn may_see_event(event: &ConversationEvent, audience: &str) -> bool {
+    match event.conversation_id.kind() {
+        ConversationKind::Group => event.audience().iter().any(|user| user.as_str() == audience),
+        ConversationKind::Pair | ConversationKind::LegacyPair => match event.members.as_slice() {
+            [a, b] => pair_audience(a, b) == audience,
+            _ => false,
+        },
+    }
+}
+
+/// Close 4004 (removed): the user is no longer a member; do not reconnect, refresh
+/// the conversation list. It follows the `member_left` frame that says so.
+pub fn removed() -> Close {
+    Close::new(close_code::REMOVED, "you are no longer a member of this conversation")
 }
 
 /// Why a socket is told to resync (the `reason` of the `resync` frame).
@@ -177,6 +249,62 @@ mod tests {
         }
         let reply = answer_client(Inbound::Binary(b"\x00\x01")).expect("reply");
         assert_eq!(parse(reply.as_str())["type"], "error");
+    }
+
+    fn conversation_event(kind: ConversationEventKind, conversation: StreamId) -> ConversationEvent {
+        let user = |raw: &str| UserId::parse(raw).expect("valid");
+        ConversationEvent {
+            event_id: MessageId::new().to_string(),
+            kind,
+            conversation_id: conversation,
+            user_id: user("carol"),
+            actor_id: user("alice"),
+            members: vec![user("alice"), user("bob")],
+            title: Some("team".into()),
+            up_to: None,
+            reason: (kind == ConversationEventKind::MemberLeft).then(|| "removed".to_owned()),
+            at: "2025-01-01T12:00:00Z".parse().expect("time"),
+        }
+    }
+
+    #[test]
+    fn conversation_frames_carry_the_documented_fields_and_their_event_id() {
+        let event = conversation_event(ConversationEventKind::MemberLeft, StreamId::new_group());
+        let frame = conversation_frame(&event);
+        assert_eq!(frame.event_id().map(EventId::as_str), Some(event.event_id.as_str()));
+        assert_eq!(
+            parse(frame.text()),
+            json!({"type": "member_left", "conversation_id": event.conversation_id, "user_id": "carol",
+                "actor_id": "alice", "members": ["alice", "bob"], "title": "team", "reason": "removed"})
+        );
+        let up_to = MessageId::new();
+        let read = ConversationEvent {
+            kind: ConversationEventKind::Read,
+            up_to: Some(up_to),
+            ..conversation_event(ConversationEventKind::Read, event.conversation_id)
+        };
+        assert_eq!(
+            parse(conversation_frame(&read).text()),
+            json!({"type": "read", "conversation_id": event.conversation_id, "user_id": "carol", "up_to": up_to})
+        );
+    }
+
+    #[test]
+    fn conversation_events_reach_members_and_the_subject_or_exactly_the_pair() {
+        let group = conversation_event(ConversationEventKind::MemberLeft, StreamId::new_group());
+        for who in ["alice", "bob", "carol"] {
+            assert!(may_see_event(&group, who), "{who}");
+        }
+        assert!(!may_see_event(&group, "mallory"));
+        let (alice, bob) = (UserId::parse("alice").expect("valid"), UserId::parse("bob").expect("valid"));
+        let pair = ConversationEvent {
+            user_id: alice.clone(),
+            ..conversation_event(ConversationEventKind::Read, StreamId::for_pair(&alice, &bob))
+        };
+        assert!(may_see_event(&pair, &pair_audience(&bob, &alice)));
+        assert!(!may_see_event(&pair, "alice"), "a pair socket's audience is the pair");
+        assert!(!may_see_event(&pair, &pair_audience(&alice, &UserId::parse("carol").expect("valid"))));
+        assert_eq!(removed().code, 4004);
     }
 
     #[test]

@@ -5,10 +5,17 @@
 //! of its first steps is what makes `since` exact: the connection is registered
 //! *before* the history is read, so a message persisted meanwhile is either in the
 //! history or queued live, and the driver drops a live copy of a replayed one.
+//!
+//! Two forms: a pair (`stream_id`, `sender_id`, `receiver_id`, checked against the
+//! recomputed id) and a group (`conversation_id=g…`, checked against the group's
+//! current members as chatpersistence reports them). A group socket is registered
+//! with its user as audience *before* membership is asked, so a removal that lands
+//! between the check and the registration still closes it (4004).
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Response;
 use chatauth::SocketUser;
 use chatstream::{MessageId, StreamId, StreamIdFormat, UserId};
@@ -17,7 +24,7 @@ use servicekit::{AllowedOrigin, ApiError, ApiQuery, ClientIp};
 use wsfanout::{Admission, Close, Driver, Ended, Frame, Registration};
 
 use crate::app::AppState;
-use crate::history::HistoryError;
+use crate::history::{HistoryError, Reader};
 use crate::protocol::{self, resync_reason, EventKind};
 
 /// The query of `GET /chat/subscribe` (the `access_token` parameter is read by the
@@ -30,8 +37,59 @@ pub struct SubscribeQuery {
     sender_id: Option<String>,
     #[serde(default)]
     receiver_id: Option<String>,
+    /// The group form: `conversation_id=g…` instead of the three pair parameters.
+    #[serde(default)]
+    conversation_id: Option<String>,
     #[serde(default)]
     since: Option<String>,
+}
+
+/// Whose messages a socket replays (the owned form of [`Reader`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Who {
+    Pair(UserId, UserId),
+    Member(UserId),
+}
+
+impl Who {
+    fn reader(&self) -> Reader<'_> {
+        match self {
+            Who::Pair(user, peer) => Reader::Pair(user, peer),
+            Who::Member(user) => Reader::Member(user),
+        }
+    }
+}
+
+/// How long a client is asked to wait when membership cannot be checked.
+const MEMBERS_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The refusal of a caller who is not a current member, and of an unknown group:
+/// the same status and body, so the answer tells a stranger nothing about which
+/// group ids exist.
+fn not_a_member() -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "not_a_member", "you are not a member of this conversation")
+}
+
+/// The checks of a group subscription that need no look-up: a group id, not mixed
+/// with the pair parameters, and a well-formed `since`.
+fn parse_group(query: &SubscribeQuery) -> Result<(StreamId, Option<MessageId>), ApiError> {
+    let invalid = |field: &str, err: &dyn std::fmt::Display| ApiError::bad_request(format!("{field}: {err}"));
+    if query.stream_id.is_some() || query.sender_id.is_some() || query.receiver_id.is_some() {
+        return Err(invalid("conversation_id", &"replaces stream_id, sender_id and receiver_id; give one form"));
+    }
+    let conversation = StreamId::parse(required("conversation_id", &query.conversation_id)?)
+        .map_err(|e| invalid("conversation_id", &e))?;
+    if conversation.kind() != chatstream::ConversationKind::Group {
+        return Err(invalid(
+            "conversation_id",
+            &"is not a group id; subscribe to a 1:1 conversation with stream_id, sender_id and receiver_id",
+        ));
+    }
+    let since = match query.since.as_deref() {
+        None => None,
+        Some(raw) => Some(MessageId::parse(raw).map_err(|e| invalid("since", &e))?),
+    };
+    Ok((conversation, since))
 }
 
 /// A subscription that passed every check.
@@ -86,12 +144,49 @@ pub async fn subscribe(
     ApiQuery(query): ApiQuery<SubscribeQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    if query.conversation_id.is_some() {
+        return subscribe_group(state, ip, caller, expires_at, &query, upgrade).await;
+    }
     let subscription = authorize(state.format, &caller, &query)?;
     let audience = protocol::pair_audience(&caller, &subscription.peer);
     let who = Admission { user: caller.as_str(), ip, audience: &audience };
     let (upgrade, registration) = wsfanout::admit(&state.hub, subscription.stream, who, upgrade)?;
     tracing::debug!(stream = %subscription.stream, user = %caller, connection = %registration.id(), "socket admitted");
-    let since = subscription.since.map(|since| (since, caller, subscription.peer));
+    let since = subscription.since.map(|since| (since, Who::Pair(caller, subscription.peer)));
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, since, expires_at)))
+}
+
+/// `GET /chat/subscribe?conversation_id=g…[&since=…]`: a member's socket on a group.
+async fn subscribe_group(
+    state: AppState,
+    ip: std::net::IpAddr,
+    caller: UserId,
+    expires_at: std::time::SystemTime,
+    query: &SubscribeQuery,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let (conversation, since) = parse_group(query)?;
+    let who = Admission { user: caller.as_str(), ip, audience: caller.as_str() };
+    // Registered first: a member_left forwarded while membership is being asked
+    // closes this registration, and a removal before the ask makes the ask say no.
+    let (upgrade, registration) = wsfanout::admit(&state.hub, conversation, who, upgrade)?;
+    match state.history.members(conversation).await {
+        Ok(Some(members)) if members.contains(&caller) => {}
+        Ok(_) => {
+            metrics::counter!("chat_subscribe_refused_total", "reason" => "not_a_member").increment(1);
+            return Err(not_a_member());
+        }
+        Err(err) => {
+            tracing::warn!(%conversation, error = %err, "cannot check group membership; refusing the subscription");
+            metrics::counter!("chat_subscribe_refused_total", "reason" => "members_unavailable").increment(1);
+            return Err(ApiError::unavailable(
+                "membership cannot be checked right now; try again",
+                MEMBERS_RETRY_AFTER,
+            ));
+        }
+    }
+    tracing::debug!(%conversation, user = %caller, connection = %registration.id(), "group socket admitted");
+    let since = since.map(|since| (since, Who::Member(caller)));
     Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, since, expires_at)))
 }
 
@@ -101,7 +196,7 @@ async fn serve(
     state: AppState,
     socket: WebSocket,
     registration: Registration<StreamId>,
-    since: Option<(MessageId, UserId, UserId)>,
+    since: Option<(MessageId, Who)>,
     expires_at: std::time::SystemTime,
 ) {
     let stream = *registration.key();
@@ -111,9 +206,9 @@ async fn serve(
         .expires_at(expires_at);
     let ended = match since {
         None => driver.run().await,
-        Some((since, user, peer)) => {
+        Some((since, who)) => {
             let fetched = tokio::select! {
-                fetched = state.history.after(stream, (&user, &peer), since) => Some(fetched),
+                fetched = state.history.after(stream, who.reader(), since) => Some(fetched),
                 _ = state.shutdown.wait() => None,
             };
             match fetched {
@@ -145,7 +240,6 @@ async fn serve(
 
 #[cfg(test)]
 mod tests {
-    use axum::http::StatusCode;
 
     use super::*;
 
@@ -158,8 +252,34 @@ mod tests {
             stream_id: Some(stream.to_owned()),
             sender_id: Some(sender.to_owned()),
             receiver_id: Some(receiver.to_owned()),
+            conversation_id: None,
             since: since.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn a_group_subscription_needs_a_group_id_alone() {
+        let group = StreamId::new_group();
+        let since = MessageId::new();
+        let q = |conversation: Option<&str>, stream: Option<&str>, since: Option<&str>| SubscribeQuery {
+            stream_id: stream.map(str::to_owned),
+            sender_id: None,
+            receiver_id: None,
+            conversation_id: conversation.map(str::to_owned),
+            since: since.map(str::to_owned),
+        };
+        assert_eq!(
+            parse_group(&q(Some(group.as_str()), None, Some(&since.to_string()))).ok(),
+            Some((group, Some(since)))
+        );
+        let pair = StreamId::for_pair(&user("alice"), &user("bob"));
+        let status = |query: SubscribeQuery| parse_group(&query).err().map(|e| e.status);
+        assert_eq!(status(q(Some(pair.as_str()), None, None)), Some(StatusCode::BAD_REQUEST), "a pair id");
+        assert_eq!(status(q(Some("g123"), None, None)), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(q(Some(group.as_str()), Some(pair.as_str()), None)), Some(StatusCode::BAD_REQUEST));
+        assert_eq!(status(q(Some(group.as_str()), None, Some("x"))), Some(StatusCode::BAD_REQUEST));
+        let refusal = not_a_member();
+        assert_eq!((refusal.status, refusal.code), (StatusCode::FORBIDDEN, "not_a_member"));
     }
 
     #[test]
@@ -191,7 +311,8 @@ mod tests {
         assert_eq!(status("alice", query(stream.as_str(), "alice", "b o b", None)), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status("alice", query(stream.as_str(), "alice", "alice", None)), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status("alice", query(stream.as_str(), "alice", "bob", Some("1"))), Some(StatusCode::BAD_REQUEST));
-        let missing = SubscribeQuery { stream_id: None, sender_id: None, receiver_id: None, since: None };
+        let missing =
+            SubscribeQuery { stream_id: None, sender_id: None, receiver_id: None, conversation_id: None, since: None };
         assert_eq!(status("alice", missing), Some(StatusCode::BAD_REQUEST));
         // A legacy id of the right pair is refused while the service uses v2, and the
         // other way round.
