@@ -70,6 +70,7 @@ pub fn public_router(state: AppState) -> Router {
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/notifications/chat", post(notify::chat))
+        .route("/notifications/conversation", post(notify::conversation))
         .route(DomainKind::Purchase.endpoint(), notify::domain_route(DomainKind::Purchase))
         .route(DomainKind::PaymentReminder.endpoint(), notify::domain_route(DomainKind::PaymentReminder))
         .route(DomainKind::Shipping.endpoint(), notify::domain_route(DomainKind::Shipping))

@@ -1,4 +1,5 @@
-//! The internal notification endpoints: chat (from the change handler) and the three
+//! The internal notification endpoints: chat (from the change handler), conversation
+//! events (membership, title, read markers: the user's inbox changed) and the three
 //! domain kinds (purchase, payment reminder, shipping), each broadcast to every local
 //! socket of one user.
 //!
@@ -15,7 +16,7 @@ use axum::routing::{post, MethodRouter};
 use axum::Json;
 use chatauth::ServiceCaller;
 use chatstream::domain::{DomainDocument, DomainKind};
-use chatstream::{ChatMessage, UserId};
+use chatstream::{ChatMessage, ConversationEvent, ConversationEventKind, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use servicekit::{ApiError, ApiJson, ApiQuery};
@@ -55,6 +56,25 @@ fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
         return Err(ApiError::bad_request("the message is not addressed to the user_id query parameter"));
     }
     message.check_consistent().map_err(|err| ApiError::bad_request(format!("message: {err}")))?;
+    Ok(())
+}
+
+/// `POST /notifications/conversation` body, as the change handler sends it.
+#[derive(Debug, Deserialize)]
+pub struct ConversationBody {
+    event: ConversationEvent,
+}
+
+/// A conversation event goes only to the users it concerns (the members after the
+/// change and its subject); a read marker only to the reader (their other devices).
+fn check_conversation(user: &UserId, event: &ConversationEvent) -> Result<(), ApiError> {
+    let concerned = match event.kind {
+        ConversationEventKind::Read => &event.user_id == user,
+        _ => event.audience().contains(user),
+    };
+    if !concerned {
+        return Err(ApiError::bad_request("the event does not concern the user_id query parameter"));
+    }
     Ok(())
 }
 
@@ -103,6 +123,20 @@ pub async fn chat(
     check_chat(&user, &body.message).map_err(|err| invalid(Kind::Chat, err))?;
     let frame = protocol::notification(Kind::Chat, protocol::chat_event_id(&body.message), &body.message);
     Ok(deliver(&state, user, Kind::Chat, frame))
+}
+
+/// `POST /notifications/conversation?user_id=<user>` with `{"event": ConversationEvent}`.
+pub async fn conversation(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<UserQuery>,
+    body: Result<ApiJson<ConversationBody>, ApiError>,
+) -> Result<Response, ApiError> {
+    let user = query.user().map_err(|err| invalid(Kind::Conversation, err))?;
+    let ApiJson(body) = body.map_err(|err| invalid(Kind::Conversation, err))?;
+    check_conversation(&user, &body.event).map_err(|err| invalid(Kind::Conversation, err))?;
+    let frame = protocol::conversation_event(&body.event);
+    Ok(deliver(&state, user, Kind::Conversation, frame))
 }
 
 /// `POST /notifications/{purchase,payment-reminder,shipping}?user_id=…` with the document.
@@ -161,6 +195,29 @@ mod tests {
         assert_eq!(check_chat(&bob, &message).err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
         let forged = ChatMessage { stream_id: StreamId::for_pair(&alice, &user("carol")), ..message };
         assert_eq!(check_chat(&alice, &forged).err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn a_conversation_event_goes_to_the_users_it_concerns_and_a_read_to_the_reader_only() {
+        let event = ConversationEvent {
+            event_id: MessageId::new().to_string(),
+            kind: ConversationEventKind::MemberLeft,
+            conversation_id: StreamId::new_group(),
+            user_id: user("carol"),
+            actor_id: user("alice"),
+            members: vec![user("alice"), user("bob")],
+            title: None,
+            up_to: None,
+            reason: Some("removed".into()),
+            at: "2025-01-01T12:00:00Z".parse().expect("time"),
+        };
+        for who in ["alice", "bob", "carol"] {
+            assert!(check_conversation(&user(who), &event).is_ok(), "{who}");
+        }
+        assert_eq!(check_conversation(&user("mallory"), &event).err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
+        let read = ConversationEvent { kind: ConversationEventKind::Read, up_to: Some(MessageId::new()), ..event };
+        assert!(check_conversation(&user("carol"), &read).is_ok());
+        assert_eq!(check_conversation(&user("alice"), &read).err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use axum::extract::ws::Utf8Bytes;
 use chatstream::domain::DomainDocument;
-use chatstream::ChatMessage;
+use chatstream::{ChatMessage, ConversationEvent};
 use serde::Serialize;
 use wsfanout::{EventId, Frame, Inbound};
 
@@ -19,6 +19,8 @@ pub enum Kind {
     Purchase,
     PaymentReminder,
     Shipping,
+    /// A membership change, title change or read marker (its own frame type).
+    Conversation,
 }
 
 impl Kind {
@@ -28,6 +30,7 @@ impl Kind {
             Kind::Purchase => "purchase",
             Kind::PaymentReminder => "payment_reminder",
             Kind::Shipping => "shipping",
+            Kind::Conversation => "conversation",
         }
     }
 
@@ -76,6 +79,21 @@ pub fn domain_event_id(document: &DomainDocument) -> String {
 pub fn notification<T: Serialize>(kind: Kind, id: String, data: &T) -> Frame {
     let text = to_text(&ServerFrame::Notification { kind, id: &id, data });
     Frame::event(EventId::from(id), text)
+}
+
+/// The frame of a conversation event: `{"type":"conversation_event","event":{…}}`, the
+/// event as `chatstream::ConversationEvent` serializes it, deduplicated per socket by
+/// `conversation:{event_id}` (one event reaches a user once, however often retried).
+pub fn conversation_event(event: &ConversationEvent) -> Frame {
+    #[derive(Serialize)]
+    struct ConversationFrame<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        event: &'a ConversationEvent,
+    }
+    // Serializing this plain struct cannot fail.
+    let text = serde_json::to_string(&ConversationFrame { kind: "conversation_event", event }).unwrap_or_default();
+    Frame::event(EventId::from(format!("conversation:{}", event.event_id)), Utf8Bytes::from(text))
 }
 
 /// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
@@ -139,6 +157,30 @@ mod tests {
         let value = parse(frame.text());
         assert_eq!(value["kind"], "shipping");
         assert_eq!(value["data"]["shipment_id"], "s-1");
+    }
+
+    #[test]
+    fn a_conversation_event_frame_carries_the_event() {
+        let user = |raw: &str| UserId::parse(raw).expect("valid");
+        let event = ConversationEvent {
+            event_id: MessageId::new().to_string(),
+            kind: chatstream::ConversationEventKind::MemberJoined,
+            conversation_id: StreamId::new_group(),
+            user_id: user("dave"),
+            actor_id: user("alice"),
+            members: vec![user("alice"), user("dave")],
+            title: Some("team".into()),
+            up_to: None,
+            reason: None,
+            at: "2025-01-01T12:00:00Z".parse().expect("time"),
+        };
+        let frame = conversation_event(&event);
+        let id = format!("conversation:{}", event.event_id);
+        assert_eq!(frame.event_id().map(EventId::as_str), Some(id.as_str()));
+        let value = parse(frame.text());
+        assert_eq!(value["type"], "conversation_event");
+        assert_eq!(value["event"], serde_json::to_value(&event).expect("serialize"));
+        assert_eq!(value["event"]["type"], "member_joined");
     }
 
     #[test]
