@@ -689,6 +689,31 @@ mod tests {
         assert_eq!(n.kafka.brokers, s.kafka.brokers);
     }
 
+    /// One chat connector captures messages and conversation events (so the oplog
+    /// order of a conversation's messages and membership changes is kept) into the
+    /// chat topic, keyed by `stream_id` and `conversation_id` respectively.
+    #[test]
+    fn the_chat_connector_captures_messages_and_conversation_events_into_one_topic() {
+        let dir = format!("{}/../../debezium", env!("CARGO_MANIFEST_DIR"));
+        let file: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{dir}/chat-messages-connector.json")).expect("chat"),
+        )
+        .expect("chat connector JSON");
+        let config = &file["config"];
+        let get = |key: &str| config[key].as_str().unwrap_or_default().to_owned();
+        let collections = format!("|{}", chatstream::CONVERSATION_EVENTS_COLLECTION);
+        assert!(get("collection.include.list").contains(&collections), "{}", get("collection.include.list"));
+        assert!(get("transforms.route.regex").contains(&collections));
+        assert_eq!(get("transforms.route.replacement"), "${CHAT_CHANGES_TOPIC}");
+        assert_eq!(get("transforms.route.predicate"), "isChat");
+        assert_eq!(get("transforms.unwrap.predicate"), "isChat");
+        assert_eq!(get("transforms.keyByConversation.fields"), "conversation_id");
+        assert_eq!(get("transforms.conversationIdKey.field"), "conversation_id");
+        assert_eq!(get("transforms.keyByStream.predicate"), "isMessages");
+        assert!(get("predicates.isConversationEvents.pattern").ends_with("\\.conversation_events"));
+        assert!(get("transforms").ends_with(",route"), "routing renames the topic, so it runs last");
+    }
+
     /// The shipped Debezium connectors capture each domain collection to the topic the
     /// pipeline reads, keyed by `user_id`, with the chat connector's flattening.
     #[test]
