@@ -801,6 +801,7 @@ async fn post_cors_preflight_from_a_foreign_origin(c: &Ctx, _f: &Fx) -> Outcome 
     if evil.allow_origin.is_some() {
         return Err(format!("HOLE: the preflight of a foreign origin was allowed: {evil:?}"));
     }
+    refused(&evil, 403, "origin_not_allowed")?;
     let good = preflight(ALLOWED_ORIGIN).await;
     if good.allow_origin.as_deref() != Some(ALLOWED_ORIGIN) {
         return Err(format!("the allowed origin's preflight was not allowed: {good:?}"));
@@ -819,10 +820,25 @@ async fn post_cross_origin_simple_request(c: &Ctx, f: &Fx) -> Outcome {
             .body(body),
     )
     .await;
-    refused(&reply, 401, "unauthorized")?;
+    refused(&reply, 403, "origin_not_allowed")?;
     if reply.allow_origin.is_some() {
         return Err(format!("a foreign origin may read the answer: {reply:?}"));
     }
+    Ok(0)
+}
+
+async fn post_with_a_token_from_a_foreign_origin(c: &Ctx, f: &Fx) -> Outcome {
+    // Even with a valid token (a page that somehow holds one), a foreign origin is refused.
+    let body = json!({ "sender_id": f.m, "receiver_id": f.x, "content": "from evil" });
+    let reply = send(
+        c.http
+            .post(c.persistence.url("/chat/messages"))
+            .header("origin", EVIL_ORIGIN)
+            .bearer_auth(token(&f.m))
+            .json(&body),
+    )
+    .await;
+    refused(&reply, 403, "origin_not_allowed")?;
     Ok(0)
 }
 
@@ -1432,6 +1448,7 @@ fn matrix() -> Vec<Case> {
         "POST flood of impersonations" => post_flood_of_impersonations,
         "CORS preflight from a foreign origin" => post_cors_preflight_from_a_foreign_origin,
         "cross-origin simple POST (no preflight, no token)" => post_cross_origin_simple_request,
+        "POST with a valid token from a foreign origin" => post_with_a_token_from_a_foreign_origin,
         "history of a foreign stream by stream_id" => history_of_a_foreign_stream_by_id,
         "history of a foreign stream_id with the victim as peer" => history_of_a_foreign_stream_with_own_peer,
         "history with oneself as peer" => history_with_oneself_as_peer,

@@ -146,6 +146,16 @@ impl<S: Send + Sync> FromRequestParts<S> for AllowedOrigin {
     }
 }
 
+/// Middleware for the public API: a browser request (it carries `Origin`) from an
+/// origin outside `ALLOWED_ORIGINS` is refused with `403 origin_not_allowed`, CORS
+/// preflights included, instead of being served with the CORS headers withheld.
+pub async fn refuse_foreign_origin(request: Request, next: Next) -> Response {
+    if let Err(err) = check_origin(request.headers(), request.extensions().get::<Arc<EdgePolicy>>()) {
+        return err.into_response();
+    }
+    next.run(request).await
+}
+
 /// Middleware: makes the policy available to extractors.
 pub async fn with_policy(policy: Arc<EdgePolicy>, mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(policy);

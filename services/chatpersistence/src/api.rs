@@ -23,6 +23,7 @@ use servicekit::ratelimit::{KeyedLimiter, Rate};
 use servicekit::{ApiError, ApiJson, ApiQuery};
 use tokio::sync::Mutex;
 
+use crate::conversations::{ConversationError, Conversations};
 use crate::relay::RelayFeed;
 use crate::settings::{HistorySettings, WriteSettings};
 use crate::store::{Cursor, Inserted, Reader, Store, StoreError};
@@ -46,6 +47,10 @@ pub struct AppState {
     history: HistorySettings,
     /// The pair id format new messages get (`STREAM_ID_FORMAT`).
     format: StreamIdFormat,
+    /// Groups, the inbox projection and read markers.
+    pub(crate) conversations: Conversations,
+    /// `GROUP_MAX_MEMBERS`.
+    pub(crate) max_members: usize,
     /// `RATE_LIMIT_POST_*`: one bucket per sender.
     post_limiter: Arc<KeyedLimiter<UserId>>,
     /// `STREAM_LOCK_TIMEOUT`.
@@ -63,6 +68,7 @@ impl AppState {
         store: Store,
         auth: Authenticator,
         limits: Limits,
+        conversations: Conversations,
         feed: Option<Arc<RelayFeed>>,
         indexes_ready: Arc<AtomicBool>,
     ) -> Self {
@@ -74,6 +80,8 @@ impl AppState {
             auth,
             history: limits.history,
             format: limits.format,
+            conversations,
+            max_members: limits.max_members,
             post_limiter: Arc::new(KeyedLimiter::new("post_message", rate, MAX_LIMITED_USERS)),
             lock_timeout: writes.stream_lock_timeout,
             feed,
@@ -91,6 +99,10 @@ impl AppState {
             metrics::counter!("stream_lock_timeouts_total").increment(1);
             ApiError::unavailable("this conversation is busy, retry shortly", RETRY_AFTER)
         })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     /// A writable store, or 503 while the indexes are not there yet.
@@ -114,6 +126,7 @@ const MAX_LIMITED_USERS: usize = 100_000;
 
 /// What the API's limits and formats come from.
 pub struct Limits {
+    pub max_members: usize,
     pub history: HistorySettings,
     pub writes: WriteSettings,
     pub format: StreamIdFormat,
@@ -122,7 +135,7 @@ pub struct Limits {
 /// What clients are told to wait before retrying after a 503.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
-fn store_error(err: StoreError) -> ApiError {
+pub(crate) fn store_error(err: StoreError) -> ApiError {
     match err {
         StoreError::Unavailable(detail) => {
             tracing::warn!(error = %detail, "MongoDB unavailable");
@@ -134,32 +147,49 @@ fn store_error(err: StoreError) -> ApiError {
 
 /// The public routes.
 pub fn public_router(state: AppState) -> Router {
-    Router::new().route("/chat/messages", get(public_history).post(post_message)).with_state(state)
+    Router::new()
+        .route("/chat/messages", get(public_history).post(post_message))
+        .merge(crate::conversations_api::public_routes())
+        .with_state(state)
 }
 
 /// The internal routes (service token, internal port only).
 pub fn internal_router(state: AppState) -> Router {
-    Router::new().route("/chat/messages", get(internal_history)).with_state(state)
+    Router::new()
+        .route("/chat/messages", get(internal_history))
+        .merge(crate::conversations_api::internal_routes())
+        .with_state(state)
 }
 
-/// `POST /chat/messages` body.
+/// `POST /chat/messages` body: `receiver_id` for a pair conversation, or
+/// `conversation_id` for a group.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
     content: String,
     sender_id: String,
-    receiver_id: String,
+    #[serde(default)]
+    receiver_id: Option<String>,
+    #[serde(default)]
+    conversation_id: Option<String>,
     #[serde(default)]
     stream_id: Option<String>,
     #[serde(default)]
     client_message_id: Option<String>,
 }
 
+/// Where a new message goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Pair(UserId),
+    Group,
+}
+
 /// A validated `POST /chat/messages`.
 #[derive(Debug, PartialEq, Eq)]
 struct NewMessage {
     sender: UserId,
-    receiver: UserId,
+    target: Target,
     stream: StreamId,
     content: MessageContent,
     client_message_id: Option<String>,
@@ -169,23 +199,50 @@ fn invalid(field: &str, err: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("{field}: {err}"))
 }
 
-/// Checks a post against the caller; every rule of the API in one place.
+/// Checks a post against the caller; every rule of the API in one place (group
+/// membership is checked against the stored conversation, under its write lock).
 fn validate(format: StreamIdFormat, caller: &UserId, body: PostMessage) -> Result<NewMessage, ApiError> {
     let sender = UserId::parse(&body.sender_id).map_err(|e| invalid("sender_id", e))?;
     if &sender != caller {
         return Err(ApiError::forbidden("sender_id must be the authenticated user"));
     }
-    let receiver = UserId::parse(&body.receiver_id).map_err(|e| invalid("receiver_id", e))?;
-    if receiver == sender {
-        return Err(invalid("receiver_id", "must differ from sender_id"));
-    }
     let content = MessageContent::parse(&body.content).map_err(|e| invalid("content", e))?;
-    let stream = StreamId::for_pair_as(format, &sender, &receiver);
-    if let Some(given) = body.stream_id.as_deref() {
-        if given != stream.as_str() {
-            return Err(invalid("stream_id", format!("{given:?} is not the stream of sender_id and receiver_id")));
+    let (target, stream) = match (body.receiver_id.as_deref(), body.conversation_id.as_deref()) {
+        (Some(receiver), None) => {
+            let receiver = UserId::parse(receiver).map_err(|e| invalid("receiver_id", e))?;
+            if receiver == sender {
+                return Err(invalid("receiver_id", "must differ from sender_id"));
+            }
+            let stream = StreamId::for_pair_as(format, &sender, &receiver);
+            if let Some(given) = body.stream_id.as_deref() {
+                if given != stream.as_str() {
+                    return Err(invalid(
+                        "stream_id",
+                        format!("{given:?} is not the stream of sender_id and receiver_id"),
+                    ));
+                }
+            }
+            (Target::Pair(receiver), stream)
         }
-    }
+        (None, Some(conversation)) => {
+            let stream = StreamId::parse(conversation).map_err(|e| invalid("conversation_id", e))?;
+            if stream.kind() != ConversationKind::Group {
+                return Err(invalid("conversation_id", "is not a group; post to a person with receiver_id"));
+            }
+            if body.stream_id.as_deref().is_some_and(|given| given != stream.as_str()) {
+                return Err(invalid("stream_id", "must equal conversation_id"));
+            }
+            (Target::Group, stream)
+        }
+        (Some(_), Some(_)) => return Err(invalid("conversation_id", "give receiver_id or conversation_id, not both")),
+        (None, None) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_body",
+                "missing field: receiver_id (a person) or conversation_id (a group) is required",
+            ))
+        }
+    };
     if let Some(id) = body.client_message_id.as_deref() {
         let valid_chars = id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'));
         if id.is_empty() || id.len() > MAX_CLIENT_MESSAGE_ID || !valid_chars {
@@ -195,7 +252,44 @@ fn validate(format: StreamIdFormat, caller: &UserId, body: PostMessage) -> Resul
             ));
         }
     }
-    Ok(NewMessage { sender, receiver, stream, content, client_message_id: body.client_message_id })
+    Ok(NewMessage { sender, target, stream, content, client_message_id: body.client_message_id })
+}
+
+/// The inbox excerpt of a message: its first characters.
+fn excerpt(content: &MessageContent) -> String {
+    const EXCERPT_CHARS: usize = 100;
+    content.as_str().chars().take(EXCERPT_CHARS).collect()
+}
+
+/// A retried post (same sender and `client_message_id`) answers with the original,
+/// or `409` when it is not the same message.
+fn replay(original: ChatMessage, new: &NewMessage) -> Result<Response, ApiError> {
+    let same_target = match &new.target {
+        Target::Pair(receiver) => original.receiver_id.as_ref() == Some(receiver),
+        Target::Group => original.stream_id == new.stream,
+    };
+    if !same_target || original.content != new.content {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "client_message_id_reused",
+            "client_message_id was already used for a different message",
+        ));
+    }
+    metrics::counter!("idempotent_replays_total").increment(1);
+    let mut response = (StatusCode::OK, Json(original)).into_response();
+    response.headers_mut().insert(REPLAY_HEADER, HeaderValue::from_static("true"));
+    Ok(response)
+}
+
+pub(crate) fn conversation_error(err: ConversationError) -> ApiError {
+    match err {
+        ConversationError::NotAMember => {
+            ApiError::new(StatusCode::FORBIDDEN, "not_a_member", "you are not a member of this conversation")
+        }
+        ConversationError::Forbidden(what) => ApiError::forbidden(what),
+        ConversationError::Invalid(what) => ApiError::bad_request(what),
+        ConversationError::Store(err) => store_error(err),
+    }
 }
 
 async fn post_message(
@@ -206,22 +300,42 @@ async fn post_message(
     state.post_limiter.admit(&caller, "messages")?;
     let new = validate(state.format, &caller, body)?;
     let store = state.writable()?;
+    // A retry is answered before anything is counted, so it never bumps the
+    // conversation's counter a second time.
+    if let Some(id) = new.client_message_id.as_deref() {
+        if let Some(original) = store.by_client_message_id(&new.sender, id).await.map_err(store_error)? {
+            return replay(original, &new);
+        }
+    }
 
     let started = Instant::now();
     let outcome = {
         let _serial = state.lock_stream(&new.stream).await?;
         let now = Utc::now().timestamp_millis();
+        let message_id = MessageId::new();
+        let peer = match &new.target {
+            Target::Pair(receiver) => Some(receiver),
+            Target::Group => {
+                state.conversations.for_member(&new.stream, &new.sender).await.map_err(conversation_error)?;
+                None
+            }
+        };
+        let accepted = state
+            .conversations
+            .accept_message(&new.stream, &new.sender, peer, &message_id, &excerpt(&new.content), now)
+            .await
+            .map_err(conversation_error)?;
         let message = ChatMessage {
-            message_id: MessageId::new(),
+            message_id,
             stream_id: new.stream,
             sender_id: new.sender.clone(),
-            receiver_id: Some(new.receiver.clone()),
-            recipients: Vec::new(),
+            receiver_id: peer.cloned(),
+            recipients: accepted.recipients,
             content: new.content.clone(),
             // Milliseconds: what BSON dates and the change events carry.
             created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
         };
-        let outcome = store.insert(&message, new.client_message_id.as_deref()).await;
+        let outcome = store.insert(&message, new.client_message_id.as_deref(), Some(accepted.seq)).await;
         if let (Ok(Inserted::Created), Some(feed)) = (&outcome, &state.feed) {
             // Still under the stream lock: the relay sees a stream in commit order.
             feed.offer(message.clone());
@@ -235,19 +349,7 @@ async fn post_message(
             metrics::counter!("messages_written_total").increment(1);
             Ok((StatusCode::CREATED, Json(message)).into_response())
         }
-        (Inserted::Replay(original), _) => {
-            if original.receiver_id.as_ref() != Some(&new.receiver) || original.content != new.content {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "client_message_id_reused",
-                    "client_message_id was already used for a different message",
-                ));
-            }
-            metrics::counter!("idempotent_replays_total").increment(1);
-            let mut response = (StatusCode::OK, Json(original)).into_response();
-            response.headers_mut().insert(REPLAY_HEADER, HeaderValue::from_static("true"));
-            Ok(response)
-        }
+        (Inserted::Replay(original), _) => replay(original, &new),
     }
 }
 
@@ -257,6 +359,9 @@ async fn post_message(
 pub struct PublicHistoryQuery {
     #[serde(default)]
     stream_id: Option<String>,
+    /// The same as `stream_id` (the name groups are known by).
+    #[serde(default)]
+    conversation_id: Option<String>,
     #[serde(default)]
     peer_id: Option<String>,
     #[serde(default)]
@@ -339,8 +444,12 @@ async fn public_history(
     AuthUser(caller): AuthUser,
     ApiQuery(query): ApiQuery<PublicHistoryQuery>,
 ) -> Result<Json<HistoryPage>, ApiError> {
-    let given =
-        query.stream_id.as_deref().map(|s| StreamId::parse(s).map_err(|e| invalid("stream_id", e))).transpose()?;
+    let given = match (query.stream_id.as_deref(), query.conversation_id.as_deref()) {
+        (Some(_), Some(_)) => return Err(invalid("conversation_id", "give stream_id or conversation_id, not both")),
+        (raw, None) | (None, raw) => {
+            raw.map(|s| StreamId::parse(s).map_err(|e| invalid("stream_id", e))).transpose()?
+        }
+    };
     let cursor = cursor(query.since.as_deref(), query.before.as_deref())?;
     let limit = page_limit(&state.history, query.limit)?;
     let (stream, reader) = match (query.peer_id.as_deref(), given) {
@@ -361,12 +470,12 @@ async fn public_history(
         // Only the stream id: the caller sees the messages of it they sent or
         // received. A stranger's read and an empty conversation answer alike, so the
         // endpoint tells nobody who talks to whom.
-        (None, Some(stream)) => {
-            if stream.kind() == ConversationKind::Group {
-                return Err(invalid("stream_id", "group conversations are read through their conversation id"));
-            }
-            (stream, Reader::Participant(caller))
+        // A group: its current members read all of it.
+        (None, Some(stream)) if stream.kind() == ConversationKind::Group => {
+            state.conversations.for_member(&stream, &caller).await.map_err(conversation_error)?;
+            (stream, Reader::Service)
         }
+        (None, Some(stream)) => (stream, Reader::Participant(caller)),
         (None, None) => return Err(invalid("stream_id", "stream_id or peer_id is required")),
     };
     read_page(&state, stream, &reader, cursor, limit).await.map(Json)
@@ -403,10 +512,15 @@ mod tests {
         PostMessage {
             content: content.to_owned(),
             sender_id: sender.to_owned(),
-            receiver_id: receiver.to_owned(),
+            receiver_id: Some(receiver.to_owned()),
+            conversation_id: None,
             stream_id: None,
             client_message_id: None,
         }
+    }
+
+    fn group_body(sender: &str, conversation: &str) -> PostMessage {
+        PostMessage { receiver_id: None, conversation_id: Some(conversation.to_owned()), ..body(sender, "x", "hi") }
     }
 
     #[test]
@@ -436,6 +550,16 @@ mod tests {
         let mut legacy = body("alice", "bob", "x");
         legacy.stream_id = Some(StreamId::for_pair_as(StreamIdFormat::Legacy, &alice, &user("bob")).to_string());
         assert_eq!(status(legacy), Some(StatusCode::BAD_REQUEST));
+        // Groups: a group id, and never both targets or none.
+        let group = StreamId::new_group();
+        let ok = validate(StreamIdFormat::V2, &alice, group_body("alice", group.as_str())).expect("valid");
+        assert_eq!((ok.target, ok.stream), (Target::Group, group));
+        let pair_as_group = StreamId::for_pair(&alice, &user("bob"));
+        assert_eq!(status(group_body("alice", pair_as_group.as_str())), Some(StatusCode::BAD_REQUEST));
+        let both = PostMessage { conversation_id: Some(group.to_string()), ..body("alice", "bob", "x") };
+        assert_eq!(status(both), Some(StatusCode::BAD_REQUEST));
+        let neither = PostMessage { receiver_id: None, ..body("alice", "bob", "x") };
+        assert_eq!(status(neither), Some(StatusCode::UNPROCESSABLE_ENTITY));
         for bad in ["", "has space", "slash/", &"k".repeat(129)] {
             let mut b = body("alice", "bob", "x");
             b.client_message_id = Some(bad.to_owned());

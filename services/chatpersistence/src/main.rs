@@ -4,7 +4,10 @@
 //! This file only wires the parts together; see `api`, `store`, `relay` and `lease`.
 
 mod api;
+mod conversations;
+mod conversations_api;
 mod domain_relay;
+mod event_relay;
 mod lease;
 mod relay;
 mod settings;
@@ -32,17 +35,19 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
     let outbox = settings.capture.mode == CaptureMode::Outbox;
     let store = Store::new(&settings.mongo, outbox).await.map_err(|e| e.to_string())?;
 
+    let conversations = conversations::Conversations::new(store.clone(), outbox);
     let indexes_ready = Arc::new(AtomicBool::new(false));
-    tokio::spawn(create_indexes(store.clone(), indexes_ready.clone(), ctx.shutdown.clone()));
+    tokio::spawn(create_indexes(store.clone(), conversations.clone(), indexes_ready.clone(), ctx.shutdown.clone()));
 
     let feed = outbox.then(|| relay::RelayFeed::new(settings.capture.batch_size as usize * 8));
     let api_feed = feed.as_ref().map(|(feed, _)| feed.clone());
     let limits = api::Limits {
+        max_members: settings.writes.group_max_members,
         history: settings.history.clone(),
         writes: settings.writes.clone(),
         format: settings.ids.stream_id_format,
     };
-    let state = api::AppState::new(store.clone(), auth, limits, api_feed, indexes_ready.clone());
+    let state = api::AppState::new(store.clone(), auth, limits, conversations.clone(), api_feed, indexes_ready.clone());
     let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));
 
     let ping_store = store.clone();
@@ -91,6 +96,18 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
             settings.capture.partitions,
         );
         let domain_shutdown = ctx.shutdown.clone();
+        let (event_lease, event_handle) =
+            lease::Lease::new(store.clone(), "conversation-events", settings.capture.lease_ttl);
+        let event_relay = event_relay::EventRelay::new(
+            store.clone(),
+            conversations,
+            producer.clone(),
+            settings.capture.topic.clone(),
+            event_handle,
+            settings.capture.poll_interval,
+            settings.capture.batch_size,
+        );
+        let event_shutdown = ctx.shutdown.clone();
         let relay = relay::Relay::new(store, producer, kafka.brokers.clone(), settings.capture.clone(), feed, handle);
         launch = launch
             .worker("domain capture lease", async move {
@@ -98,6 +115,11 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
                 Ok(())
             })
             .worker("domain capture", domain_relay.run(ctx.shutdown.clone()))
+            .worker("conversation events lease", async move {
+                event_lease.run(event_shutdown).await;
+                Ok(())
+            })
+            .worker("conversation events capture", event_relay.run(ctx.shutdown.clone()))
             .worker("relay lease", async move {
                 lease.run(lease_shutdown).await;
                 Ok(())
@@ -111,10 +133,19 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
 
 /// Creates the indexes, retrying while MongoDB is unreachable; writes are refused
 /// (503) until they exist, because idempotent retries depend on the unique index.
-async fn create_indexes(store: Store, ready: Arc<AtomicBool>, shutdown: Shutdown) {
+async fn create_indexes(
+    store: Store,
+    conversations: conversations::Conversations,
+    ready: Arc<AtomicBool>,
+    shutdown: Shutdown,
+) {
     let mut last_warning: Option<std::time::Instant> = None;
     loop {
-        match store.ensure_indexes().await {
+        let created = match store.ensure_indexes().await {
+            Ok(()) => conversations.ensure_indexes().await,
+            Err(err) => Err(err),
+        };
+        match created {
             Ok(()) => {
                 ready.store(true, Ordering::Release);
                 tracing::info!("indexes ready");

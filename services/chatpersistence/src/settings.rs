@@ -157,6 +157,8 @@ pub struct WriteSettings {
     /// write lock before answering `503` + `Retry-After`.
     #[serde(with = "humantime_serde")]
     pub stream_lock_timeout: Duration,
+    /// `GROUP_MAX_MEMBERS`: the most members a group may have.
+    pub group_max_members: usize,
 }
 
 impl Default for WriteSettings {
@@ -165,6 +167,7 @@ impl Default for WriteSettings {
             rate_limit_post_per_second: 20.0,
             rate_limit_post_burst: 40.0,
             stream_lock_timeout: Duration::from_secs(2),
+            group_max_members: 256,
         }
     }
 }
@@ -174,6 +177,7 @@ impl WriteSettings {
         ("RATE_LIMIT_POST_PER_SECOND", "rate_limit_post_per_second"),
         ("RATE_LIMIT_POST_BURST", "rate_limit_post_burst"),
         ("STREAM_LOCK_TIMEOUT", "stream_lock_timeout"),
+        ("GROUP_MAX_MEMBERS", "group_max_members"),
     ];
 }
 
@@ -216,6 +220,9 @@ impl Settings {
         }
         if self.writes.rate_limit_post_per_second < 0.0 || self.writes.rate_limit_post_burst < 1.0 {
             return Err("RATE_LIMIT_POST_PER_SECOND must be >= 0 and RATE_LIMIT_POST_BURST >= 1".into());
+        }
+        if self.writes.group_max_members < 2 {
+            return Err("GROUP_MAX_MEMBERS must be at least 2".into());
         }
         if self.writes.stream_lock_timeout.is_zero() {
             return Err("STREAM_LOCK_TIMEOUT must be greater than zero".into());

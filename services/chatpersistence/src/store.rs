@@ -48,6 +48,9 @@ pub(crate) struct MessageDoc {
     client_message_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     outbox_pending: Option<bool>,
+    /// The message's number in its conversation (1, 2, ...), for unread counts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<i64>,
 }
 
 impl MessageDoc {
@@ -63,6 +66,7 @@ impl MessageDoc {
             created_at: DateTime::from_millis(message.created_at.timestamp_millis()),
             client_message_id: client_message_id.map(str::to_owned),
             outbox_pending: outbox.then_some(true),
+            seq: None,
         }
     }
 
@@ -214,8 +218,14 @@ impl Store {
 
     /// Writes `message` once. A second write with the same `(sender_id,
     /// client_message_id)` writes nothing and returns the original.
-    pub async fn insert(&self, message: &ChatMessage, client_message_id: Option<&str>) -> Result<Inserted, StoreError> {
-        let doc = MessageDoc::new(message, client_message_id, self.outbox);
+    pub async fn insert(
+        &self,
+        message: &ChatMessage,
+        client_message_id: Option<&str>,
+        seq: Option<i64>,
+    ) -> Result<Inserted, StoreError> {
+        let mut doc = MessageDoc::new(message, client_message_id, self.outbox);
+        doc.seq = seq;
         match self.writer.insert(doc).await {
             Ok(()) => Ok(Inserted::Created),
             Err(StoreError::Duplicate(detail)) => {
@@ -232,7 +242,7 @@ impl Store {
         }
     }
 
-    async fn by_client_message_id(
+    pub async fn by_client_message_id(
         &self,
         sender: &UserId,
         client_message_id: &str,
@@ -357,6 +367,18 @@ impl Store {
     /// Another collection of the same database (the domain collections).
     pub fn collection(&self, name: &str) -> Collection<Document> {
         self.client.database(&self.messages.namespace().db).collection(name)
+    }
+
+    /// Another collection of the same database, typed.
+    pub fn typed_collection<T: Send + Sync>(&self, name: &str) -> Collection<T> {
+        self.client.database(&self.messages.namespace().db).collection(name)
+    }
+
+    /// The sequence number of message `id` in `stream` (`None`: no such message there).
+    pub async fn message_seq(&self, stream: &StreamId, id: &MessageId) -> Result<Option<i64>, StoreError> {
+        let filter = doc! { "_id": { "$eq": id.to_string() }, "stream_id": { "$eq": stream.as_str() } };
+        let found = self.bounded(self.messages.find_one(filter)).await?;
+        Ok(found.map(|doc| doc.seq.unwrap_or(0)))
     }
 
     /// The relay's lease collection.

@@ -1,0 +1,544 @@
+//! Conversations in MongoDB: groups and their members, the per-user inbox
+//! projection, read markers, and the conversation events capture carries.
+//!
+//! Why this module exists: the inbox (`GET /chat/conversations`) must answer fast
+//! for a user with 10,000 conversations and stay exact under concurrency, and every
+//! membership change must reach the sockets through the same capture path as
+//! messages. The collections and the one rule that keeps them consistent:
+//!
+//! - `conversations` (one document per conversation, pair or group): `members`,
+//!   `seq` (the number of messages, incremented atomically when a message is
+//!   accepted, which gives the message its sequence number), `last_message`,
+//!   `updated_at`, and `reads.<hex user id>`: the sequence number each member has
+//!   read up to. Unread count = `seq − reads[user]`. Read markers use `$max`, so
+//!   they only move forward and two markers racing end at the larger; a message
+//!   racing a marker is counted as unread exactly when its sequence number is above
+//!   the marker.
+//! - `memberships` (one document per user and conversation, `_id` = `"<conversation>
+//!   <user>"`): `active`, and `activity_at` (the conversation's last activity, for
+//!   ordering the inbox by an index on `(user_id, activity_at)`). Every accepted
+//!   message raises it with `$max` on all the conversation's memberships.
+//! - `conversation_events` (insert-only): one document per change (member joined or
+//!   left, title changed, read marker moved), marked `outbox_pending` for the relay
+//!   (or captured by Debezium), published on `chat.changes` keyed by the
+//!   conversation id.
+//!
+//! Dates are stored as epoch milliseconds (integers): they sort the same on every
+//! server, including the local stand-in, which stores dates set by updates as text.
+
+use std::collections::HashMap;
+
+use chatstream::{
+    ConversationEvent, ConversationEventKind, MessageId, StreamId, UserId, CONVERSATION_EVENTS_COLLECTION,
+};
+use chrono::Utc;
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::options::{IndexOptions, ReturnDocument};
+use mongodb::{Collection, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError};
+
+/// The key of a user's entry in `reads` (field names may not contain `.`).
+fn read_key(user: &UserId) -> String {
+    format!("reads.{}", hex::encode(user.as_str()))
+}
+
+/// The last message of a conversation, as the inbox shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LastMessage {
+    pub message_id: String,
+    pub sender_id: String,
+    pub excerpt: String,
+    /// Epoch milliseconds.
+    pub created_at: i64,
+}
+
+/// A conversation document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConversationDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    /// `direct` or `group`.
+    pub kind: String,
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub owner_id: Option<String>,
+    #[serde(default)]
+    pub members: Vec<String>,
+    #[serde(default)]
+    pub seq: i64,
+    #[serde(default)]
+    pub last_message: Option<LastMessage>,
+    #[serde(default)]
+    pub created_at: i64,
+    #[serde(default)]
+    pub updated_at: i64,
+    #[serde(default)]
+    pub reads: HashMap<String, i64>,
+}
+
+impl ConversationDoc {
+    pub fn has_member(&self, user: &UserId) -> bool {
+        self.members.iter().any(|m| m == user.as_str())
+    }
+
+    /// Sequence number `user` has read up to.
+    pub fn read_seq(&self, user: &UserId) -> i64 {
+        self.reads.get(&hex::encode(user.as_str())).copied().unwrap_or(0)
+    }
+
+    pub fn unread(&self, user: &UserId) -> i64 {
+        (self.seq - self.read_seq(user)).max(0)
+    }
+
+    fn member_ids(&self) -> Vec<UserId> {
+        self.members.iter().filter_map(|m| UserId::parse(m).ok()).collect()
+    }
+}
+
+/// One inbox row (a membership).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MembershipDoc {
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub user_id: String,
+    pub conversation_id: String,
+    pub active: bool,
+    pub activity_at: i64,
+}
+
+/// A page of a user's conversations, most recent activity first.
+pub struct InboxPage {
+    pub rows: Vec<(MembershipDoc, ConversationDoc)>,
+    pub has_more: bool,
+}
+
+/// Where an inbox page starts: strictly older than this `(activity_at, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxCursor {
+    pub activity_at: i64,
+    pub conversation_id: String,
+}
+
+/// What a message write learned from its conversation.
+pub struct Accepted {
+    pub seq: i64,
+    /// The members other than the sender (groups; empty for pairs).
+    pub recipients: Vec<UserId>,
+}
+
+/// Why a conversation operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConversationError {
+    #[error("not a member of this conversation")]
+    NotAMember,
+    #[error("{0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The conversation collections.
+#[derive(Clone)]
+pub struct Conversations {
+    store: Store,
+    conversations: Collection<ConversationDoc>,
+    memberships: Collection<MembershipDoc>,
+    events: Collection<Document>,
+    /// Set when the outbox relay runs: events carry its marker.
+    outbox: bool,
+    /// Wakes the event relay after an event was written.
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn membership_id(conversation: &StreamId, user: &UserId) -> String {
+    format!("{conversation} {user}")
+}
+
+impl Conversations {
+    pub fn new(store: Store, outbox: bool) -> Self {
+        Self {
+            conversations: store.typed_collection("conversations"),
+            memberships: store.typed_collection("memberships"),
+            events: store.collection(CONVERSATION_EVENTS_COLLECTION),
+            store,
+            outbox,
+            wake: Default::default(),
+        }
+    }
+
+    /// Notified whenever an event was written (the relay's fast path).
+    pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.wake.clone()
+    }
+
+    pub fn events(&self) -> &Collection<Document> {
+        &self.events
+    }
+
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let inbox = IndexModel::builder()
+            .keys(doc! { "user_id": 1, "activity_at": -1 })
+            .options(IndexOptions::builder().name("inbox".to_owned()).build())
+            .build();
+        let by_conversation = IndexModel::builder()
+            .keys(doc! { "conversation_id": 1 })
+            .options(IndexOptions::builder().name("by_conversation".to_owned()).build())
+            .build();
+        self.store.run(self.memberships.create_index(inbox)).await?;
+        self.store.run(self.memberships.create_index(by_conversation)).await?;
+        let pending = IndexModel::builder()
+            .keys(doc! { "outbox_pending": 1, "_id": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("outbox_pending".to_owned())
+                    .partial_filter_expression(doc! { "outbox_pending": true })
+                    .build(),
+            )
+            .build();
+        self.store.run(self.events.create_index(pending)).await?;
+        Ok(())
+    }
+
+    pub async fn get(&self, id: &StreamId) -> Result<Option<ConversationDoc>, StoreError> {
+        self.store.run(self.conversations.find_one(doc! { "_id": { "$eq": id.as_str() } })).await
+    }
+
+    /// The conversation if `user` is a current member; strangers and unknown ids
+    /// get the same error.
+    pub async fn for_member(&self, id: &StreamId, user: &UserId) -> Result<ConversationDoc, ConversationError> {
+        match self.get(id).await? {
+            Some(conversation) if conversation.has_member(user) => Ok(conversation),
+            _ => Err(ConversationError::NotAMember),
+        }
+    }
+
+    async fn append_event(&self, event: &ConversationEvent) -> Result<(), StoreError> {
+        let mut document = mongodb::bson::to_document(event).map_err(|e| StoreError::Other(e.to_string()))?;
+        document.insert("_id", event.event_id.clone());
+        document.remove("event_id");
+        document.insert("event_id", event.event_id.clone());
+        document.insert("at", event.at.timestamp_millis());
+        if self.outbox {
+            document.insert("outbox_pending", true);
+        }
+        self.store.run(self.events.insert_one(document)).await?;
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn event(
+        &self,
+        kind: ConversationEventKind,
+        conversation: &ConversationDoc,
+        user: &UserId,
+        actor: &UserId,
+    ) -> Result<ConversationEvent, StoreError> {
+        Ok(ConversationEvent {
+            event_id: MessageId::new().to_string(),
+            kind,
+            conversation_id: StreamId::parse(&conversation.id).map_err(|e| StoreError::Other(e.to_string()))?,
+            user_id: user.clone(),
+            actor_id: actor.clone(),
+            members: conversation.member_ids(),
+            title: conversation.title.clone(),
+            up_to: None,
+            reason: None,
+            at: Utc::now(),
+        })
+    }
+
+    async fn upsert_membership(
+        &self,
+        conversation: &StreamId,
+        user: &UserId,
+        active: bool,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let update = doc! {
+            "$set": { "user_id": user.as_str(), "conversation_id": conversation.as_str(), "active": active },
+            "$max": { "activity_at": at },
+        };
+        let filter = doc! { "_id": { "$eq": membership_id(conversation, user) } };
+        self.store.run(self.memberships.update_one(filter, update).upsert(true)).await.map(|_| ())
+    }
+
+    /// Creates a group owned by `owner` with `members` (the owner included).
+    pub async fn create_group(
+        &self,
+        owner: &UserId,
+        title: &str,
+        members: &[UserId],
+    ) -> Result<ConversationDoc, ConversationError> {
+        let id = StreamId::new_group();
+        let now = now_ms();
+        let conversation = ConversationDoc {
+            id: id.to_string(),
+            kind: "group".into(),
+            title: Some(title.to_owned()),
+            owner_id: Some(owner.to_string()),
+            members: members.iter().map(ToString::to_string).collect(),
+            seq: 0,
+            last_message: None,
+            created_at: now,
+            updated_at: now,
+            reads: HashMap::new(),
+        };
+        self.store.run(self.conversations.insert_one(&conversation)).await?;
+        for member in members {
+            self.upsert_membership(&id, member, true, now).await?;
+            let event = self.event(ConversationEventKind::MemberJoined, &conversation, member, owner)?;
+            self.append_event(&event).await?;
+        }
+        Ok(conversation)
+    }
+
+    /// Adds `user` to a group (owner only). Adding a current member changes nothing.
+    pub async fn add_member(
+        &self,
+        id: &StreamId,
+        actor: &UserId,
+        user: &UserId,
+        max_members: usize,
+    ) -> Result<ConversationDoc, ConversationError> {
+        let current = self.for_member(id, actor).await?;
+        if current.owner_id.as_deref() != Some(actor.as_str()) {
+            return Err(ConversationError::Forbidden("only the owner may add members"));
+        }
+        if current.has_member(user) {
+            return Ok(current);
+        }
+        if current.members.len() >= max_members {
+            return Err(ConversationError::Invalid(format!("a group has at most {max_members} members")));
+        }
+        // The new member starts with nothing unread.
+        let update = doc! {
+            "$addToSet": { "members": user.as_str() },
+            "$max": { read_key(user): current.seq, "updated_at": now_ms() },
+        };
+        let updated = self
+            .store
+            .run(
+                self.conversations
+                    .find_one_and_update(doc! { "_id": { "$eq": id.as_str() } }, update)
+                    .return_document(ReturnDocument::After),
+            )
+            .await?
+            .ok_or(ConversationError::NotAMember)?;
+        self.upsert_membership(id, user, true, updated.updated_at).await?;
+        let event = self.event(ConversationEventKind::MemberJoined, &updated, user, actor)?;
+        self.append_event(&event).await?;
+        Ok(updated)
+    }
+
+    /// Removes `user` (the owner removing someone, or a member leaving). An owner
+    /// who leaves hands the group to the longest-standing remaining member.
+    pub async fn remove_member(&self, id: &StreamId, actor: &UserId, user: &UserId) -> Result<(), ConversationError> {
+        let current = self.for_member(id, actor).await?;
+        if current.kind != "group" {
+            return Err(ConversationError::Invalid("members of a direct conversation cannot change".into()));
+        }
+        let is_owner = current.owner_id.as_deref() == Some(actor.as_str());
+        if actor != user && !is_owner {
+            return Err(ConversationError::Forbidden("only the owner may remove other members"));
+        }
+        if !current.has_member(user) {
+            return Err(ConversationError::NotAMember);
+        }
+        let mut set = doc! { "updated_at": now_ms() };
+        if current.owner_id.as_deref() == Some(user.as_str()) {
+            let heir = current.members.iter().find(|m| m.as_str() != user.as_str()).cloned();
+            set.insert("owner_id", heir.map_or(Bson::Null, Bson::String));
+        }
+        let updated = self
+            .store
+            .run(
+                self.conversations
+                    .find_one_and_update(
+                        doc! { "_id": { "$eq": id.as_str() } },
+                        doc! { "$pull": { "members": user.as_str() }, "$set": set },
+                    )
+                    .return_document(ReturnDocument::After),
+            )
+            .await?
+            .ok_or(ConversationError::NotAMember)?;
+        self.upsert_membership(id, user, false, updated.updated_at).await?;
+        let mut event = self.event(ConversationEventKind::MemberLeft, &updated, user, actor)?;
+        event.reason = Some(if actor == user { "left" } else { "removed" }.to_owned());
+        self.append_event(&event).await?;
+        Ok(())
+    }
+
+    /// Renames a group (owner only).
+    pub async fn rename(
+        &self,
+        id: &StreamId,
+        actor: &UserId,
+        title: &str,
+    ) -> Result<ConversationDoc, ConversationError> {
+        let current = self.for_member(id, actor).await?;
+        if current.owner_id.as_deref() != Some(actor.as_str()) {
+            return Err(ConversationError::Forbidden("only the owner may rename the group"));
+        }
+        let updated = self
+            .store
+            .run(
+                self.conversations
+                    .find_one_and_update(
+                        doc! { "_id": { "$eq": id.as_str() } },
+                        doc! { "$set": { "title": title, "updated_at": now_ms() } },
+                    )
+                    .return_document(ReturnDocument::After),
+            )
+            .await?
+            .ok_or(ConversationError::NotAMember)?;
+        let event = self.event(ConversationEventKind::ConversationUpdated, &updated, actor, actor)?;
+        self.append_event(&event).await?;
+        Ok(updated)
+    }
+
+    /// Records an accepted message: the conversation's counter and last message,
+    /// every member's inbox activity, and the sender's own read marker. For a pair
+    /// the conversation and both memberships are created on its first message.
+    /// Called under the conversation's write lock, before the message is inserted.
+    pub async fn accept_message(
+        &self,
+        id: &StreamId,
+        sender: &UserId,
+        pair_peer: Option<&UserId>,
+        message_id: &MessageId,
+        excerpt: &str,
+        at: i64,
+    ) -> Result<Accepted, ConversationError> {
+        let last = LastMessage {
+            message_id: message_id.to_string(),
+            sender_id: sender.to_string(),
+            excerpt: excerpt.to_owned(),
+            created_at: at,
+        };
+        let last = mongodb::bson::to_bson(&last).map_err(|e| StoreError::Other(e.to_string()))?;
+        let mut set = doc! { "last_message": last, "updated_at": at };
+        let filter = doc! { "_id": { "$eq": id.as_str() } };
+        let upsert = if let Some(peer) = pair_peer {
+            let mut members = [sender.to_string(), peer.to_string()];
+            members.sort();
+            // Plain `$set` rather than `$setOnInsert`: a pair's members never change.
+            set.insert("kind", "direct");
+            set.insert("members", members.to_vec());
+            true
+        } else {
+            false
+        };
+        let updated = self
+            .store
+            .run(
+                self.conversations
+                    .find_one_and_update(filter, doc! { "$inc": { "seq": 1_i64 }, "$set": set })
+                    .upsert(upsert)
+                    .return_document(ReturnDocument::After),
+            )
+            .await?
+            .ok_or(ConversationError::NotAMember)?;
+        let seq = updated.seq;
+        if updated.created_at == 0 {
+            let created = doc! { "$set": { "created_at": at } };
+            self.store.run(self.conversations.update_one(doc! { "_id": { "$eq": id.as_str() } }, created)).await?;
+        }
+        // Every member's inbox moves this conversation up.
+        let activity = self
+            .store
+            .run(self.memberships.update_many(
+                doc! { "conversation_id": { "$eq": id.as_str() }, "active": { "$eq": true } },
+                doc! { "$max": { "activity_at": at } },
+            ))
+            .await?;
+        if pair_peer.is_some() && activity.matched_count < 2 {
+            for member in updated.member_ids() {
+                self.upsert_membership(id, &member, true, at).await?;
+            }
+        }
+        // The sender has read their own message.
+        let own = doc! { "$max": { read_key(sender): seq } };
+        self.store.run(self.conversations.update_one(doc! { "_id": { "$eq": id.as_str() } }, own)).await?;
+        let recipients = if pair_peer.is_some() {
+            Vec::new()
+        } else {
+            updated.member_ids().into_iter().filter(|m| m != sender).collect()
+        };
+        Ok(Accepted { seq, recipients })
+    }
+
+    /// Moves `user`'s read marker forward to the message at `seq` (never back).
+    /// Returns whether it moved (and then emits a `read` event).
+    pub async fn mark_read(
+        &self,
+        conversation: &ConversationDoc,
+        user: &UserId,
+        up_to: MessageId,
+        seq: i64,
+    ) -> Result<bool, ConversationError> {
+        let id = StreamId::parse(&conversation.id).map_err(|e| StoreError::Other(e.to_string()))?;
+        let key = read_key(user);
+        let filter = doc! { "_id": { "$eq": id.as_str() } };
+        let result = self.store.run(self.conversations.update_one(filter, doc! { "$max": { key: seq } })).await?;
+        if result.modified_count == 0 {
+            return Ok(false);
+        }
+        let mut event = self.event(ConversationEventKind::Read, conversation, user, user)?;
+        event.up_to = Some(up_to);
+        self.append_event(&event).await?;
+        Ok(true)
+    }
+
+    /// One page of `user`'s conversations, most recent activity first.
+    pub async fn inbox(
+        &self,
+        user: &UserId,
+        before: Option<&InboxCursor>,
+        limit: usize,
+    ) -> Result<InboxPage, StoreError> {
+        let mut filter = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
+        // Ties on activity_at are resolved here rather than with an `$or`, which the
+        // local stand-in answers with a full scan.
+        let slack = 32;
+        if let Some(cursor) = before {
+            filter.insert("activity_at", doc! { "$lte": cursor.activity_at });
+        }
+        let want = (limit + 1 + if before.is_some() { slack } else { 0 }) as i64;
+        let find = async {
+            self.memberships
+                .find(filter)
+                .sort(doc! { "activity_at": -1, "conversation_id": -1 })
+                .limit(want)
+                .await?
+                .try_collect::<Vec<MembershipDoc>>()
+                .await
+        };
+        let mut rows: Vec<MembershipDoc> = self.store.run(find).await?;
+        if let Some(cursor) = before {
+            rows.retain(|row| {
+                row.activity_at < cursor.activity_at
+                    || (row.activity_at == cursor.activity_at && row.conversation_id < cursor.conversation_id)
+            });
+        }
+        let has_more = rows.len() > limit;
+        rows.truncate(limit);
+        let ids: Vec<&str> = rows.iter().map(|r| r.conversation_id.as_str()).collect();
+        let find = async {
+            self.conversations.find(doc! { "_id": { "$in": ids } }).await?.try_collect::<Vec<ConversationDoc>>().await
+        };
+        let mut by_id: HashMap<String, ConversationDoc> =
+            self.store.run(find).await?.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let rows = rows.into_iter().filter_map(|row| by_id.remove(&row.conversation_id).map(|c| (row, c))).collect();
+        Ok(InboxPage { rows, has_more })
+    }
+}
