@@ -51,6 +51,8 @@ pub struct AppState {
     pub(crate) conversations: Conversations,
     /// `GROUP_MAX_MEMBERS`.
     pub(crate) max_members: usize,
+    /// Online flags for the conversation list (`REDIS_URL`; absent: none).
+    pub(crate) presence: Option<Arc<presence::Presence>>,
     /// `RATE_LIMIT_POST_*`: one bucket per sender.
     post_limiter: Arc<KeyedLimiter<UserId>>,
     /// `STREAM_LOCK_TIMEOUT`.
@@ -82,6 +84,7 @@ impl AppState {
             format: limits.format,
             conversations,
             max_members: limits.max_members,
+            presence: limits.presence,
             post_limiter: Arc::new(KeyedLimiter::new("post_message", rate, MAX_LIMITED_USERS)),
             lock_timeout: writes.stream_lock_timeout,
             feed,
@@ -127,6 +130,7 @@ const MAX_LIMITED_USERS: usize = 100_000;
 /// What the API's limits and formats come from.
 pub struct Limits {
     pub max_members: usize,
+    pub presence: Option<Arc<presence::Presence>>,
     pub history: HistorySettings,
     pub writes: WriteSettings,
     pub format: StreamIdFormat,

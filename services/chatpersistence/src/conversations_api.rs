@@ -7,6 +7,8 @@
 //! sent. A stranger and an unknown conversation get the same `403 not_a_member`,
 //! so the endpoints reveal nothing about conversations one is not part of.
 
+use std::collections::HashSet;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -43,6 +45,19 @@ fn invalid(field: &str, err: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("{field}: {err}"))
 }
 
+/// The most members whose presence one answer looks up.
+const MAX_PRESENCE_LOOKUPS: usize = 2000;
+
+/// Which of the members of `conversations` are online (nobody without presence).
+async fn online<'a>(state: &AppState, conversations: impl IntoIterator<Item = &'a ConversationDoc>) -> HashSet<String> {
+    let Some(presence) = &state.presence else { return HashSet::new() };
+    let mut users: Vec<&str> = conversations.into_iter().flat_map(|c| c.members.iter().map(String::as_str)).collect();
+    users.sort_unstable();
+    users.dedup();
+    users.truncate(MAX_PRESENCE_LOOKUPS);
+    presence.online_of(users).await
+}
+
 fn conversation_id(raw: &str) -> Result<StreamId, ApiError> {
     StreamId::parse(raw).map_err(|e| invalid("conversation_id", e))
 }
@@ -70,6 +85,8 @@ pub struct ConversationView {
     #[serde(skip_serializing_if = "Option::is_none")]
     owner_id: Option<String>,
     members: Vec<String>,
+    /// The members with a notification socket open right now (empty without presence).
+    online: Vec<String>,
     last_message: Option<LastMessage>,
     unread_count: i64,
     /// Epoch milliseconds of the last activity.
@@ -77,7 +94,8 @@ pub struct ConversationView {
 }
 
 impl ConversationView {
-    fn of(conversation: ConversationDoc, caller: &UserId) -> Self {
+    fn of(conversation: ConversationDoc, caller: &UserId, online: &HashSet<String>) -> Self {
+        let online = conversation.members.iter().filter(|m| online.contains(m.as_str())).cloned().collect();
         let unread_count = conversation.unread(caller);
         let peer_id = (conversation.kind == "direct")
             .then(|| conversation.members.iter().find(|m| m.as_str() != caller.as_str()).cloned())
@@ -89,6 +107,7 @@ impl ConversationView {
             peer_id,
             owner_id: conversation.owner_id,
             members: conversation.members,
+            online,
             last_message: conversation.last_message,
             unread_count,
             updated_at: conversation.updated_at,
@@ -123,7 +142,8 @@ async fn create(
     }
     let created = state.conversations.create_group(&caller, &title, &members).await.map_err(conversation_error)?;
     metrics::counter!("conversations_created_total").increment(1);
-    Ok((StatusCode::CREATED, Json(ConversationView::of(created, &caller))).into_response())
+    let online = online(&state, [&created]).await;
+    Ok((StatusCode::CREATED, Json(ConversationView::of(created, &caller, &online))).into_response())
 }
 
 async fn show(
@@ -133,7 +153,8 @@ async fn show(
 ) -> Result<Json<ConversationView>, ApiError> {
     let id = conversation_id(&id)?;
     let conversation = state.conversations.for_member(&id, &caller).await.map_err(conversation_error)?;
-    Ok(Json(ConversationView::of(conversation, &caller)))
+    let online = online(&state, [&conversation]).await;
+    Ok(Json(ConversationView::of(conversation, &caller, &online)))
 }
 
 /// `PATCH /chat/conversations/{id}` body.
@@ -152,7 +173,7 @@ async fn rename(
     let id = conversation_id(&id)?;
     let title = title(&body.title)?;
     let updated = state.conversations.rename(&id, &caller, &title).await.map_err(conversation_error)?;
-    Ok(Json(ConversationView::of(updated, &caller)))
+    Ok(Json(ConversationView::of(updated, &caller, &HashSet::new())))
 }
 
 /// `POST /chat/conversations/{id}/members` body.
@@ -172,7 +193,7 @@ async fn add_member(
     let user = UserId::parse(&body.user_id).map_err(|e| invalid("user_id", e))?;
     let updated =
         state.conversations.add_member(&id, &caller, &user, state.max_members).await.map_err(conversation_error)?;
-    Ok(Json(ConversationView::of(updated, &caller)))
+    Ok(Json(ConversationView::of(updated, &caller, &HashSet::new())))
 }
 
 async fn remove_member(
@@ -267,8 +288,9 @@ async fn list(
     } else {
         None
     };
+    let online = online(&state, page.rows.iter().map(|(_, conversation)| conversation)).await;
     let conversations =
-        page.rows.into_iter().map(|(_, conversation)| ConversationView::of(conversation, &caller)).collect();
+        page.rows.into_iter().map(|(_, conversation)| ConversationView::of(conversation, &caller, &online)).collect();
     Ok(Json(ListPage { conversations, next }))
 }
 

@@ -41,8 +41,18 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
 
     let feed = outbox.then(|| relay::RelayFeed::new(settings.capture.batch_size as usize * 8));
     let api_feed = feed.as_ref().map(|(feed, _)| feed.clone());
+    let presence = match settings.presence.redis_url.as_str() {
+        "" => None,
+        url => Some(Arc::new(presence::Presence::new(
+            url,
+            &settings.presence.key_prefix,
+            settings.presence.timeout,
+            "inbox_presence_failures_total",
+        )?)),
+    };
     let limits = api::Limits {
         max_members: settings.writes.group_max_members,
+        presence,
         history: settings.history.clone(),
         writes: settings.writes.clone(),
         format: settings.ids.stream_id_format,

@@ -181,6 +181,31 @@ impl WriteSettings {
     ];
 }
 
+/// Where the inbox reads who is online (the notification sockets' presence keys).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PresenceSettings {
+    /// `REDIS_URL`: the Redis the notification pods keep presence keys in. Empty:
+    /// no online flags in the conversation list.
+    pub redis_url: String,
+    /// `PRESENCE_KEY_PREFIX`: a user is online while `{prefix}:{user_id}` exists.
+    pub key_prefix: String,
+    /// `REDIS_TIMEOUT`: bound on one presence lookup (then everyone shows offline).
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        Self { redis_url: String::new(), key_prefix: "presence".to_owned(), timeout: Duration::from_millis(200) }
+    }
+}
+
+impl PresenceSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] =
+        &[("REDIS_URL", "redis_url"), ("PRESENCE_KEY_PREFIX", "key_prefix"), ("REDIS_TIMEOUT", "timeout")];
+}
+
 /// Everything chatpersistence reads besides servicekit's base settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -189,6 +214,7 @@ pub struct Settings {
     pub capture: CaptureSettings,
     pub history: HistorySettings,
     pub writes: WriteSettings,
+    pub presence: PresenceSettings,
     pub ids: IdSettings,
     pub auth: AuthSettings,
     pub kafka: KafkaSettings,
@@ -202,6 +228,7 @@ impl Settings {
             .section("capture", CaptureSettings::ENV)
             .section("history", HistorySettings::ENV)
             .section("writes", WriteSettings::ENV)
+            .section("presence", PresenceSettings::ENV)
             .section("ids", IdSettings::ENV)
             .section("auth", AuthSettings::ENV)
             .section("kafka", KafkaSettings::ENV)

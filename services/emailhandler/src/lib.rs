@@ -10,7 +10,7 @@
 //! relay has accepted it. See `docs/email.md`.
 //!
 //! The parts: [`handler`] (the Kafka handler), [`flusher`] (sends due digests),
-//! [`digest`] (pending digests in MongoDB), [`users`] (recipients), [`presence`]
+//! [`digest`] (pending digests in MongoDB), [`users`] (recipients), the `presence` crate
 //! (online check in Redis), [`templates`] + [`compose`] (rendering), [`mailer`]
 //! (SMTP). [`build`] wires them for `main`.
 
@@ -20,7 +20,6 @@ pub mod flusher;
 pub mod handler;
 pub mod mailer;
 pub mod metrics;
-pub mod presence;
 pub mod settings;
 pub mod store;
 pub mod templates;
@@ -40,10 +39,10 @@ use crate::digest::DigestStore;
 use crate::flusher::{FlushSettings, Flusher};
 use crate::handler::EmailHandler;
 use crate::mailer::Mailer;
-use crate::presence::Presence;
 use crate::settings::{Settings, CHAT_TOPIC};
 use crate::templates::Templates;
 use crate::users::UserDirectory;
+use presence::Presence;
 
 /// How many times topic creation is tried at start (about two and a half minutes)
 /// before the worker gives up and the service exits.
@@ -127,6 +126,7 @@ pub async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         &settings.eventstore.redis_url,
         &settings.email.presence_key_prefix,
         settings.eventstore.timeout,
+        crate::metrics::PRESENCE_FAILURES,
     )?;
     let mailer = Mailer::new(&settings.smtp)?;
     let shared = Arc::new(Shared { store, users, presence, digests, templates, mailer });

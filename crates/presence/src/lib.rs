@@ -1,13 +1,13 @@
-//! "Is this user online right now?" — asked before a chat message is queued for a
-//! digest and again just before the digest is sent.
+//! "Is this user online right now?" — for the email handler (no email to someone
+//! reading live) and for the inbox (the online dots next to members).
 //!
-//! Why this module exists: generalnotificationshandler keeps `presence:{user_id}`
+//! Why this crate exists: generalnotificationshandler keeps `presence:{user_id}`
 //! alive in Redis (short TTL, refreshed by heartbeats) while the user has a socket
-//! open; someone who is reading the chat live should not also get it by email. The
-//! answer is advisory, so it fails *open towards sending*: if Redis is down or slow
-//! the user counts as offline and the email goes out (a redundant email beats a lost
-//! one). The connection is made lazily and every call is bounded by `REDIS_TIMEOUT`,
-//! so the service starts and keeps working without Redis.
+//! open, and two services read those keys; one reader keeps them agreeing on what
+//! "online" means. The answer is advisory: if Redis is down or slow every user
+//! counts as offline (the email goes out; the dots stay grey). The connection is
+//! made lazily and every call is bounded by the timeout, so a service starts and
+//! keeps working without Redis.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::metrics as m;
+use std::collections::HashSet;
 
 /// Presence lookups against Redis.
 pub struct Presence {
@@ -27,10 +27,13 @@ pub struct Presence {
     connecting: tokio::sync::Mutex<()>,
     /// Set while lookups fail, so an outage is logged once, not per message.
     down: AtomicBool,
+    /// The counter of failed lookups (each service names its own).
+    failure_metric: &'static str,
 }
 
 impl Presence {
-    pub fn new(redis_url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+    /// A reader of `{prefix}:{user}` keys; failures count in `failure_metric`.
+    pub fn new(redis_url: &str, prefix: &str, timeout: Duration, failure_metric: &'static str) -> Result<Self, String> {
         let client = redis::Client::open(redis_url).map_err(|err| format!("REDIS_URL is not usable: {err}"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
@@ -45,6 +48,7 @@ impl Presence {
             current: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
             down: AtomicBool::new(false),
+            failure_metric,
         })
     }
 
@@ -99,8 +103,39 @@ impl Presence {
         }
     }
 
+    /// Which of `users` are online, in one round trip. Errors and timeouts answer
+    /// "nobody".
+    pub async fn online_of<'a>(&self, users: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
+        let users: Vec<&str> = users.into_iter().collect();
+        if users.is_empty() {
+            return HashSet::new();
+        }
+        let lookup = async {
+            let mut manager = self.manager().await?;
+            let mut pipe = redis::pipe();
+            for user in &users {
+                pipe.cmd("EXISTS").arg(self.key(user));
+            }
+            pipe.query_async::<Vec<i64>>(&mut manager).await
+        };
+        match tokio::time::timeout(self.timeout, lookup).await {
+            Ok(Ok(found)) => {
+                self.down.store(false, Ordering::Relaxed);
+                users.iter().zip(found).filter(|(_, n)| *n > 0).map(|(u, _)| (*u).to_owned()).collect()
+            }
+            Ok(Err(err)) => {
+                self.failed(&self.key("*"), &err.to_string());
+                HashSet::new()
+            }
+            Err(_) => {
+                self.failed(&self.key("*"), &format!("no answer within {:?}", self.timeout));
+                HashSet::new()
+            }
+        }
+    }
+
     fn failed(&self, key: &str, error: &str) {
-        metrics::counter!(m::PRESENCE_FAILURES).increment(1);
+        metrics::counter!(self.failure_metric).increment(1);
         if !self.down.swap(true, Ordering::Relaxed) {
             tracing::warn!(%key, %error, "presence check failed; users count as offline until Redis answers again");
         }
