@@ -52,7 +52,7 @@ chatpersistence:
   binary: chatpersistence
   kind: Deployment
   internal: true
-  secrets: [JWT_SECRET, INTERNAL_SERVICE_TOKEN, MONGODB_URI]
+  secrets: [JWT_SECRET, INTERNAL_SERVICE_TOKEN, MONGODB_URI, REDIS_URL]
   optionalSecrets: []
 changehandler:
   binary: chatpersistencechangehandler
