@@ -53,7 +53,10 @@ fn invalid(kind: Kind, err: ApiError) -> ApiError {
 
 fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
     if !message.addressees().any(|addressee| addressee == user) {
-        return Err(ApiError::bad_request("the message is not addressed to the user_id query parameter"));
+        return Err(ApiError::bad_request(
+            "the message is not addressed to the user_id query parameter (its receiver_id, or for a group one of \
+             its recipients)",
+        ));
     }
     message.check_consistent().map_err(|err| ApiError::bad_request(format!("message: {err}")))?;
     Ok(())
