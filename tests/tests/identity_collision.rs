@@ -31,6 +31,12 @@ async fn history(fleet: &ChatFleet, user: &str, query: &str) -> (u16, Value) {
     (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
 }
 
+async fn get(fleet: &ChatFleet, user: &str, path: &str) -> (u16, Value) {
+    let response =
+        reqwest::Client::new().get(fleet.persistence.url(path)).bearer_auth(token(user)).send().await.expect("answers");
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
 fn contents(page: &Value) -> Vec<String> {
     page["messages"]
         .as_array()
@@ -114,6 +120,16 @@ async fn a_colliding_legacy_pair_sees_nothing_of_the_other_conversation() {
     let (status, page) = history(&fleet, VICTIM_PEER, &format!("stream_id={stream}")).await;
     assert_eq!(status, 200);
     assert_eq!(contents(&page), ["the secret"]);
+    // The inbox: the stranger's list never shows the victims' conversation or its
+    // last message, whatever the shared id.
+    for user in [STRANGER, STRANGER_PEER] {
+        let (status, list) = get(&fleet, user, "/chat/conversations").await;
+        assert_eq!(status, 200, "{list}");
+        assert!(!list.to_string().contains("the secret"), "{user}'s inbox leaked: {list}");
+        assert!(!list.to_string().contains(VICTIM_PEER), "{user}'s inbox names the victims: {list}");
+    }
+    let (_, victims_list) = get(&fleet, VICTIM_PEER, "/chat/conversations").await;
+    assert!(!victims_list.to_string().contains("stranger's"), "the victims' inbox leaked: {victims_list}");
     // And the stranger cannot post into it: the id given must be the pair's own.
     let (status, body) = reqwest::Client::new()
         .post(fleet.persistence.url("/chat/messages"))

@@ -108,6 +108,11 @@ impl AppState {
         &self.store
     }
 
+    /// The per-user write bucket (`RATE_LIMIT_POST_*`): messages and every other write.
+    pub(crate) fn post_limiter(&self) -> &KeyedLimiter<UserId> {
+        &self.post_limiter
+    }
+
     /// A writable store, or 503 while the indexes are not there yet.
     fn writable(&self) -> Result<&Store, ApiError> {
         if self.indexes_ready.load(Ordering::Acquire) {

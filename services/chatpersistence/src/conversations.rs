@@ -427,18 +427,23 @@ impl Conversations {
         };
         let last = mongodb::bson::to_bson(&last).map_err(|e| StoreError::Other(e.to_string()))?;
         let mut set = doc! { "last_message": last, "updated_at": at };
-        let filter = doc! { "_id": { "$eq": id.as_str() } };
+        let mut filter = doc! { "_id": { "$eq": id.as_str() } };
         let upsert = if let Some(peer) = pair_peer {
             let mut members = [sender.to_string(), peer.to_string()];
             members.sort();
+            // The pair is part of the match: under the legacy id format another pair
+            // can share the id, and must never share (or overwrite) this document.
+            let pair_key = members.join(" ");
+            filter.insert("pair_key", doc! { "$eq": &pair_key });
             // Plain `$set` rather than `$setOnInsert`: a pair's members never change.
+            set.insert("pair_key", pair_key);
             set.insert("kind", "direct");
             set.insert("members", members.to_vec());
             true
         } else {
             false
         };
-        let updated = self
+        let found = self
             .store
             .run(
                 self.conversations
@@ -446,8 +451,20 @@ impl Conversations {
                     .upsert(upsert)
                     .return_document(ReturnDocument::After),
             )
-            .await?
-            .ok_or(ConversationError::NotAMember)?;
+            .await;
+        let updated = match found {
+            Ok(Some(updated)) => updated,
+            // Another pair owns this (legacy, colliding) id: the message is stored and
+            // delivered, but only the pair that owns the id gets an inbox entry. (The
+            // upsert fails with a duplicate `_id`; some servers answer "no document".)
+            Ok(None) | Err(StoreError::Duplicate(_)) if pair_peer.is_some() => {
+                metrics::counter!("legacy_stream_id_collisions_total").increment(1);
+                tracing::warn!(conversation = %id, "legacy stream id shared by two pairs; no inbox entry for the second");
+                return Ok(Accepted { seq: 0, recipients: Vec::new() });
+            }
+            Ok(None) => return Err(ConversationError::NotAMember),
+            Err(err) => return Err(err.into()),
+        };
         let seq = updated.seq;
         if updated.created_at == 0 {
             let created = doc! { "$set": { "created_at": at } };

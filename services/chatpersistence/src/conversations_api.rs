@@ -129,6 +129,7 @@ async fn create(
     AuthUser(caller): AuthUser,
     ApiJson(body): ApiJson<CreateGroup>,
 ) -> Result<Response, ApiError> {
+    state.post_limiter().admit(&caller, "writes")?;
     let title = title(&body.title)?;
     let mut members = vec![caller.clone()];
     for raw in &body.members {
@@ -170,6 +171,7 @@ async fn rename(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Rename>,
 ) -> Result<Json<ConversationView>, ApiError> {
+    state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let title = title(&body.title)?;
     let updated = state.conversations.rename(&id, &caller, &title).await.map_err(conversation_error)?;
@@ -189,6 +191,7 @@ async fn add_member(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<AddMember>,
 ) -> Result<Json<ConversationView>, ApiError> {
+    state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let user = UserId::parse(&body.user_id).map_err(|e| invalid("user_id", e))?;
     let updated =
@@ -201,6 +204,7 @@ async fn remove_member(
     AuthUser(caller): AuthUser,
     Path((id, user)): Path<(String, String)>,
 ) -> Result<StatusCode, ApiError> {
+    state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let user = UserId::parse(&user).map_err(|e| invalid("user_id", e))?;
     state.conversations.remove_member(&id, &caller, &user).await.map_err(conversation_error)?;
@@ -229,6 +233,7 @@ async fn read(
     Path(id): Path<String>,
     ApiJson(body): ApiJson<Read>,
 ) -> Result<Json<ReadState>, ApiError> {
+    state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let up_to = MessageId::parse(&body.up_to).map_err(|e| invalid("up_to", e))?;
     let conversation = state.conversations.for_member(&id, &caller).await.map_err(conversation_error)?;
