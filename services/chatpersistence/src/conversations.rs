@@ -197,10 +197,11 @@ impl Conversations {
         self.store.run(self.memberships.create_index(inbox)).await?;
         self.store.run(self.memberships.create_index(by_conversation)).await?;
         let pending = IndexModel::builder()
-            .keys(doc! { "outbox_pending": 1, "_id": 1 })
+            // Not `_id`: the local stand-in cannot index it inside a compound key.
+            .keys(doc! { "outbox_pending": 1, "event_id": 1 })
             .options(
                 IndexOptions::builder()
-                    .name("outbox_pending".to_owned())
+                    .name("outbox_pending_by_event".to_owned())
                     .partial_filter_expression(doc! { "outbox_pending": true })
                     .build(),
             )

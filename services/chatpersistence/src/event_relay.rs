@@ -81,7 +81,7 @@ impl EventRelay {
         let find = async {
             events
                 .find(doc! { "outbox_pending": { "$eq": true } })
-                .sort(doc! { "_id": 1 })
+                .sort(doc! { "event_id": 1 })
                 .limit(self.batch)
                 .await?
                 .try_collect::<Vec<Document>>()
