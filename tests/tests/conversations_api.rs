@@ -33,14 +33,6 @@ struct Fixture {
 
 impl Fixture {
     async fn start() -> Self {
-        let fixture = Self::start_as_shipped().await;
-        fixture.drop_event_index_the_local_server_cannot_write_under().await;
-        fixture
-    }
-
-    /// The service exactly as it sets itself up (see
-    /// `a_group_can_be_created_with_the_indexes_chatpersistence_creates`).
-    async fn start_as_shipped() -> Self {
         let stack = Stack::start();
         let mut env = stack.env();
         for (k, v) in [
@@ -57,24 +49,6 @@ impl Fixture {
         let fixture = Self { stack, persistence, http, db };
         fixture.wait_ready().await;
         fixture
-    }
-
-    /// WORKAROUND for a chatpersistence bug, to be removed once it is fixed:
-    /// `Conversations::ensure_indexes` creates the partial index
-    /// `{outbox_pending: 1, _id: 1}` on `conversation_events`; the MongoDB wire server
-    /// of the local stack and the tests (nx-27017, named
-    /// `idx_conversation_events_outbox_pending__id` there) then refuses every insert
-    /// into the collection with `JSON path error near '_id'` (code 8), so every
-    /// `POST /chat/conversations` answers 500. The messages' index is
-    /// `{outbox_pending: 1, message_id: 1}` and works. Dropping only that index (the
-    /// relay's polling index: the relay works without it, only slower) lets the other
-    /// tests check the rest of the behaviour; an index on other keys is left alone.
-    async fn drop_event_index_the_local_server_cannot_write_under(&self) {
-        let events = self.db.collection::<Document>("conversation_events");
-        let names = events.list_index_names().await.unwrap_or_default();
-        for name in names.iter().filter(|n| n.ends_with("outbox_pending__id")) {
-            events.drop_index(name.as_str()).await.expect("drop the index");
-        }
     }
 
     async fn wait_ready(&self) {
@@ -169,7 +143,7 @@ impl Fixture {
                 return Err((status, page));
             }
             let messages = page["messages"].as_array().cloned().unwrap_or_default();
-            since = messages.last().map(|m| id_of(m));
+            since = messages.last().map(id_of);
             all.extend(messages);
             if page["has_more"] != json!(true) || since.is_none() {
                 return Ok(all);
@@ -457,21 +431,16 @@ async fn a_group_has_at_most_group_max_members() {
     assert_eq!(members(&body).len(), 256);
 }
 
-/// Creating a group on the service exactly as it sets up its indexes.
+/// Creating a group writes the conversation, its memberships and its events.
 ///
-/// BUG (chatpersistence, `Conversations::ensure_indexes`): the partial index
-/// `{outbox_pending: 1, _id: 1}` on `conversation_events` makes the local stack's
-/// MongoDB wire server (nx-27017) refuse every insert into the collection with
-/// `JSON path error near '_id'`. `POST /chat/conversations {"title":"launch",
-/// "members":["bob"]}` as alice answers `500 {"error":{"code":"internal"}}` instead
-/// of `201`, after the conversation document and alice's membership were already
-/// written (a half-created group, listed in alice's inbox; a client retrying creates
-/// another). Same for every add/remove/rename/read that appends an event. Left
-/// failing on purpose; the other tests drop that one index first (see
-/// `Fixture::drop_event_index_the_local_server_cannot_write_under`).
+/// Regression test: the partial index `{outbox_pending: 1, _id: 1}` chatpersistence
+/// used to create on `conversation_events` made the local stack's MongoDB wire server
+/// (nx-27017) refuse every event insert (`JSON path error near '_id'`), so
+/// `POST /chat/conversations` answered 500 after writing the conversation and the
+/// first membership (a half-created group). Fixed in 4697765 (indexed by `event_id`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_can_be_created_with_the_indexes_chatpersistence_creates() {
-    let f = Fixture::start_as_shipped().await;
+    let f = Fixture::start().await;
     let before = f.counts().await;
     let (status, body) = f
         .call(Method::POST, "/chat/conversations", "alice", Some(json!({"title": "launch", "members": ["bob"]})))
@@ -484,6 +453,8 @@ async fn a_group_can_be_created_with_the_indexes_chatpersistence_creates() {
         f.persistence.log_tail(5)
     );
     assert_eq!(after["conversation_events"], before["conversation_events"] + 2, "member_joined ×2");
+    assert_eq!(after["memberships"], before["memberships"] + 2, "a membership per member");
+    assert_eq!(after["conversations"], before["conversations"] + 1);
 }
 
 /// Test 2a: a pair conversation and a group, in order of last activity.
@@ -898,6 +869,11 @@ async fn conversation_events_reach_chat_changes_exactly_once_keyed_by_the_conver
     let consumer = topic_reader(&f.stack.broker.bootstrap(), "chat.changes");
 
     let group = conversation_id(&f.create_group(alice, "plans", &[bob, carol, dave, erin]).await);
+    let frank = "frank";
+    let (status, body) = f
+        .call(Method::POST, &format!("/chat/conversations/{group}/members"), alice, Some(json!({"user_id": frank})))
+        .await;
+    assert_eq!(status, 200, "{body}");
     let (status, body) = f
         .call(Method::PATCH, &format!("/chat/conversations/{group}"), alice, Some(json!({"title": "new plans"})))
         .await;
@@ -918,7 +894,7 @@ async fn conversation_events_reach_chat_changes_exactly_once_keyed_by_the_conver
         f.call(Method::PATCH, &format!("/chat/conversations/{group}"), bob, Some(json!({"title": "mine"}))).await;
     assert_eq!(status, 403);
     let stored = f.db.collection::<Document>("conversation_events").count_documents(doc! {}).await.expect("count");
-    assert_eq!(stored, 9, "5 joined + 1 renamed + 2 left + 1 read");
+    assert_eq!(stored, 10, "5 joined on create + 1 added + 1 renamed + 2 left + 1 read");
 
     // Read the topic until the nine events arrived, then a little longer for extras.
     let mut events = Vec::new();
@@ -944,7 +920,7 @@ async fn conversation_events_reach_chat_changes_exactly_once_keyed_by_the_conver
             ChatChange::Message(_) => {}
         }
         let distinct: HashSet<&String> = events.iter().map(|e| &e.event_id).collect();
-        if distinct.len() >= 9 && quiet_until.is_none() {
+        if distinct.len() >= 10 && quiet_until.is_none() {
             quiet_until = Some(Instant::now() + Duration::from_secs(2));
         }
     }
@@ -955,7 +931,7 @@ async fn conversation_events_reach_chat_changes_exactly_once_keyed_by_the_conver
         }
         by_id.insert(event.event_id.clone(), event.clone());
     }
-    assert!(by_id.len() == 9, "expected 9 distinct events, got {} ({records} records): {events:#?}", by_id.len());
+    assert!(by_id.len() == 10, "expected 10 distinct events, got {} ({records} records): {events:#?}", by_id.len());
     let of_kind = |kind: ConversationEventKind| {
         let mut found: Vec<&chatstream::ConversationEvent> = by_id.values().filter(|e| e.kind == kind).collect();
         found.sort_by_key(|e| e.event_id.clone());
@@ -966,8 +942,32 @@ async fn conversation_events_reach_chat_changes_exactly_once_keyed_by_the_conver
     }
     let joined: BTreeSet<String> =
         of_kind(ConversationEventKind::MemberJoined).iter().map(|e| e.user_id.to_string()).collect();
-    assert_eq!(joined, set(&[alice, bob, carol, dave, erin]), "member_joined ×5 on create");
-    assert_eq!(of_kind(ConversationEventKind::MemberJoined).len(), 5);
+    assert_eq!(joined, set(&[alice, bob, carol, dave, erin, frank]), "member_joined ×5 on create, 1 on add");
+    assert_eq!(of_kind(ConversationEventKind::MemberJoined).len(), 6);
+    // One key, one partition: the topic carries the conversation's changes in the
+    // order they were made.
+    let mut first_seen: Vec<&chatstream::ConversationEvent> = Vec::new();
+    for event in &events {
+        if !first_seen.iter().any(|e| e.event_id == event.event_id) {
+            first_seen.push(event);
+        }
+    }
+    let kinds: Vec<(&str, String)> = first_seen.iter().map(|e| (e.kind.as_str(), e.user_id.to_string())).collect();
+    let mut expected_order: Vec<(&str, String)> = Vec::new();
+    for (kind, user) in kinds.iter().take(5) {
+        expected_order.push((kind, user.clone()));
+    }
+    assert!(kinds[..5].iter().all(|(kind, _)| *kind == "member_joined"), "creation's five joins come first: {kinds:?}");
+    for (kind, user) in [
+        ("member_joined", frank),
+        ("conversation_updated", alice),
+        ("member_left", carol),
+        ("member_left", dave),
+        ("read", erin),
+    ] {
+        expected_order.push((kind, user.to_owned()));
+    }
+    assert_eq!(kinds, expected_order, "the order of the conversation's changes on chat.changes");
     let updated = of_kind(ConversationEventKind::ConversationUpdated);
     assert_eq!(updated.len(), 1, "{updated:?}");
     assert_eq!(updated[0].title.as_deref(), Some("new plans"));

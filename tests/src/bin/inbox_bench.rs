@@ -218,18 +218,6 @@ async fn main() {
         .expect("client");
     wait_ready(&http, &service).await;
     let db = mongodb::Client::with_uri_str(stack.mongo.uri()).await.expect("mongo client").database("chat");
-    if o.kind == "group" {
-        // The local MongoDB wire server refuses inserts under the `{outbox_pending, _id}`
-        // index chatpersistence creates on conversation_events (a reported bug; see
-        // tests/tests/conversations_api.rs): drop that one index so groups can be created.
-        let events = db.collection::<Document>("conversation_events");
-        for name in events.list_index_names().await.unwrap_or_default() {
-            if name.ends_with("outbox_pending__id") {
-                let _ = events.drop_index(name.as_str()).await;
-            }
-        }
-    }
-
     eprintln!("creating {} {} conversations for {USER} ({} at a time) …", o.conversations, o.kind, o.concurrency);
     let created = populate(&o, &http, &service).await;
     wait_drained(&db).await;
