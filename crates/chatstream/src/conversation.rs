@@ -195,6 +195,7 @@ mod tests {
             recipients: Vec::new(),
             content: crate::MessageContent::parse("hi").expect("valid"),
             created_at: DateTime::<Utc>::from_timestamp_millis(1_760_000_000_000).expect("valid"),
+            state: Default::default(),
         };
         let change = ChangeEvent::new(ChangeOp::Create, message.clone(), 5);
         let bytes = serde_json::to_vec(&change.to_flattened()).expect("serialize");

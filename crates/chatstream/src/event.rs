@@ -80,9 +80,12 @@ impl ChangeEvent {
     /// the message id with operation and change time for later changes (an edit must
     /// not be dropped as a duplicate of the original insert).
     pub fn dedup_id(&self) -> String {
-        match self.op {
-            ChangeOp::Create => self.message.message_id.to_string(),
-            op => format!("{}.{}{}", self.message.message_id, op.code(), self.source_ts_ms),
+        match (self.op, self.message.state.version) {
+            (ChangeOp::Create, _) => self.message.message_id.to_string(),
+            // Each edit or deletion has its own version: a republished change is a
+            // duplicate, the next change is not.
+            (_, version) if version > 0 => format!("{}.v{version}", self.message.message_id),
+            (op, _) => format!("{}.{}{}", self.message.message_id, op.code(), self.source_ts_ms),
         }
     }
 
@@ -110,6 +113,20 @@ impl ChangeEvent {
         }
         doc.insert("content".into(), Value::String(m.content.as_str().to_owned()));
         doc.insert("created_at".into(), Value::from(m.created_at.timestamp_millis()));
+        if let Some(at) = m.state.edited_at {
+            doc.insert("edited_at".into(), Value::from(at.timestamp_millis()));
+        }
+        if let Some(at) = m.state.deleted_at {
+            doc.insert("deleted_at".into(), Value::from(at.timestamp_millis()));
+        }
+        if m.state.version > 0 {
+            doc.insert("version".into(), Value::from(m.state.version));
+        }
+        if !m.state.reactions.is_empty() {
+            let counts: Map<String, Value> =
+                m.state.reactions.iter().map(|(emoji, n)| (emoji.clone(), Value::from(*n))).collect();
+            doc.insert("reactions".into(), Value::Object(counts));
+        }
         doc.insert("__op".into(), Value::String(self.op.code().into()));
         doc.insert("__source_ts_ms".into(), Value::from(self.source_ts_ms));
         doc.insert("__deleted".into(), Value::String((self.op == ChangeOp::Delete).to_string()));
@@ -235,10 +252,38 @@ fn document_to_message(mut doc: Map<String, Value>, op: ChangeOp) -> Result<Chat
     if let Some(Value::Array(recipients)) = doc.get("recipients") {
         fields.insert("recipients".into(), Value::Array(recipients.iter().map(unwrap_string).collect()));
     }
+    for name in ["edited_at", "deleted_at"] {
+        if let Some(value) = doc.get(name).filter(|v| !v.is_null()) {
+            fields.insert(name.into(), Value::String(timestamp(value)?.to_rfc3339()));
+        }
+    }
+    if let Some(version) = doc.get("version").and_then(Value::as_u64) {
+        fields.insert("version".into(), Value::from(version));
+    }
+    if let Some(Value::Object(reactions)) = doc.get("reactions") {
+        fields.insert("reactions".into(), Value::Object(reaction_counts(reactions)));
+    }
     let message: ChatMessage =
         serde_json::from_value(Value::Object(fields)).map_err(|err| EventError::Malformed(err.to_string()))?;
     message.check_consistent().map_err(EventError::Malformed)?;
     Ok(message)
+}
+
+/// Reactions as counts by emoji. The relay publishes counts; Debezium publishes the
+/// stored document, where each key is the hex of the emoji and each value the list of
+/// users who reacted.
+fn reaction_counts(reactions: &Map<String, Value>) -> Map<String, Value> {
+    reactions
+        .iter()
+        .filter_map(|(key, value)| match value {
+            Value::Number(n) => Some((key.clone(), Value::from(n.as_u64().unwrap_or(0)))),
+            Value::Array(users) if !users.is_empty() => {
+                let emoji = hex::decode(key).ok().and_then(|bytes| String::from_utf8(bytes).ok())?;
+                Some((emoji, Value::from(users.len() as u64)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// `"x"`, `{"$oid": "x"}` or `{"$uuid": "x"}` → `x`.
@@ -294,7 +339,40 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("hi <b>there</b>").expect("valid"),
             created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
+            state: Default::default(),
         }
+    }
+
+    #[test]
+    fn edits_deletions_and_reactions_travel_and_dedup_by_version() {
+        let at = Utc.timestamp_millis_opt(1_760_000_100_000).single().expect("valid");
+        let mut edited = sample();
+        edited.content = MessageContent::parse("fixed").expect("valid");
+        edited.state.edited_at = Some(at);
+        edited.state.version = 1;
+        edited.state.reactions.insert("👍".into(), 2);
+        let event = ChangeEvent::new(ChangeOp::Update, edited.clone(), 7);
+        let back = ChangeEvent::parse(&serde_json::to_vec(&event.to_flattened()).expect("json")).expect("parses");
+        assert_eq!(back.message, edited);
+        assert_eq!(back.dedup_id(), format!("{}.v1", edited.message_id));
+        let mut deleted = edited.clone();
+        deleted.content = MessageContent::removed();
+        deleted.state.deleted_at = Some(at);
+        deleted.state.version = 2;
+        let event = ChangeEvent::new(ChangeOp::Update, deleted.clone(), 8);
+        let back = ChangeEvent::parse(&serde_json::to_vec(&event.to_flattened()).expect("json")).expect("parses");
+        assert_eq!(back.message, deleted);
+        assert_ne!(back.dedup_id(), format!("{}.v1", edited.message_id));
+        // Debezium publishes the stored document: reactions as hex(emoji) → users.
+        let mut stored = event.to_flattened();
+        stored["reactions"] = json!({ hex::encode("🎉"): ["alice", "bob", "carol"], hex::encode("👀"): [] });
+        let back = ChangeEvent::parse(&serde_json::to_vec(&stored).expect("json")).expect("parses");
+        assert_eq!(back.message.state.reactions.get("🎉"), Some(&3));
+        assert_eq!(back.message.state.reactions.len(), 1);
+        // Content without a deletion mark, or a deletion with content, is refused.
+        let mut forged = event.to_flattened();
+        forged["content"] = json!("back from the dead");
+        assert!(ChangeEvent::parse(&serde_json::to_vec(&forged).expect("json")).is_err());
     }
 
     #[test]

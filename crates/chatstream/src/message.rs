@@ -1,5 +1,7 @@
 //! The chat message model every service shares, and its validated content.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -44,11 +46,25 @@ impl MessageContent {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The content of a deleted message: nothing.
+    pub fn removed() -> Self {
+        Self(String::new())
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl<'de> Deserialize<'de> for MessageContent {
+    /// Stored and forwarded messages: an empty content is a deleted message's
+    /// (see [`ChatMessage::check_consistent`]); anything else must be valid.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(deserializer)?;
+        if raw.is_empty() {
+            return Ok(Self::removed());
+        }
         Self::parse(&raw).map_err(serde::de::Error::custom)
     }
 }
@@ -69,6 +85,30 @@ pub struct ChatMessage {
     pub recipients: Vec<UserId>,
     pub content: MessageContent,
     pub created_at: DateTime<Utc>,
+    /// Edits, deletion and reactions (all absent on a new message).
+    #[serde(flatten)]
+    pub state: MessageState,
+}
+
+/// What happened to a message after it was sent.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MessageState {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<DateTime<Utc>>,
+    /// Set on a deleted message (a tombstone: its content is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Reaction counts by emoji.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reactions: BTreeMap<String, u32>,
+    /// How many times the message changed (edits and the deletion): each change
+    /// event is deduplicated under its own version.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ChatMessage {
@@ -76,6 +116,9 @@ impl ChatMessage {
     /// hash of sender and receiver (in the id's own format) and has no recipients
     /// list; a group message has no receiver. A consistency check, not authorization.
     pub fn check_consistent(&self) -> Result<(), String> {
+        if self.content.is_removed() != self.state.deleted_at.is_some() {
+            return Err("only a deleted message has no content".into());
+        }
         match (self.stream_id.kind(), &self.receiver_id) {
             (ConversationKind::Group, None) => Ok(()),
             (ConversationKind::Group, Some(_)) => Err("a group message has no receiver_id".into()),
@@ -136,6 +179,7 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("<b>hello</b>").expect("valid"),
             created_at: Utc::now(),
+            state: Default::default(),
         };
         let json = serde_json::to_string(&message).expect("serialize");
         let back: ChatMessage = serde_json::from_str(&json).expect("deserialize");
@@ -155,6 +199,7 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("x").expect("valid"),
             created_at: Utc::now(),
+            state: Default::default(),
         };
         assert!(pair.check_consistent().is_ok());
         assert!(pair.involves(&user("bob")) && !pair.involves(&user("carol")));

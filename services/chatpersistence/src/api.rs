@@ -343,6 +343,7 @@ async fn post_message(
             content: new.content.clone(),
             // Milliseconds: what BSON dates and the change events carry.
             created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
+            state: Default::default(),
         };
         let outcome = store.insert(&message, new.client_message_id.as_deref(), Some(accepted.seq)).await;
         if let (Ok(Inserted::Created), Some(feed)) = (&outcome, &state.feed) {

@@ -479,7 +479,9 @@ impl Relay {
         // The change happened when the document was inserted, which is when
         // created_at was taken (Debezium reports the oplog time of the insert).
         let source_ts_ms = message.created_at.timestamp_millis();
-        let event = ChangeEvent::new(ChangeOp::Create, message, source_ts_ms);
+        // A marked document that changed after it was sent is published as a change.
+        let op = if message.state.version > 0 { ChangeOp::Update } else { ChangeOp::Create };
+        let event = ChangeEvent::new(op, message, source_ts_ms);
         let key = event.key();
         let payload = event.to_flattened().to_string();
         Box::pin(async move {
@@ -554,6 +556,7 @@ mod tests {
             recipients: Vec::new(),
             content: chatstream::MessageContent::parse("hi").expect("valid"),
             created_at: chrono::Utc::now(),
+            state: Default::default(),
         }
     }
 

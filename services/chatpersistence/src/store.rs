@@ -15,7 +15,9 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use chatstream::{ChatMessage, MessageContent, MessageId, StreamId, UserId};
+use std::collections::HashMap;
+
+use chatstream::{ChatMessage, MessageContent, MessageId, MessageState, StreamId, UserId};
 use chrono::{TimeZone, Utc};
 use futures::TryStreamExt;
 use mongodb::bson::{doc, DateTime, Document};
@@ -51,6 +53,24 @@ pub(crate) struct MessageDoc {
     /// The message's number in its conversation (1, 2, ...), for unread counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<i64>,
+    /// Epoch milliseconds of the last edit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) edited_at: Option<i64>,
+    /// Epoch milliseconds of the deletion (the content is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) deleted_at: Option<i64>,
+    /// Who reacted with what: hex of the emoji → user ids.
+    #[serde(default, skip_serializing_if = "HashMap::is_empty")]
+    reactions: HashMap<String, Vec<String>>,
+    /// Edits and the deletion so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) version: Option<i32>,
+    /// Epoch milliseconds of the last change of any kind (replays find changes by it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    changed_at: Option<i64>,
+    /// What the relay publishes the marked document as (`u`: a change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outbox_op: Option<String>,
 }
 
 impl MessageDoc {
@@ -67,6 +87,12 @@ impl MessageDoc {
             client_message_id: client_message_id.map(str::to_owned),
             outbox_pending: outbox.then_some(true),
             seq: None,
+            edited_at: None,
+            deleted_at: None,
+            reactions: HashMap::new(),
+            version: None,
+            changed_at: None,
+            outbox_op: None,
         }
     }
 
@@ -89,11 +115,29 @@ impl MessageDoc {
                 .map(|r| UserId::parse(r))
                 .collect::<Result<_, _>>()
                 .map_err(|e| corrupt(e.to_string()))?,
-            content: MessageContent::parse(&self.content).map_err(|e| corrupt(e.to_string()))?,
+            content: if self.deleted_at.is_some() {
+                MessageContent::removed()
+            } else {
+                MessageContent::parse(&self.content).map_err(|e| corrupt(e.to_string()))?
+            },
             created_at: Utc
                 .timestamp_millis_opt(self.created_at.timestamp_millis())
                 .single()
                 .ok_or_else(|| corrupt("created_at out of range".into()))?,
+            state: MessageState {
+                edited_at: self.edited_at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+                deleted_at: self.deleted_at.and_then(|ms| Utc.timestamp_millis_opt(ms).single()),
+                reactions: self
+                    .reactions
+                    .iter()
+                    .filter(|(_, users)| !users.is_empty())
+                    .filter_map(|(key, users)| {
+                        let emoji = String::from_utf8(hex::decode(key).ok()?).ok()?;
+                        Some((emoji, users.len() as u32))
+                    })
+                    .collect(),
+                version: self.version.unwrap_or(0).max(0) as u32,
+            },
         };
         Ok(message)
     }
@@ -415,6 +459,7 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
+            state: Default::default(),
         }
     }
 

@@ -255,6 +255,7 @@ fn dead_letter_record(item: &DigestItem) -> (String, Vec<u8>) {
             recipients: Vec::new(),
             content: MessageContent::parse(&item.content).ok()?,
             created_at: chrono::DateTime::from_timestamp_millis(item.created_at)?,
+            state: Default::default(),
         })
     })();
     let payload = match message {

@@ -193,6 +193,7 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: "2025-01-01T12:00:00Z".parse().expect("time"),
+            state: Default::default(),
         };
         assert!(check_chat(&alice, &message).is_ok());
         assert_eq!(check_chat(&bob, &message).err().map(|e| e.status), Some(StatusCode::BAD_REQUEST));

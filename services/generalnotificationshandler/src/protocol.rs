@@ -132,6 +132,7 @@ mod tests {
             recipients: Vec::new(),
             content: MessageContent::parse("hi").expect("valid"),
             created_at: "2025-01-01T12:00:00Z".parse().expect("time"),
+            state: Default::default(),
         };
         let frame = notification(Kind::Chat, chat_event_id(&message), &message);
         let id = format!("chat:{}", message.message_id);
