@@ -32,6 +32,10 @@ pub enum ConversationEventKind {
     ConversationUpdated,
     /// `user_id` moved their read marker to `up_to`.
     Read,
+    /// `user_id` reacted to `message_id` with `emoji`.
+    ReactionAdded,
+    /// `user_id` took back their `emoji` reaction to `message_id`.
+    ReactionRemoved,
 }
 
 impl ConversationEventKind {
@@ -41,7 +45,14 @@ impl ConversationEventKind {
             ConversationEventKind::MemberLeft => "member_left",
             ConversationEventKind::ConversationUpdated => "conversation_updated",
             ConversationEventKind::Read => "read",
+            ConversationEventKind::ReactionAdded => "reaction_added",
+            ConversationEventKind::ReactionRemoved => "reaction_removed",
         }
+    }
+
+    /// Reaction events.
+    pub fn is_reaction(self) -> bool {
+        matches!(self, ConversationEventKind::ReactionAdded | ConversationEventKind::ReactionRemoved)
     }
 }
 
@@ -68,6 +79,12 @@ pub struct ConversationEvent {
     /// `member_left`: `left` or `removed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Reactions: the message reacted to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<MessageId>,
+    /// Reactions: the emoji.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emoji: Option<String>,
     pub at: DateTime<Utc>,
 }
 
@@ -134,7 +151,8 @@ impl ChatChange {
     /// from a message.
     pub fn parse(payload: &[u8]) -> Result<Self, EventError> {
         let record = ChangeRecord::parse(payload)?;
-        let is_event = record.document.contains_key("type") && !record.document.contains_key("message_id");
+        // Message documents have `content`; conversation events never do.
+        let is_event = record.document.contains_key("type") && !record.document.contains_key("content");
         if is_event {
             if record.op != ChangeOp::Create {
                 return Err(EventError::Malformed("conversation events are only ever inserted".into()));
@@ -174,6 +192,8 @@ mod tests {
             title: Some("team".into()),
             up_to: None,
             reason: Some("removed".into()),
+            message_id: None,
+            emoji: None,
             at: DateTime::<Utc>::from_timestamp_millis(1_760_000_000_123).expect("valid"),
         };
         let bytes = serde_json::to_vec(&event.to_flattened()).expect("serialize");

@@ -254,6 +254,8 @@ impl Conversations {
             title: conversation.title.clone(),
             up_to: None,
             reason: None,
+            message_id: None,
+            emoji: None,
             at: Utc::now(),
         })
     }

@@ -148,6 +148,8 @@ mod tests {
             title: Some("t".into()),
             up_to: Some(MessageId::new()),
             reason: None,
+            message_id: None,
+            emoji: None,
             at: chrono::DateTime::from_timestamp_millis(1_760_000_000_000).expect("valid"),
         };
         // As `Conversations::append_event` stores it.

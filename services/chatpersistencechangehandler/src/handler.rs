@@ -147,6 +147,8 @@ impl PipelineHandler {
             match (target, change) {
                 (Target::ChatWebsocket, Change::Chat(event)) => {
                     let kind = match event.op {
+                        // A deletion is stored as a tombstone (an update with deleted_at).
+                        _ if event.message.state.deleted_at.is_some() => "message_deleted",
                         ChangeOp::Create => "message",
                         ChangeOp::Update => "message_updated",
                         ChangeOp::Delete => "message_deleted",
@@ -158,7 +160,12 @@ impl PipelineHandler {
                             self.chat_websocket_url,
                             event.stream_id()
                         ),
-                        body: json!({ "type": kind, "message": event.message }),
+                        body: if kind == "message" {
+                            json!({ "type": kind, "message": event.message })
+                        } else {
+                            // Each edit or deletion is its own event on the socket.
+                            json!({ "type": kind, "message": event.message, "event_id": event.dedup_id() })
+                        },
                     });
                 }
                 // Every addressee but the sender: the receiver, or each group recipient.
@@ -187,6 +194,8 @@ impl PipelineHandler {
                 (Target::ChatNotification, Change::Conversation(event)) => {
                     let users = match event.kind {
                         ConversationEventKind::Read => vec![event.user_id.clone()],
+                        // Reactions show on the chat sockets only; inboxes do not change.
+                        kind if kind.is_reaction() => Vec::new(),
                         _ => event.audience(),
                     };
                     for user in users {

@@ -124,7 +124,11 @@ fn validate_event(stream: StreamId, event: &ConversationEvent) -> Result<(), Api
     if event.kind == ConversationEventKind::Read && event.up_to.is_none() {
         return Err(ApiError::bad_request("a read event needs up_to"));
     }
-    if event.conversation_id.kind() != ConversationKind::Group && event.kind != ConversationEventKind::Read {
+    if event.kind.is_reaction() && (event.message_id.is_none() || event.emoji.is_none()) {
+        return Err(ApiError::bad_request("a reaction event needs message_id and emoji"));
+    }
+    let per_message = event.kind == ConversationEventKind::Read || event.kind.is_reaction();
+    if event.conversation_id.kind() != ConversationKind::Group && !per_message {
         return Err(ApiError::bad_request("only groups have membership and title changes"));
     }
     Ok(())

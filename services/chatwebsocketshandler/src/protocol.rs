@@ -118,6 +118,14 @@ enum ConversationFrame<'a> {
         user_id: &'a UserId,
         up_to: Option<&'a MessageId>,
     },
+    Reaction {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        conversation_id: &'a StreamId,
+        message_id: Option<&'a MessageId>,
+        user_id: &'a UserId,
+        emoji: Option<&'a str>,
+    },
 }
 
 /// The frame of a conversation event, deduplicated per socket by its `event_id`.
@@ -128,6 +136,13 @@ pub fn conversation_frame(event: &ConversationEvent) -> Frame {
             conversation_id: &event.conversation_id,
             user_id: &event.user_id,
             up_to: event.up_to.as_ref(),
+        },
+        kind if kind.is_reaction() => ConversationFrame::Reaction {
+            kind: kind.as_str(),
+            conversation_id: &event.conversation_id,
+            message_id: event.message_id.as_ref(),
+            user_id: &event.user_id,
+            emoji: event.emoji.as_deref(),
         },
         _ => ConversationFrame::Membership {
             kind: event.kind.as_str(),
@@ -263,6 +278,8 @@ mod tests {
             title: Some("team".into()),
             up_to: None,
             reason: (kind == ConversationEventKind::MemberLeft).then(|| "removed".to_owned()),
+            message_id: None,
+            emoji: None,
             at: "2025-01-01T12:00:00Z".parse().expect("time"),
         }
     }

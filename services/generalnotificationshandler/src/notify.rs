@@ -213,6 +213,8 @@ mod tests {
             title: None,
             up_to: None,
             reason: Some("removed".into()),
+            message_id: None,
+            emoji: None,
             at: "2025-01-01T12:00:00Z".parse().expect("time"),
         };
         for who in ["alice", "bob", "carol"] {

@@ -173,6 +173,8 @@ mod tests {
             title: Some("team".into()),
             up_to: None,
             reason: None,
+            message_id: None,
+            emoji: None,
             at: "2025-01-01T12:00:00Z".parse().expect("time"),
         };
         let frame = conversation_event(&event);
