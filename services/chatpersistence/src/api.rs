@@ -57,6 +57,8 @@ pub struct AppState {
     post_limiter: Arc<KeyedLimiter<UserId>>,
     /// `STREAM_LOCK_TIMEOUT`.
     lock_timeout: Duration,
+    /// `EDIT_WINDOW`.
+    edit_window: Duration,
     /// Hands local inserts to the outbox relay (outbox mode only).
     feed: Option<Arc<RelayFeed>>,
     /// Set once the indexes exist; writes wait for it (idempotency needs the
@@ -87,6 +89,7 @@ impl AppState {
             presence: limits.presence,
             post_limiter: Arc::new(KeyedLimiter::new("post_message", rate, MAX_LIMITED_USERS)),
             lock_timeout: writes.stream_lock_timeout,
+            edit_window: writes.edit_window,
             feed,
             indexes_ready,
             stream_locks,
@@ -94,7 +97,7 @@ impl AppState {
     }
 
     /// The write lock of `stream`'s stripe, waited for at most `STREAM_LOCK_TIMEOUT`.
-    async fn lock_stream(&self, stream: &StreamId) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
+    pub(crate) async fn lock_stream(&self, stream: &StreamId) -> Result<tokio::sync::MutexGuard<'_, ()>, ApiError> {
         // Stream ids are hex digests (after a group's prefix): their leading bytes are uniform.
         let head = stream.digest_hex().get(..8).unwrap_or_default();
         let stripe = u64::from_str_radix(head, 16).unwrap_or(0) as usize % STREAM_LOCK_STRIPES;
@@ -106,6 +109,17 @@ impl AppState {
 
     pub(crate) fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Hands a changed message to the outbox relay (outbox mode), under its stream lock.
+    pub(crate) fn offer(&self, message: &ChatMessage) {
+        if let Some(feed) = &self.feed {
+            feed.offer(message.clone());
+        }
+    }
+
+    pub(crate) fn edit_window(&self) -> Duration {
+        self.edit_window
     }
 
     /// The per-user write bucket (`RATE_LIMIT_POST_*`): messages and every other write.
@@ -159,6 +173,7 @@ pub fn public_router(state: AppState) -> Router {
     Router::new()
         .route("/chat/messages", get(public_history).post(post_message))
         .merge(crate::conversations_api::public_routes())
+        .merge(crate::message_changes::public_routes())
         .with_state(state)
 }
 

@@ -519,6 +519,23 @@ impl Conversations {
         Ok(true)
     }
 
+    /// Announces a reaction change on `message` to the conversation's sockets.
+    pub async fn reaction_event(
+        &self,
+        conversation: &ConversationDoc,
+        user: &UserId,
+        message: MessageId,
+        emoji: &str,
+        added: bool,
+    ) -> Result<(), ConversationError> {
+        let kind = if added { ConversationEventKind::ReactionAdded } else { ConversationEventKind::ReactionRemoved };
+        let mut event = self.event(kind, conversation, user, user)?;
+        event.message_id = Some(message);
+        event.emoji = Some(emoji.to_owned());
+        self.append_event(&event).await?;
+        Ok(())
+    }
+
     /// One page of `user`'s conversations, most recent activity first.
     pub async fn inbox(
         &self,

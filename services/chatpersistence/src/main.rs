@@ -9,6 +9,7 @@ mod conversations_api;
 mod domain_relay;
 mod event_relay;
 mod lease;
+mod message_changes;
 mod relay;
 mod settings;
 mod store;

@@ -65,6 +65,16 @@ type Delivery = (String, Result<(), kafkawrapper::Error>);
 /// A marker clear's outcome: the ids it covered, and what MongoDB said.
 type Clear = (Vec<String>, Result<u64, StoreError>);
 
+/// What the relay tracks a marked document under: the message id for a new
+/// message, `<id>.v<version>` for a change of it, so a change made while the message
+/// itself is still in flight is published too (and its marker cleared only by it).
+pub(crate) fn relay_key(message: &ChatMessage) -> String {
+    match message.state.version {
+        0 => message.message_id.to_string(),
+        version => format!("{}.v{version}", message.message_id),
+    }
+}
+
 /// The API's side of the fast path.
 pub struct RelayFeed {
     tx: mpsc::Sender<ChatMessage>,
@@ -176,7 +186,7 @@ impl Pipeline {
     /// Fed messages go to the next sweep instead of the fast path.
     fn defer_queued(&mut self) {
         for message in self.queued.drain(..) {
-            self.deferred.insert(message.message_id.to_string());
+            self.deferred.insert(relay_key(&message));
         }
     }
 }
@@ -281,7 +291,7 @@ impl Relay {
                             pipe.hold_due = true;
                             break;
                         }
-                        let id = message.message_id.to_string();
+                        let id = relay_key(&message);
                         if pipe.in_flight.insert(id.clone()) {
                             pipe.deliveries.push(self.publish(id, message));
                         }
@@ -445,7 +455,7 @@ impl Relay {
                     continue;
                 }
             };
-            let id = message.message_id.to_string();
+            let id = relay_key(&message);
             if pipe.in_flight.contains(&id) || cleared.contains(&id) {
                 continue;
             }

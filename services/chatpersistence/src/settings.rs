@@ -159,6 +159,9 @@ pub struct WriteSettings {
     pub stream_lock_timeout: Duration,
     /// `GROUP_MAX_MEMBERS`: the most members a group may have.
     pub group_max_members: usize,
+    /// `EDIT_WINDOW`: how long after sending a message its sender may edit it.
+    #[serde(with = "humantime_serde")]
+    pub edit_window: Duration,
 }
 
 impl Default for WriteSettings {
@@ -168,6 +171,7 @@ impl Default for WriteSettings {
             rate_limit_post_burst: 40.0,
             stream_lock_timeout: Duration::from_secs(2),
             group_max_members: 256,
+            edit_window: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -178,6 +182,7 @@ impl WriteSettings {
         ("RATE_LIMIT_POST_BURST", "rate_limit_post_burst"),
         ("STREAM_LOCK_TIMEOUT", "stream_lock_timeout"),
         ("GROUP_MAX_MEMBERS", "group_max_members"),
+        ("EDIT_WINDOW", "edit_window"),
     ];
 }
 

@@ -143,6 +143,13 @@ impl MessageDoc {
     }
 }
 
+/// A change to a stored message.
+#[derive(Debug, Clone)]
+pub enum MessageChange {
+    Edit(MessageContent),
+    Delete,
+}
+
 /// Where a history page starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cursor {
@@ -229,6 +236,15 @@ impl Store {
             IndexModel::builder()
                 .keys(doc! { "message_id": 1 })
                 .options(IndexOptions::builder().name("message_id_unique".to_owned()).unique(true).build())
+                .build(),
+            IndexModel::builder()
+                .keys(doc! { "stream_id": 1, "changed_at": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("stream_changes".to_owned())
+                        .partial_filter_expression(doc! { "changed_at": { "$exists": true } })
+                        .build(),
+                )
                 .build(),
             IndexModel::builder()
                 .keys(doc! { "stream_id": 1, "message_id": 1 })
@@ -390,17 +406,35 @@ impl Store {
         Ok(self.bounded(find).await?.into_iter().map(MessageDoc::into_message).collect())
     }
 
-    /// Clears the outbox marker of `ids` (after the broker acknowledged them).
-    pub async fn clear_pending(&self, ids: &[String]) -> Result<u64, StoreError> {
-        if ids.is_empty() {
+    /// Clears the outbox marker of the relay keys `keys` (after the broker
+    /// acknowledged them): a new message's marker only while it is unchanged, a
+    /// change's marker only while it is still that version, so a newer change keeps
+    /// its marker and is published too.
+    pub async fn clear_pending(&self, keys: &[String]) -> Result<u64, StoreError> {
+        if keys.is_empty() {
             return Ok(0);
         }
-        let filter = doc! { "_id": { "$in": ids }, "outbox_pending": { "$eq": true } };
-        let update = doc! { "$unset": { "outbox_pending": "" } };
         // Not journaled: a clear lost in a crash only means the message is
         // published once more, and skipping the journal flush keeps clears cheap.
         let unjournaled = WriteConcern::builder().w(Acknowledgment::Nodes(1)).journal(false).build();
-        Ok(self.bounded(self.messages.update_many(filter, update).write_concern(unjournaled)).await?.modified_count)
+        let update = doc! { "$unset": { "outbox_pending": "", "outbox_op": "" } };
+        let (changes, new): (Vec<&String>, Vec<&String>) = keys.iter().partition(|key| key.contains(".v"));
+        let mut cleared = 0;
+        if !new.is_empty() {
+            let filter =
+                doc! { "_id": { "$in": new }, "outbox_pending": { "$eq": true }, "version": { "$exists": false } };
+            let clear = self.messages.update_many(filter, update.clone()).write_concern(unjournaled.clone());
+            cleared += self.bounded(clear).await?.modified_count;
+        }
+        for key in changes {
+            let Some((id, version)) = key.rsplit_once(".v") else { continue };
+            let version: i32 = version.parse().unwrap_or(-1);
+            let filter =
+                doc! { "_id": { "$eq": id }, "outbox_pending": { "$eq": true }, "version": { "$eq": version } };
+            let clear = self.messages.update_one(filter, update.clone()).write_concern(unjournaled.clone());
+            cleared += self.bounded(clear).await?.modified_count;
+        }
+        Ok(cleared)
     }
 
     /// How many messages wait for the relay.
@@ -416,6 +450,85 @@ impl Store {
     /// Another collection of the same database, typed.
     pub fn typed_collection<T: Send + Sync>(&self, name: &str) -> Collection<T> {
         self.client.database(&self.messages.namespace().db).collection(name)
+    }
+
+    /// Message `id`, whatever its conversation.
+    pub async fn message(&self, id: &MessageId) -> Result<Option<ChatMessage>, StoreError> {
+        let found = self.bounded(self.messages.find_one(doc! { "_id": { "$eq": id.to_string() } })).await?;
+        found.map(MessageDoc::into_message).transpose()
+    }
+
+    /// Applies `change` to message `id` unless it is deleted; `false` when nothing
+    /// matched (deleted meanwhile). Marks it for the relay as a change.
+    pub async fn change(&self, id: &MessageId, change: MessageChange, at: i64) -> Result<bool, StoreError> {
+        let mut set = doc! { "changed_at": at };
+        let mut unset = doc! {};
+        match &change {
+            MessageChange::Edit(content) => {
+                set.insert("content", content.as_str());
+                set.insert("edited_at", at);
+            }
+            MessageChange::Delete => {
+                set.insert("content", "");
+                set.insert("deleted_at", at);
+                unset.insert("reactions", "");
+            }
+        }
+        if self.outbox {
+            set.insert("outbox_pending", true);
+            set.insert("outbox_op", "u");
+        }
+        let mut update = doc! { "$set": set, "$inc": { "version": 1_i32 } };
+        if !unset.is_empty() {
+            update.insert("$unset", unset);
+        }
+        let filter = doc! { "_id": { "$eq": id.to_string() }, "deleted_at": { "$exists": false } };
+        let result = self.bounded(self.messages.update_one(filter, update)).await?;
+        Ok(result.matched_count > 0)
+    }
+
+    /// Adds or removes `user`'s `emoji` reaction; `true` when it changed anything.
+    pub async fn react(
+        &self,
+        id: &MessageId,
+        user: &UserId,
+        emoji: &str,
+        add: bool,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        let field = format!("reactions.{}", hex::encode(emoji));
+        let op = if add { "$addToSet" } else { "$pull" };
+        let update = doc! { op: { field: user.as_str() }, "$set": { "changed_at": at } };
+        let filter = doc! { "_id": { "$eq": id.to_string() }, "deleted_at": { "$exists": false } };
+        let result = self.bounded(self.messages.update_one(filter, update)).await?;
+        Ok(result.modified_count > 0)
+    }
+
+    /// Messages of `stream` changed (edited, deleted, reacted to) after `after_ms`
+    /// whose ids are at most `up_to`: what a reconnecting client missed of messages it
+    /// had already seen.
+    pub async fn changed_since(
+        &self,
+        stream: &StreamId,
+        after_ms: i64,
+        up_to: &MessageId,
+        limit: u32,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        let filter = doc! {
+            "stream_id": { "$eq": stream.as_str() },
+            "changed_at": { "$gt": after_ms },
+            "message_id": { "$lte": up_to.to_string() },
+        };
+        let find = async {
+            self.messages
+                .find(filter)
+                .sort(doc! { "message_id": 1 })
+                .limit(i64::from(limit))
+                .await?
+                .try_collect::<Vec<MessageDoc>>()
+                .await
+        };
+        self.bounded(find).await?.into_iter().map(MessageDoc::into_message).collect()
     }
 
     /// The sequence number of message `id` in `stream` (`None`: no such message there).
