@@ -782,14 +782,16 @@ async fn a_member_removed_mid_stream_is_no_recipient_of_anything_accepted_after(
     let (owner, poster, stays, leaving) = ("owen", "poppy", "sam", "rita");
     let group = conversation_id(&f.create_group(owner, "stream", &[poster, stays, leaving]).await);
 
-    // Two senders post for about a second; each post records when it was sent.
+    // Two senders post for about two seconds (slow enough that the removal, which
+    // waits for the conversation's write lock like a post, is not starved by the
+    // queue of posts on a debug build); each post records when it was sent.
     let anchor = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..60u64 {
         let (f, group) = (f.clone(), group.clone());
         let sender = if i % 2 == 0 { owner } else { poster };
         tasks.push(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(15 * i)).await;
+            tokio::time::sleep(Duration::from_millis(30 * i)).await;
             let (sent, status, message) = f.post_group_timed(sender, &group, &format!("m{i}"), anchor).await;
             assert_eq!(status, 201, "{sender}: {message}");
             (sent, message)

@@ -543,29 +543,40 @@ impl Conversations {
         before: Option<&InboxCursor>,
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
-        let mut filter = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
-        // Ties on activity_at are resolved here rather than with an `$or`, which the
-        // local stand-in answers with a full scan.
-        let slack = 32;
-        if let Some(cursor) = before {
-            filter.insert("activity_at", doc! { "$lte": cursor.activity_at });
+        let base = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
+        let want = limit as i64 + 1;
+        let mut rows: Vec<MembershipDoc> = Vec::new();
+        // After a cursor: first the rest of the cursor's own millisecond (ids below
+        // the cursor's), then everything older. Two indexed reads instead of an `$or`,
+        // which the local stand-in answers with a full scan.
+        let mut queries = Vec::new();
+        match before {
+            None => queries.push(base),
+            Some(cursor) => {
+                let mut ties = base.clone();
+                ties.insert("activity_at", doc! { "$eq": cursor.activity_at });
+                ties.insert("conversation_id", doc! { "$lt": cursor.conversation_id.as_str() });
+                queries.push(ties);
+                let mut older = base;
+                older.insert("activity_at", doc! { "$lt": cursor.activity_at });
+                queries.push(older);
+            }
         }
-        let want = (limit + 1 + if before.is_some() { slack } else { 0 }) as i64;
-        let find = async {
-            self.memberships
-                .find(filter)
-                .sort(doc! { "activity_at": -1, "conversation_id": -1 })
-                .limit(want)
-                .await?
-                .try_collect::<Vec<MembershipDoc>>()
-                .await
-        };
-        let mut rows: Vec<MembershipDoc> = self.store.run(find).await?;
-        if let Some(cursor) = before {
-            rows.retain(|row| {
-                row.activity_at < cursor.activity_at
-                    || (row.activity_at == cursor.activity_at && row.conversation_id < cursor.conversation_id)
-            });
+        for filter in queries {
+            let missing = want - rows.len() as i64;
+            if missing <= 0 {
+                break;
+            }
+            let find = async {
+                self.memberships
+                    .find(filter)
+                    .sort(doc! { "activity_at": -1, "conversation_id": -1 })
+                    .limit(missing)
+                    .await?
+                    .try_collect::<Vec<MembershipDoc>>()
+                    .await
+            };
+            rows.extend(self.store.run(find).await?);
         }
         let has_more = rows.len() > limit;
         rows.truncate(limit);

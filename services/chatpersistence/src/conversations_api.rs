@@ -194,6 +194,9 @@ async fn add_member(
     state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let user = UserId::parse(&body.user_id).map_err(|e| invalid("user_id", e))?;
+    // Under the conversation's write lock, like posting: a message is accepted
+    // either before or after a membership change, never across it.
+    let _serial = state.lock_stream(&id).await?;
     let updated =
         state.conversations.add_member(&id, &caller, &user, state.max_members).await.map_err(conversation_error)?;
     Ok(Json(ConversationView::of(updated, &caller, &HashSet::new())))
@@ -207,6 +210,7 @@ async fn remove_member(
     state.post_limiter().admit(&caller, "writes")?;
     let id = conversation_id(&id)?;
     let user = UserId::parse(&user).map_err(|e| invalid("user_id", e))?;
+    let _serial = state.lock_stream(&id).await?;
     state.conversations.remove_member(&id, &caller, &user).await.map_err(conversation_error)?;
     Ok(StatusCode::NO_CONTENT)
 }
