@@ -181,6 +181,7 @@ pub fn public_router(state: AppState) -> Router {
 pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/chat/messages", get(internal_history))
+        .route("/chat/messages/changes", get(internal_changes))
         .merge(crate::conversations_api::internal_routes())
         .with_state(state)
 }
@@ -504,6 +505,44 @@ async fn public_history(
         (None, None) => return Err(invalid("stream_id", "stream_id or peer_id is required")),
     };
     read_page(&state, stream, &reader, cursor, limit).await.map(Json)
+}
+
+/// `GET /chat/messages/changes` query (internal): what changed after a moment.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangesQuery {
+    stream_id: String,
+    /// Messages up to this id (the ones the client had already seen)...
+    up_to: String,
+    /// ...that changed (edit, deletion, reaction) after this many epoch milliseconds.
+    after_ms: i64,
+    #[serde(default)]
+    user_id: Option<String>,
+    #[serde(default)]
+    peer_id: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// `{stream_id, messages}`: the current state of each changed message, oldest first.
+async fn internal_changes(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiQuery(query): ApiQuery<ChangesQuery>,
+) -> Result<Json<HistoryPage>, ApiError> {
+    let stream = StreamId::parse(&query.stream_id).map_err(|e| invalid("stream_id", e))?;
+    let up_to = MessageId::parse(&query.up_to).map_err(|e| invalid("up_to", e))?;
+    let limit = page_limit(&state.history, query.limit)?;
+    let mut messages =
+        state.store.changed_since(&stream, query.after_ms, &up_to, limit + 1).await.map_err(store_error)?;
+    if let (Some(user), Some(peer)) = (query.user_id.as_deref(), query.peer_id.as_deref()) {
+        let user = UserId::parse(user).map_err(|e| invalid("user_id", e))?;
+        let peer = UserId::parse(peer).map_err(|e| invalid("peer_id", e))?;
+        messages.retain(|m| m.involves(&user) && m.involves(&peer));
+    }
+    let has_more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    Ok(Json(HistoryPage { stream_id: stream, messages, has_more }))
 }
 
 async fn internal_history(
