@@ -91,7 +91,7 @@ where
     limits.user_rate.admit(&user, "connection attempts")?;
     let user_slot = limits.per_user.acquire(&user).ok_or_else(|| limits.capped("user"))?;
     let ip_slot = limits.per_ip.acquire(&who.ip).ok_or_else(|| limits.capped("address"))?;
-    let mut registration = hub.register_as(key, who.audience).map_err(|err| match err {
+    let mut registration = hub.register_for(key, who.audience, who.user).map_err(|err| match err {
         RegisterError::Full { .. } => {
             metrics::counter!("ws_refused_total", "hub" => limits.name, "reason" => "pod_full").increment(1);
             ApiError::unavailable(err.to_string(), FULL_RETRY_AFTER)

@@ -1,9 +1,11 @@
-//! What a server answers to the frames clients send on a receive-only socket.
+//! What a server answers to the frames clients send on a mostly receive-only socket.
 //!
-//! Why this module exists: both socket services only push; the one thing a client may
-//! send is an application-level keep-alive (`{"type":"ping"}`, for clients that cannot
-//! see protocol pings). Everything else gets an `error` frame in the HTTP API's error
-//! shape and the socket stays open. The rule is the same for both, so it is here once.
+//! Why this module exists: both socket services mostly push; the one thing every
+//! client may send is an application-level keep-alive (`{"type":"ping"}`, for clients
+//! that cannot see protocol pings). A service may accept a few more (the chat socket
+//! takes ephemeral `typing` frames) and hands the rest here. Everything unsupported
+//! gets an `error` frame in the HTTP API's error shape and the socket stays open. The
+//! rule is the same for both, so it is here once.
 
 use axum::extract::ws::Utf8Bytes;
 use serde::Deserialize;
@@ -29,6 +31,12 @@ pub fn answer_ping(frame: Inbound<'_>, hint: &str) -> Utf8Bytes {
         },
         Inbound::Binary(_) => "binary frames are not supported".to_owned(),
     };
-    let error = json!({"type": "error", "error": {"code": "unsupported_frame", "message": problem}});
+    unsupported_frame(&problem)
+}
+
+/// The `error` frame (code `unsupported_frame`) answering a client frame the server
+/// does not accept, with `message` saying why; the socket stays open.
+pub fn unsupported_frame(message: &str) -> Utf8Bytes {
+    let error = json!({"type": "error", "error": {"code": "unsupported_frame", "message": message}});
     Utf8Bytes::from(error.to_string())
 }

@@ -144,6 +144,16 @@ impl fmt::Display for ConnectionId {
     }
 }
 
+/// One connection as a broadcast's filter sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    pub id: ConnectionId,
+    /// What it was registered to see ([`Hub::register_as`]).
+    pub audience: &'a str,
+    /// Who holds it ([`Hub::register_for`]; empty when not given).
+    pub user: &'a str,
+}
+
 /// What one broadcast achieved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct DeliveryReport {
@@ -241,6 +251,8 @@ struct Conn {
     /// Who this socket is for, in the service's terms (the chat hub: the user and
     /// the peer). Broadcasts may be narrowed to some audiences.
     audience: Arc<str>,
+    /// The authenticated user holding the socket (empty when not given).
+    user: Arc<str>,
     tx: mpsc::Sender<Frame>,
     close_tx: watch::Sender<Option<Close>>,
     recent: Recent,
@@ -336,6 +348,12 @@ where
 
     /// [`Hub::register`] for a socket of `audience` (see [`Hub::broadcast_to`]).
     pub fn register_as(&self, key: K, audience: &str) -> Result<Registration<K>, RegisterError> {
+        self.register_for(key, audience, "")
+    }
+
+    /// [`Hub::register_as`] naming the socket's `user` too (see [`Hub::broadcast_where`]),
+    /// so a broadcast can skip the sockets of the user it is about.
+    pub fn register_for(&self, key: K, audience: &str, user: &str) -> Result<Registration<K>, RegisterError> {
         let limit = self.shared.settings.max_connections;
         let admitted = self
             .shared
@@ -352,6 +370,7 @@ where
         let conn = Conn {
             id,
             audience: audience.into(),
+            user: user.into(),
             tx,
             close_tx,
             recent: Recent::new(self.shared.settings.recent_events),
@@ -369,13 +388,21 @@ where
     /// others neither get it nor count in the report. This is how a socket only ever
     /// sees what its own user may see, whatever else shares its key.
     pub fn broadcast_to(&self, key: &K, frame: Frame, accepts: impl Fn(&str) -> bool) -> DeliveryReport {
+        self.broadcast_where(key, frame, |peer| accepts(peer.audience))
+    }
+
+    /// Offers `frame` to the connections of `key` that `accepts` (it sees each one's
+    /// id, audience and user); the others neither get it nor count in the report.
+    /// Ephemeral frames (typing, presence) use it to skip the sockets of the user
+    /// they are about, or to reach exactly one connection.
+    pub fn broadcast_where(&self, key: &K, frame: Frame, accepts: impl Fn(Peer<'_>) -> bool) -> DeliveryReport {
         let mut report = DeliveryReport::default();
         let mut slow = Vec::new();
         {
             let mut groups = self.groups();
             if let Some(conns) = groups.get_mut(key) {
                 conns.retain_mut(|conn| {
-                    if !accepts(&conn.audience) {
+                    if !accepts(Peer { id: conn.id, audience: &conn.audience, user: &conn.user }) {
                         return true;
                     }
                     report.connections += 1;

@@ -41,9 +41,9 @@ mod ownership;
 mod settings;
 
 pub use admit::{admit, Admission};
-pub use client_frames::answer_ping;
+pub use client_frames::{answer_ping, unsupported_frame};
 pub use driver::{Driver, Ended, Inbound};
-pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, RegisterError, Registration};
+pub use hub::{Close, ConnectionId, DeliveryReport, EventId, Frame, Hub, Outcome, Peer, RegisterError, Registration};
 pub use ownership::{OwnerAnswer, OwnershipCheck, PodIdentity, Round};
 pub use settings::WsSettings;
 

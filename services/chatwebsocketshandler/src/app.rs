@@ -15,6 +15,7 @@ use servicekit::{Context, Launch, Readiness, Routes, Shutdown};
 use wsfanout::{Hub, OwnershipCheck, PodIdentity};
 
 use crate::history::HistoryClient;
+use crate::live::Live;
 use crate::protocol::{resync, resync_reason};
 use crate::settings::Settings;
 use crate::{internal, subscribe};
@@ -33,6 +34,8 @@ pub struct AppState {
     pub identity: PodIdentity,
     /// The pair id format subscriptions must use (`STREAM_ID_FORMAT`).
     pub format: StreamIdFormat,
+    /// Typing indicators and presence of this pod's sockets.
+    pub live: Live,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -71,7 +74,9 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
         auth.service_token(),
         resync(resync_reason::STREAM_MOVED),
     );
+    let live = Live::new(hub.clone(), settings.live.clone());
     let state = AppState {
+        live: live.clone(),
         hub: hub.clone(),
         auth,
         history,
@@ -88,6 +93,11 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
     let shutdown = context.shutdown;
     let drain_for = context.base.http.shutdown_timeout;
     let launch = OwnershipCheck::attach(ownership, Launch::new(routes).readiness(readiness), &shutdown);
+    let timers = shutdown.clone();
+    let launch = launch.worker("typing and presence timers", async move {
+        live.run(timers).await;
+        Ok(())
+    });
     Ok(launch.worker("socket drain", async move {
         // Every socket closes itself with 1001 when shutdown starts; the process must
         // not exit before those close frames are out.

@@ -5,7 +5,9 @@
 //! chatpersistence's internal `GET /chat/messages`) is the source of truth, so the
 //! replay pages through it here, bounded by `HISTORY_REPLAY_LIMIT`. The same client
 //! asks chatpersistence who the members of a group are (`GET
-//! /chat/conversations/{id}/members`), because only current members may subscribe.
+//! /chat/conversations/{id}/members`), because only current members may subscribe,
+//! and which of the messages the client already had changed while it was away (`GET
+//! /chat/messages/changes`: edits and deletions it must not keep showing stale).
 
 use chatstream::{ChatMessage, MessageId, StreamId, UserId};
 use serde::Deserialize;
@@ -141,6 +143,62 @@ impl HistoryClient {
             }
         }
         Err(HistoryError::TooFarBehind { limit: self.replay_limit })
+    }
+
+    /// The current state of the messages of `stream` up to `up_to` (included) that
+    /// changed (edit, deletion, reaction) after `after_ms` epoch milliseconds and that
+    /// `reader` may see, oldest first: what a client reconnecting with `since = up_to`
+    /// missed about messages it already had. More than `HISTORY_REPLAY_LIMIT` (or than
+    /// chatpersistence serves in one page) is `TooFarBehind`.
+    pub async fn changes(
+        &self,
+        stream: StreamId,
+        reader: Reader<'_>,
+        up_to: MessageId,
+        after_ms: u64,
+    ) -> Result<Vec<ChatMessage>, HistoryError> {
+        let url = format!("{}/chat/messages/changes", self.base);
+        let limit = (self.replay_limit + 1).to_string();
+        let mut query = vec![
+            ("stream_id", stream.to_string()),
+            ("up_to", up_to.to_string()),
+            ("after_ms", after_ms.to_string()),
+            ("limit", limit),
+        ];
+        let audience = match reader {
+            Reader::Pair(user, peer) => {
+                query.push(("user_id", user.to_string()));
+                query.push(("peer_id", peer.to_string()));
+                protocol::pair_audience(user, peer)
+            }
+            Reader::Member(user) => user.to_string(),
+        };
+        let response = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            .query(&query)
+            .send()
+            .await
+            .map_err(|err| HistoryError::Unavailable(format!("GET {url}: {err}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(HistoryError::Unavailable(format!("GET {url} answered {status}")));
+        }
+        let body =
+            response.bytes().await.map_err(|err| HistoryError::Unavailable(format!("reading changes: {err}")))?;
+        let (messages, has_more) = match serde_json::from_slice::<Page>(&body) {
+            Ok(Page::Object { messages, has_more }) => (messages, has_more.unwrap_or(false)),
+            Ok(Page::Bare(messages)) => (messages, false),
+            Err(err) => return Err(HistoryError::Unavailable(format!("unexpected changes body: {err}"))),
+        };
+        if has_more || messages.len() > self.replay_limit {
+            return Err(HistoryError::TooFarBehind { limit: self.replay_limit });
+        }
+        Ok(messages
+            .into_iter()
+            .filter(|m| m.stream_id == stream && m.message_id <= up_to && protocol::may_see(m, &audience))
+            .collect())
     }
 
     async fn page(

@@ -14,6 +14,8 @@ use chatstream::{
 use serde::{Deserialize, Serialize};
 use wsfanout::{close_code, Close, EventId, Frame, Inbound};
 
+use crate::live::TypingState;
+
 /// The kinds of chat events the change handler forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -60,10 +62,42 @@ pub fn may_see(message: &ChatMessage, audience: &str) -> bool {
     }
 }
 
-/// Answers one client frame: `{"type":"ping"}` gets `{"type":"pong"}`, anything else
-/// an `error` frame (the socket stays open).
-pub fn answer_client(frame: Inbound<'_>) -> Option<Utf8Bytes> {
-    Some(wsfanout::answer_ping(frame, "messages are sent with POST /chat/messages"))
+/// Frames a chat client may send besides `ping`.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Typing { state: TypingState },
+}
+
+/// Just the `type` of a client frame.
+#[derive(Debug, Deserialize)]
+struct FrameType {
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// Answers one client frame: `{"type":"typing","state":"start"|"stop"}` is handed to
+/// `on_typing` (no reply), `{"type":"ping"}` gets `{"type":"pong"}`, anything else an
+/// `error` frame (the socket stays open).
+pub fn answer_client(frame: Inbound<'_>, on_typing: impl FnOnce(TypingState)) -> Option<Utf8Bytes> {
+    if let Inbound::Text(text) = frame {
+        let kind = serde_json::from_str::<FrameType>(text).ok().map(|probe| probe.kind);
+        if kind.as_deref() == Some("typing") {
+            return match serde_json::from_str::<ClientFrame>(text) {
+                Ok(ClientFrame::Typing { state }) => {
+                    on_typing(state);
+                    None
+                }
+                Err(_) => Some(wsfanout::unsupported_frame(
+                    "a typing frame is {\"type\":\"typing\",\"state\":\"start\"|\"stop\"}",
+                )),
+            };
+        }
+    }
+    Some(wsfanout::answer_ping(
+        frame,
+        "or {\"type\":\"typing\",\"state\":\"start\"|\"stop\"}; messages are sent with POST /chat/messages",
+    ))
 }
 
 /// The id under which an event is deduplicated per socket. A new message is always
@@ -92,6 +126,23 @@ pub fn event_frame(kind: EventKind, message: &ChatMessage, given_id: Option<&str
     }
     .to_text();
     Frame::event(event_id(kind, message, given_id), text)
+}
+
+/// The frame replaying a change a reconnecting client missed (the message's current
+/// state): `message_deleted` for a tombstone, `message_updated` otherwise. Its event
+/// id is the live change's (`<message_id>.v<version>`), so a live copy of the same
+/// change is not sent again; a change of reactions alone (version unchanged) gets an
+/// id of its counts.
+pub fn change_frame(message: &ChatMessage) -> Frame {
+    let kind = if message.state.deleted_at.is_some() { EventKind::MessageDeleted } else { EventKind::MessageUpdated };
+    let id = if message.state.version > 0 {
+        format!("{}.v{}", message.message_id, message.state.version)
+    } else {
+        let mut hasher = DefaultHasher::new();
+        message.state.reactions.hash(&mut hasher);
+        format!("{}.r:{:016x}", message.message_id, hasher.finish())
+    };
+    event_frame(kind, message, Some(&id))
 }
 
 /// The frame of a conversation event (`member_joined`, `member_left`,
@@ -254,16 +305,23 @@ mod tests {
 
     #[test]
     fn client_pings_get_pongs_and_anything_else_an_error_frame() {
-        let pong = answer_client(Inbound::Text(r#"{"type":"ping"}"#)).expect("reply");
+        let ignore = |_: TypingState| {};
+        let pong = answer_client(Inbound::Text(r#"{"type":"ping"}"#), ignore).expect("reply");
         assert_eq!(parse(pong.as_str()), json!({"type": "pong"}));
         for bad in [r#"{"type":"message","content":"hi"}"#, "not json", "{}"] {
-            let reply = answer_client(Inbound::Text(bad)).expect("reply");
+            let reply = answer_client(Inbound::Text(bad), ignore).expect("reply");
             let value = parse(reply.as_str());
             assert_eq!(value["type"], "error", "{bad}");
             assert_eq!(value["error"]["code"], "unsupported_frame");
         }
-        let reply = answer_client(Inbound::Binary(b"\x00\x01")).expect("reply");
+        let reply = answer_client(Inbound::Binary(b"\x00\x01"), ignore).expect("reply");
         assert_eq!(parse(reply.as_str())["type"], "error");
+        let mut typed = Vec::new();
+        assert!(answer_client(Inbound::Text(r#"{"type":"typing","state":"start"}"#), |s| typed.push(s)).is_none());
+        assert!(answer_client(Inbound::Text(r#"{"type":"typing","state":"stop"}"#), |s| typed.push(s)).is_none());
+        assert_eq!(typed, [TypingState::Start, TypingState::Stop]);
+        let bad = answer_client(Inbound::Text(r#"{"type":"typing","state":"maybe"}"#), ignore).expect("reply");
+        assert_eq!(parse(bad.as_str())["error"]["code"], "unsupported_frame");
     }
 
     fn conversation_event(kind: ConversationEventKind, conversation: StreamId) -> ConversationEvent {

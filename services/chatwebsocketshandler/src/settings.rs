@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 use servicekit::EnvMap;
 use wsfanout::WsSettings;
 
+pub use crate::live::LiveSettings;
+
 /// Where and how the replay of `since` reads chatpersistence's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -68,6 +70,7 @@ pub struct Settings {
     pub ws: WsSettings,
     pub history: HistorySettings,
     pub ids: IdSettings,
+    pub live: LiveSettings,
 }
 
 impl Settings {
@@ -77,10 +80,12 @@ impl Settings {
             .section("ws", WsSettings::ENV)
             .section("history", HistorySettings::ENV)
             .section("ids", IdSettings::ENV)
+            .section("live", LiveSettings::ENV)
     }
 
     pub fn validate(&self) -> Result<(), String> {
         self.ws.validate()?;
+        self.live.validate()?;
         self.history.validate()
     }
 }

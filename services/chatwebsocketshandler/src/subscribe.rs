@@ -42,6 +42,27 @@ pub struct SubscribeQuery {
     conversation_id: Option<String>,
     #[serde(default)]
     since: Option<String>,
+    /// `presence=true`: send this socket the conversation's `presence` frames.
+    #[serde(default)]
+    presence: Option<String>,
+}
+
+impl SubscribeQuery {
+    fn wants_presence(&self) -> Result<bool, ApiError> {
+        match self.presence.as_deref() {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") => Ok(true),
+            Some(_) => Err(ApiError::bad_request("presence: must be true or false")),
+        }
+    }
+}
+
+/// Who holds a socket, for typing and presence.
+struct Holder {
+    user: UserId,
+    /// What the socket was registered to see (a pair's audience, or the member).
+    audience: String,
+    presence: bool,
 }
 
 /// Whose messages a socket replays (the owned form of [`Reader`]).
@@ -148,12 +169,14 @@ pub async fn subscribe(
         return subscribe_group(state, ip, caller, expires_at, &query, upgrade).await;
     }
     let subscription = authorize(state.format, &caller, &query)?;
+    let presence = query.wants_presence()?;
     let audience = protocol::pair_audience(&caller, &subscription.peer);
     let who = Admission { user: caller.as_str(), ip, audience: &audience };
     let (upgrade, registration) = wsfanout::admit(&state.hub, subscription.stream, who, upgrade)?;
     tracing::debug!(stream = %subscription.stream, user = %caller, connection = %registration.id(), "socket admitted");
+    let holder = Holder { user: caller.clone(), audience, presence };
     let since = subscription.since.map(|since| (since, Who::Pair(caller, subscription.peer)));
-    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, since, expires_at)))
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, holder, since, expires_at)))
 }
 
 /// `GET /chat/subscribe?conversation_id=g…[&since=…]`: a member's socket on a group.
@@ -166,6 +189,7 @@ async fn subscribe_group(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let (conversation, since) = parse_group(query)?;
+    let presence = query.wants_presence()?;
     let who = Admission { user: caller.as_str(), ip, audience: caller.as_str() };
     // Registered first: a member_left forwarded while membership is being asked
     // closes this registration, and a removal before the ask makes the ask say no.
@@ -186,41 +210,42 @@ async fn subscribe_group(
         }
     }
     tracing::debug!(%conversation, user = %caller, connection = %registration.id(), "group socket admitted");
+    let holder = Holder { user: caller.clone(), audience: caller.to_string(), presence };
     let since = since.map(|since| (since, Who::Member(caller)));
-    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, since, expires_at)))
+    Ok(upgrade.on_upgrade(move |socket| serve(state, socket, registration, holder, since, expires_at)))
 }
 
-/// Runs one upgraded socket: replay of the pair's messages after `since` (when
-/// asked), then live.
+/// Runs one upgraded socket: replay of the pair's messages after `since` and of the
+/// changes to the messages up to `since` made since then (when asked), then live;
+/// typing and presence from its opening to its end.
 async fn serve(
     state: AppState,
     socket: WebSocket,
     registration: Registration<StreamId>,
+    holder: Holder,
     since: Option<(MessageId, Who)>,
     expires_at: std::time::SystemTime,
 ) {
     let stream = *registration.key();
+    let id = registration.id();
+    // Queued live (after any replay): the others learn this user is here, this
+    // socket learns who else is.
+    state.live.opened(id, stream, &holder.audience, &holder.user, holder.presence);
+    let live = state.live.clone();
     // Closed with 4003 when the token it was opened with expires.
     let driver = Driver::new(socket, registration, state.shutdown.token())
-        .on_client(protocol::answer_client)
+        .on_client(move |frame| protocol::answer_client(frame, |typing| live.typing(id, typing)))
         .expires_at(expires_at);
     let ended = match since {
         None => driver.run().await,
         Some((since, who)) => {
             let fetched = tokio::select! {
-                fetched = state.history.after(stream, who.reader(), since) => Some(fetched),
+                fetched = replay(&state, stream, &who, since) => Some(fetched),
                 _ = state.shutdown.wait() => None,
             };
             match fetched {
                 None => driver.close(Close::going_away()).await,
-                Some(Ok(messages)) => {
-                    metrics::counter!("chat_replayed_messages_total").increment(messages.len() as u64);
-                    let frames: Vec<Frame> = messages
-                        .iter()
-                        .map(|message| protocol::event_frame(EventKind::Message, message, None))
-                        .collect();
-                    driver.replay(frames).run().await
-                }
+                Some(Ok(frames)) => driver.replay(frames).run().await,
                 Some(Err(err)) => {
                     let reason = match err {
                         HistoryError::TooFarBehind { .. } => resync_reason::TOO_FAR_BEHIND,
@@ -233,9 +258,27 @@ async fn serve(
             }
         }
     };
+    state.live.closed(id);
     if let Ended::HeartbeatTimeout = ended {
         tracing::info!(%stream, "socket dropped: no pong within WS_PONG_TIMEOUT");
     }
+}
+
+/// What a socket opened with `since` is sent before live frames: the messages after
+/// `since` (in their current state), then `message_updated` / `message_deleted` for
+/// the messages up to `since` that changed after `since` was minted (the client
+/// showed them as they were then). The socket is registered before either is read,
+/// so a change made meanwhile is in the read or queued live, and the live copy of a
+/// replayed change (same event id) is dropped at the seam.
+async fn replay(state: &AppState, stream: StreamId, who: &Who, since: MessageId) -> Result<Vec<Frame>, HistoryError> {
+    let messages = state.history.after(stream, who.reader(), since).await?;
+    let changed = state.history.changes(stream, who.reader(), since, since.timestamp_millis()).await?;
+    metrics::counter!("chat_replayed_messages_total").increment(messages.len() as u64);
+    metrics::counter!("chat_replayed_changes_total").increment(changed.len() as u64);
+    let mut frames: Vec<Frame> =
+        messages.iter().map(|message| protocol::event_frame(EventKind::Message, message, None)).collect();
+    frames.extend(changed.iter().map(protocol::change_frame));
+    Ok(frames)
 }
 
 #[cfg(test)]
@@ -254,6 +297,7 @@ mod tests {
             receiver_id: Some(receiver.to_owned()),
             conversation_id: None,
             since: since.map(str::to_owned),
+            presence: None,
         }
     }
 
@@ -267,6 +311,7 @@ mod tests {
             receiver_id: None,
             conversation_id: conversation.map(str::to_owned),
             since: since.map(str::to_owned),
+            presence: None,
         };
         assert_eq!(
             parse_group(&q(Some(group.as_str()), None, Some(&since.to_string()))).ok(),
@@ -311,8 +356,14 @@ mod tests {
         assert_eq!(status("alice", query(stream.as_str(), "alice", "b o b", None)), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status("alice", query(stream.as_str(), "alice", "alice", None)), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status("alice", query(stream.as_str(), "alice", "bob", Some("1"))), Some(StatusCode::BAD_REQUEST));
-        let missing =
-            SubscribeQuery { stream_id: None, sender_id: None, receiver_id: None, conversation_id: None, since: None };
+        let missing = SubscribeQuery {
+            stream_id: None,
+            sender_id: None,
+            receiver_id: None,
+            conversation_id: None,
+            since: None,
+            presence: None,
+        };
         assert_eq!(status("alice", missing), Some(StatusCode::BAD_REQUEST));
         // A legacy id of the right pair is refused while the service uses v2, and the
         // other way round.
