@@ -65,6 +65,8 @@ pub struct AppState {
     /// unique index).
     indexes_ready: Arc<AtomicBool>,
     stream_locks: Arc<Vec<Mutex<()>>>,
+    /// `BOTS`: the users `POST /chat/bot-messages` may post as (`bot_api`).
+    pub(crate) bots: Arc<Vec<UserId>>,
 }
 
 impl AppState {
@@ -93,6 +95,8 @@ impl AppState {
             feed,
             indexes_ready,
             stream_locks,
+            // Checked by `Settings::validate` before the state is built.
+            bots: Arc::new(crate::bot_api::parse_bots(&limits.writes.bots).unwrap_or_default()),
         }
     }
 
@@ -183,6 +187,7 @@ pub fn internal_router(state: AppState) -> Router {
         .route("/chat/messages", get(internal_history))
         .route("/chat/messages/changes", get(internal_changes))
         .merge(crate::conversations_api::internal_routes())
+        .merge(crate::bot_api::internal_routes())
         .with_state(state)
 }
 
@@ -192,7 +197,7 @@ pub fn internal_router(state: AppState) -> Router {
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
     content: String,
-    sender_id: String,
+    pub(crate) sender_id: String,
     #[serde(default)]
     receiver_id: Option<String>,
     #[serde(default)]
@@ -323,7 +328,15 @@ async fn post_message(
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response, ApiError> {
     state.post_limiter.admit(&caller, "messages")?;
-    let new = validate(state.format, &caller, body)?;
+    write_message(&state, &caller, body).await
+}
+
+/// The write path of every message, whoever posts it: `POST /chat/messages` (as the
+/// authenticated user) and `POST /chat/bot-messages` (as a configured bot). Checks
+/// the post against `caller`, answers a retry (same `client_message_id`) with the
+/// original, and stores a new message under its conversation's write lock.
+pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostMessage) -> Result<Response, ApiError> {
+    let new = validate(state.format, caller, body)?;
     let store = state.writable()?;
     // A retry is answered before anything is counted, so it never bumps the
     // conversation's counter a second time.

@@ -4,6 +4,7 @@
 //! This file only wires the parts together; see `api`, `store`, `relay` and `lease`.
 
 mod api;
+mod bot_api;
 mod conversations;
 mod conversations_api;
 mod domain_relay;

@@ -162,6 +162,9 @@ pub struct WriteSettings {
     /// `EDIT_WINDOW`: how long after sending a message its sender may edit it.
     #[serde(with = "humantime_serde")]
     pub edit_window: Duration,
+    /// `BOTS`: comma-separated user ids of the bots (empty: none). Only they may be
+    /// the sender of `POST /chat/bot-messages` (`bot_api`).
+    pub bots: String,
 }
 
 impl Default for WriteSettings {
@@ -172,6 +175,7 @@ impl Default for WriteSettings {
             stream_lock_timeout: Duration::from_secs(2),
             group_max_members: 256,
             edit_window: Duration::from_secs(15 * 60),
+            bots: String::new(),
         }
     }
 }
@@ -183,6 +187,7 @@ impl WriteSettings {
         ("STREAM_LOCK_TIMEOUT", "stream_lock_timeout"),
         ("GROUP_MAX_MEMBERS", "group_max_members"),
         ("EDIT_WINDOW", "edit_window"),
+        ("BOTS", "bots"),
     ];
 }
 
@@ -256,6 +261,7 @@ impl Settings {
         if self.writes.group_max_members < 2 {
             return Err("GROUP_MAX_MEMBERS must be at least 2".into());
         }
+        crate::bot_api::parse_bots(&self.writes.bots)?;
         if self.writes.stream_lock_timeout.is_zero() {
             return Err("STREAM_LOCK_TIMEOUT must be greater than zero".into());
         }

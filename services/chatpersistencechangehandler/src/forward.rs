@@ -47,7 +47,7 @@ impl ServiceToken {
         Ok(Self(raw.to_owned()))
     }
 
-    fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -76,6 +76,11 @@ impl Forwarder {
             .build()
             .map_err(|err| format!("cannot build the HTTP client: {err}"))?;
         Ok(Self { client, token, pipeline: String::new() })
+    }
+
+    /// The service token it presents (for the bot adapter's own calls).
+    pub fn token(&self) -> ServiceToken {
+        self.token.clone()
     }
 
     /// The same client, labelling its metrics with `pipeline`.

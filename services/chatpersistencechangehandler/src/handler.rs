@@ -39,6 +39,7 @@ use futures::future::join_all;
 use kafkawrapper::{Handler, HandlerError, Record};
 use serde_json::{json, Value};
 
+use crate::bot::Bots;
 use crate::forward::Forwarder;
 use crate::pipeline::{domain_kind, DedupBy, OnExhausted, Pipeline, Target};
 
@@ -94,6 +95,8 @@ pub struct PipelineHandler {
     chat_websocket_url: String,
     notifications_url: String,
     failover_timeout: Duration,
+    /// The `bot` target's adapter (set when `BOTS` is; `with_bots`).
+    bots: Option<Bots>,
 }
 
 impl PipelineHandler {
@@ -111,7 +114,14 @@ impl PipelineHandler {
             chat_websocket_url: trim(&endpoints.chat_websocket_url),
             notifications_url: trim(&endpoints.notifications_url),
             failover_timeout: endpoints.failover_timeout,
+            bots: None,
         }
+    }
+
+    /// The adapter the `bot` target answers with.
+    pub fn with_bots(mut self, bots: Option<Bots>) -> Self {
+        self.bots = bots;
+        self
     }
 
     fn parse(record: &Record) -> Result<Change, HandlerError> {
@@ -206,6 +216,16 @@ impl PipelineHandler {
                         });
                     }
                 }
+                // A message a bot answers: the call is made by `crate::bot`, not posted.
+                (Target::Bot, Change::Chat(event)) => {
+                    if let Some(bot) = self.bots.as_ref().and_then(|bots| bots.trigger(event)) {
+                        calls.push(Call {
+                            target: *target,
+                            url: format!("bot:{bot}"),
+                            body: json!({ "bot": bot, "message": event.message }),
+                        });
+                    }
+                }
                 (Target::DomainNotification, Change::Domain(event)) => {
                     let document = &event.document;
                     calls.push(Call {
@@ -261,9 +281,23 @@ impl PipelineHandler {
     /// Makes the calls concurrently; returns the targets whose call failed.
     async fn forward(&self, calls: &[Call]) -> Vec<(Target, HandlerError)> {
         let posts = calls.iter().map(|call| async move {
-            self.forwarder.post(call.target.name(), &call.url, &call.body).await.err().map(|err| (call.target, err))
+            let result = match (call.target, &self.bots) {
+                (Target::Bot, Some(bots)) => Self::answer(bots, &call.body).await,
+                _ => self.forwarder.post(call.target.name(), &call.url, &call.body).await,
+            };
+            result.err().map(|err| (call.target, err))
         });
         join_all(posts).await.into_iter().flatten().collect()
+    }
+
+    /// A `bot` call: the bot answers the message in its body.
+    async fn answer(bots: &Bots, body: &Value) -> Result<(), HandlerError> {
+        let bot = serde_json::from_value(body["bot"].clone());
+        let message = serde_json::from_value(body["message"].clone());
+        match (bot, message) {
+            (Ok(bot), Ok(message)) => bots.answer(&bot, &message).await,
+            _ => Err(HandlerError::permanent("bot: the call has no bot or message")),
+        }
     }
 
     /// The error of an attempt: a retryable failure wins over a permanent one, so a

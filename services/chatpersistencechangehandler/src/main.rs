@@ -5,6 +5,7 @@
 //! This file only wires: settings → pipelines → one event store, handler and consumer
 //! group per pipeline → one worker running them all (docs/pipelines.md).
 
+mod bot;
 mod forward;
 mod handler;
 mod pipeline;
@@ -45,11 +46,17 @@ async fn main() -> std::process::ExitCode {
             notifications_url: settings.forward.notifications_url.clone(),
             failover_timeout: settings.forward.failover_timeout,
         };
+        // The bot adapter, when a pipeline has the bot target (its settings were
+        // checked with the pipelines).
+        let bots = match pipelines.iter().any(|p| p.has(pipeline::Target::Bot)) {
+            true => Some(bot::Bots::new(&settings.bots, settings.forward.timeout, forwarder.token())?),
+            false => None,
+        };
         let mut groups = Vec::new();
         for pipeline in &pipelines {
             let store = RedisEventStore::new(pipeline.store.clone())
                 .map_err(|e| format!("pipeline `{}`: event store: {e}", pipeline.name))?;
-            let handler = PipelineHandler::new(pipeline, store, &forwarder, &endpoints);
+            let handler = PipelineHandler::new(pipeline, store, &forwarder, &endpoints).with_bots(bots.clone());
             let group = ConsumerGroup::new(pipeline.kafka.clone(), pipeline.retry.clone(), handler)
                 .map_err(|e| format!("pipeline `{}`: {e}", pipeline.name))?;
             runner::describe(pipeline);

@@ -28,6 +28,13 @@ pub const DEFAULT_DOMAIN_PREFIX: &str = "domain-notifications";
 pub const DEFAULT_DOMAIN_DEAD_LETTER_TOPIC: &str = "domain-notifications.dlq";
 /// How long the default domain pipeline remembers a delivered notification.
 pub const DEFAULT_DOMAIN_TTL: Duration = Duration::from_secs(6 * 60 * 60);
+/// Name, group, event-store prefix and dead-letter topic of the default bots pipeline
+/// (built when `BOTS` is set): its own consumer group, so a slow or failing model never
+/// delays the chat sockets (docs/pipelines.md).
+pub const DEFAULT_BOT_PIPELINE: &str = "bots";
+pub const DEFAULT_BOT_GROUP: &str = "chat-bots";
+pub const DEFAULT_BOT_PREFIX: &str = "chat-bots";
+pub const DEFAULT_BOT_DEAD_LETTER_TOPIC: &str = "chat-bots.dlq";
 
 /// Where a pipeline sends what it consumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -42,6 +49,9 @@ pub enum Target {
     /// Purchases, payment reminders and shipments to the document's user
     /// (`POST /notifications/{purchase,payment-reminder,shipping}?user_id=`).
     DomainNotification,
+    /// New messages to a bot, or `/ai` group messages where a bot is a member, answered
+    /// by the model and posted back as the bot (`crate::bot`, `POST /chat/bot-messages`).
+    Bot,
 }
 
 impl Target {
@@ -50,6 +60,7 @@ impl Target {
             Target::ChatWebsocket => "chat_websocket",
             Target::ChatNotification => "chat_notification",
             Target::DomainNotification => "domain_notification",
+            Target::Bot => "bot",
         }
     }
 
@@ -59,7 +70,7 @@ impl Target {
     }
 
     pub fn needs_notifications_url(self) -> bool {
-        !matches!(self, Target::ChatWebsocket)
+        matches!(self, Target::ChatNotification | Target::DomainNotification)
     }
 }
 
@@ -305,6 +316,20 @@ pub fn default_pipelines(settings: &Settings) -> Vec<PipelineSettings> {
             on_exhausted_per_target: BTreeMap::new(),
         });
     }
+    if !settings.bots.bots.trim().is_empty() {
+        pipelines.push(PipelineSettings {
+            name: DEFAULT_BOT_PIPELINE.to_owned(),
+            topics: settings.kafka.topics.clone(),
+            group_id: DEFAULT_BOT_GROUP.to_owned(),
+            dead_letter_topic: Some(DEFAULT_BOT_DEAD_LETTER_TOPIC.to_owned()),
+            targets: vec![Target::Bot],
+            event_store: StoreOverride { key_prefix: Some(DEFAULT_BOT_PREFIX.to_owned()), ..StoreOverride::default() },
+            dedup_by: DedupBy::Event,
+            retry: RetryOverride::default(),
+            on_exhausted: OnExhausted::DeadLetter,
+            on_exhausted_per_target: BTreeMap::new(),
+        });
+    }
     pipelines
 }
 
@@ -380,7 +405,7 @@ pub fn validate(settings: &Settings, pipelines: &[Pipeline]) -> Vec<String> {
         }
         if p.targets.is_empty() {
             problem(
-                "targets is empty; name at least one of chat_websocket, chat_notification, domain_notification"
+                "targets is empty; name at least one of chat_websocket, chat_notification, domain_notification, bot"
                     .to_owned(),
             );
         }
@@ -447,6 +472,11 @@ pub fn validate(settings: &Settings, pipelines: &[Pipeline]) -> Vec<String> {
         if p.targets.iter().any(|t| t.needs_notifications_url()) && settings.forward.notifications_url.trim().is_empty()
         {
             problem("notification targets need NOTIFICATIONS_URL".to_owned());
+        }
+        if p.has(Target::Bot) {
+            for text in settings.bots.problems() {
+                problem(text);
+            }
         }
     }
     problems

@@ -22,6 +22,8 @@ pub struct Settings {
     pub retry: RetrySettings,
     pub eventstore: EventStoreSettings,
     pub forward: ForwardSettings,
+    /// `BOTS` and the AI adapter (`AI_*`): the `bot` target (`crate::bot`).
+    pub bots: crate::bot::BotSettings,
     /// `KAFKA_TOPIC_PARTITIONS`: partitions of a consumed topic the handler has to create
     /// at start because it is missing (a fresh local broker does not auto-create them).
     /// Existing topics are left alone; dead-letter topics get one partition.
@@ -97,6 +99,7 @@ impl Default for Settings {
                 ..EventStoreSettings::default()
             },
             forward: ForwardSettings::default(),
+            bots: crate::bot::BotSettings::default(),
             topic_partitions: 6,
             pipelines_enabled: String::new(),
             pipelines: Vec::new(),
@@ -111,6 +114,7 @@ impl Settings {
             .section("retry", RetrySettings::ENV)
             .section("eventstore", EventStoreSettings::ENV)
             .section("forward", ForwardSettings::ENV)
+            .section("bots", crate::bot::BotSettings::ENV)
             .var("KAFKA_TOPIC_PARTITIONS", "topic_partitions")
             .var("PIPELINES_ENABLED", "pipelines_enabled")
     }
