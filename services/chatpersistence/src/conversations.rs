@@ -106,8 +106,13 @@ pub struct MembershipDoc {
     pub id: String,
     pub user_id: String,
     pub conversation_id: String,
+    #[serde(default, deserialize_with = "active_flag")]
     pub active: bool,
     pub activity_at: i64,
+}
+
+fn active_flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Ok(mongokit::lenient_bool(deserializer)?.unwrap_or(false))
 }
 
 /// A page of a user's conversations, most recent activity first.

@@ -162,6 +162,7 @@ async fn reaction(
     if message.state.deleted_at.is_some() {
         return Err(deleted());
     }
+    let _serial = state.lock_stream(&message.stream_id).await?;
     let now = Utc::now().timestamp_millis();
     let changed = state.store().react(&message.message_id, &caller, &emoji, add, now).await.map_err(store_error)?;
     if changed {

@@ -48,7 +48,7 @@ pub(crate) struct MessageDoc {
     created_at: DateTime,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     client_message_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "mongokit::lenient_bool")]
     outbox_pending: Option<bool>,
     /// The message's number in its conversation (1, 2, ...), for unread counts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,7 +62,11 @@ pub(crate) struct MessageDoc {
     /// Who reacted with what: hex of the emoji → user ids.
     #[serde(default, skip_serializing_if = "HashMap::is_empty")]
     reactions: HashMap<String, Vec<String>>,
+    /// Revision of `reactions` (optimistic concurrency of reaction writes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reactions_rev: Option<i64>,
     /// Edits and the deletion so far.
+
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) version: Option<i32>,
     /// Epoch milliseconds of the last change of any kind (replays find changes by it).
@@ -90,6 +94,7 @@ impl MessageDoc {
             edited_at: None,
             deleted_at: None,
             reactions: HashMap::new(),
+            reactions_rev: None,
             version: None,
             changed_at: None,
             outbox_op: None,
@@ -496,12 +501,43 @@ impl Store {
         add: bool,
         at: i64,
     ) -> Result<bool, StoreError> {
-        let field = format!("reactions.{}", hex::encode(emoji));
-        let op = if add { "$addToSet" } else { "$pull" };
-        let update = doc! { op: { field: user.as_str() }, "$set": { "changed_at": at } };
-        let filter = doc! { "_id": { "$eq": id.to_string() }, "deleted_at": { "$exists": false } };
-        let result = self.bounded(self.messages.update_one(filter, update)).await?;
-        Ok(result.modified_count > 0)
+        // Read, change, write back under a revision check (optimistic concurrency):
+        // the local stand-in supports neither `$addToSet` on a missing array nor
+        // dotted paths into a missing object, and reports no-ops as modifications.
+        // Callers hold the conversation's write lock, so a retry is rare (another
+        // replica reacting at the same instant).
+        let key = hex::encode(emoji);
+        for _ in 0..3 {
+            let filter = doc! { "_id": { "$eq": id.to_string() }, "deleted_at": { "$exists": false } };
+            let Some(current) = self.bounded(self.messages.find_one(filter.clone())).await? else {
+                return Ok(false);
+            };
+            let mut reactions = current.reactions.clone();
+            let users = reactions.entry(key.clone()).or_default();
+            let has = users.iter().any(|u| u == user.as_str());
+            if has == add {
+                return Ok(false);
+            }
+            if add {
+                users.push(user.to_string());
+            } else {
+                users.retain(|u| u != user.as_str());
+            }
+            reactions.retain(|_, users| !users.is_empty());
+            let mut guarded = filter;
+            match current.reactions_rev {
+                Some(rev) => guarded.insert("reactions_rev", doc! { "$eq": rev }),
+                None => guarded.insert("reactions_rev", doc! { "$exists": false }),
+            };
+            let reactions = mongodb::bson::to_bson(&reactions).map_err(|e| StoreError::Other(e.to_string()))?;
+            let update = doc! {
+                "$set": { "reactions": reactions, "changed_at": at, "reactions_rev": current.reactions_rev.unwrap_or(0) + 1 },
+            };
+            if self.bounded(self.messages.update_one(guarded, update)).await?.matched_count > 0 {
+                return Ok(true);
+            }
+        }
+        Err(StoreError::Unavailable("the message's reactions kept changing; retry".into()))
     }
 
     /// Messages of `stream` changed (edited, deleted, reacted to) after `after_ms`
