@@ -544,6 +544,25 @@ mod tests {
     }
 
     #[test]
+    fn bots_get_their_own_pipeline_and_need_the_ai_settings() {
+        let mut s = settings("");
+        s.bots.bots = "assistant".into();
+        let err = resolve(&s).expect_err("no AI_BASE_URL / AI_MODEL");
+        assert!(err.contains("pipeline `bots`: the bot target needs AI_BASE_URL"), "{err}");
+        assert!(err.contains("needs AI_MODEL"), "{err}");
+        s.bots.base_url = "http://127.0.0.1:11434/v1".into();
+        s.bots.model = "llama3".into();
+        let pipelines = resolve(&s).expect("valid");
+        assert_eq!(pipelines[0].targets, vec![Target::ChatWebsocket], "chat never waits for the model");
+        let bots = &pipelines[1];
+        assert_eq!((bots.name.as_str(), bots.kafka.group_id.as_str()), ("bots", "chat-bots"));
+        assert_eq!(bots.targets, vec![Target::Bot]);
+        assert_eq!(bots.store.key_prefix, "chat-bots");
+        assert_eq!(bots.action_for(Target::Bot), OnExhausted::DeadLetter);
+        assert_eq!(bots.kafka.dead_letter_topic(), Some("chat-bots.dlq"));
+    }
+
+    #[test]
     fn a_chat_target_on_a_domain_topic_is_refused() {
         let err = error_of(
             settings("http://n"),
