@@ -388,7 +388,7 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
             metrics::counter!("messages_written_total").increment(1);
             Ok((StatusCode::CREATED, Json(message)).into_response())
         }
-        (Inserted::Replay(original), _) => replay(original, &new),
+        (Inserted::Replay(original), _) => replay(*original, &new),
     }
 }
 

@@ -184,7 +184,7 @@ pub enum Inserted {
     /// The message was written.
     Created,
     /// `(sender_id, client_message_id)` was used before: this is the original.
-    Replay(ChatMessage),
+    Replay(Box<ChatMessage>),
 }
 
 /// The messages collection (and the relay's lease collection next to it).
@@ -299,7 +299,7 @@ impl Store {
                     return Err(StoreError::Other(format!("message id collision: {detail}")));
                 };
                 match self.by_client_message_id(&message.sender_id, client_message_id).await? {
-                    Some(original) => Ok(Inserted::Replay(original)),
+                    Some(original) => Ok(Inserted::Replay(Box::new(original))),
                     None => Err(StoreError::Other(format!("duplicate key but no original: {detail}"))),
                 }
             }
