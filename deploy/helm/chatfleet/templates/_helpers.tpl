@@ -59,7 +59,7 @@ changehandler:
   kind: Deployment
   internal: false
   secrets: [INTERNAL_SERVICE_TOKEN, REDIS_URL]
-  optionalSecrets: []
+  optionalSecrets: [AI_API_KEY]
 chatsockets:
   binary: chatwebsocketshandler
   kind: StatefulSet
