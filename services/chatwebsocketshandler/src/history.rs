@@ -149,7 +149,8 @@ impl HistoryClient {
     /// changed (edit, deletion, reaction) after `after_ms` epoch milliseconds and that
     /// `reader` may see, oldest first: what a client reconnecting with `since = up_to`
     /// missed about messages it already had. More than `HISTORY_REPLAY_LIMIT` (or than
-    /// chatpersistence serves in one page) is `TooFarBehind`.
+    /// chatpersistence serves in one page) is `TooFarBehind`. A `404` (a
+    /// chatpersistence that predates the endpoint) is no changes.
     pub async fn changes(
         &self,
         stream: StreamId,
@@ -182,6 +183,12 @@ impl HistoryClient {
             .await
             .map_err(|err| HistoryError::Unavailable(format!("GET {url}: {err}")))?;
         let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            // A chatpersistence older than this endpoint (a rolling deploy): replay the
+            // messages, as before, without the changes.
+            tracing::debug!(%url, "no changes endpoint on chatpersistence; replaying messages only");
+            return Ok(Vec::new());
+        }
         if !status.is_success() {
             return Err(HistoryError::Unavailable(format!("GET {url} answered {status}")));
         }

@@ -123,6 +123,9 @@ mod tests {
             ("HISTORY_REPLAY_LIMIT", "5"),
             ("HISTORY_PAGE_SIZE", "2"),
             ("HISTORY_TIMEOUT", "2s"),
+            ("TYPING_TIMEOUT", "3s"),
+            ("TYPING_MIN_INTERVAL", "1s"),
+            ("PRESENCE_GRACE", "0s"),
         ])
         .expect("loads");
         assert_eq!(settings.ws.outbound_queue, 8);
@@ -134,6 +137,9 @@ mod tests {
         assert_eq!(settings.history.replay_limit, 5);
         assert_eq!(settings.history.page_size, 2);
         assert_eq!(settings.history.timeout, Duration::from_secs(2));
+        assert_eq!(settings.live.typing_timeout, Duration::from_secs(3));
+        assert_eq!(settings.live.typing_min_interval, Duration::from_secs(1));
+        assert_eq!(settings.live.presence_grace, Duration::ZERO);
     }
 
     #[test]
