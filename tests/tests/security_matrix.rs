@@ -902,8 +902,10 @@ async fn history_of_a_colliding_legacy_id_with_own_peer(c: &Ctx, f: &Fx) -> Outc
 }
 
 async fn history_of_a_group_id(c: &Ctx, f: &Fx) -> Outcome {
+    // A group the attacker is not in (or that does not exist): the same answer either way.
     let group = format!("g{}", &sid(&f.a, &f.b));
-    refused(&history(c, &f.m, &format!("stream_id={group}")).await, 400, "invalid_request").map(|()| 0)
+    refused(&history(c, &f.m, &format!("stream_id={group}")).await, 403, "not_a_member")?;
+    refused(&history(c, &f.m, &format!("conversation_id={group}")).await, 403, "not_a_member").map(|()| 0)
 }
 
 async fn history_with_internal_parameters(c: &Ctx, f: &Fx) -> Outcome {
