@@ -33,6 +33,7 @@ COPY crates/testkit/Cargo.toml crates/testkit/
 COPY crates/chatauth/Cargo.toml crates/chatauth/
 COPY crates/wsfanout/Cargo.toml crates/wsfanout/
 COPY crates/mongokit/Cargo.toml crates/mongokit/
+COPY crates/presence/Cargo.toml crates/presence/
 COPY services/chatpersistence/Cargo.toml services/chatpersistence/
 COPY services/chatpersistencechangehandler/Cargo.toml services/chatpersistencechangehandler/
 COPY services/chatwebsocketshandler/Cargo.toml services/chatwebsocketshandler/
