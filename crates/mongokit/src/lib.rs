@@ -68,6 +68,25 @@ pub async fn bounded<T>(
     }
 }
 
+/// Reads a boolean stored as a boolean or as an integer: the local MongoDB stand-in
+/// hands back booleans set by an update as `0`/`1`. Use with
+/// `#[serde(default, deserialize_with = "mongokit::lenient_bool")]` on `Option<bool>`.
+pub fn lenient_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    use serde::Deserialize;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Int(i64),
+        Float(f64),
+    }
+    Ok(Option::<Flag>::deserialize(deserializer)?.map(|flag| match flag {
+        Flag::Bool(b) => b,
+        Flag::Int(n) => n != 0,
+        Flag::Float(f) => f != 0.0,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,23 +105,4 @@ mod tests {
         let other = mongodb::error::Error::custom("something odd");
         assert!(matches!(classify(&other), StoreError::Other(_)));
     }
-}
-
-/// Reads a boolean stored as a boolean or as an integer: the local MongoDB stand-in
-/// hands back booleans set by an update as `0`/`1`. Use with
-/// `#[serde(default, deserialize_with = "mongokit::lenient_bool")]` on `Option<bool>`.
-pub fn lenient_bool<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
-    use serde::Deserialize;
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Flag {
-        Bool(bool),
-        Int(i64),
-        Float(f64),
-    }
-    Ok(Option::<Flag>::deserialize(deserializer)?.map(|flag| match flag {
-        Flag::Bool(b) => b,
-        Flag::Int(n) => n != 0,
-        Flag::Float(f) => f != 0.0,
-    }))
 }

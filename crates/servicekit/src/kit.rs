@@ -187,10 +187,8 @@ impl Kit {
         let mut servers = JoinSet::new();
         let public_addr = bind_addr(&http.host, http.port)?;
         // CORS only where browsers call: the public API.
-        let public = routes
-            .public
-            .layer(policy.cors())
-            .layer(axum::middleware::from_fn(crate::edge::refuse_foreign_origin));
+        let public =
+            routes.public.layer(policy.cors()).layer(axum::middleware::from_fn(crate::edge::refuse_foreign_origin));
         let public = finish(public, ops.clone(), &http, &policy);
         servers.spawn(run_listener("public", public_addr, public, http.header_read_timeout, self.shutdown.clone()));
         if let Some(internal) = routes.internal {

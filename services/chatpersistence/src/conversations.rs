@@ -228,6 +228,13 @@ impl Conversations {
         }
     }
 
+    /// Applies `update` to conversation `id` and returns it as it is afterwards.
+    async fn update_conversation(&self, id: &StreamId, update: Document) -> Result<ConversationDoc, ConversationError> {
+        let filter = doc! { "_id": { "$eq": id.as_str() } };
+        let update = self.conversations.find_one_and_update(filter, update).return_document(ReturnDocument::After);
+        self.store.run(update).await?.ok_or(ConversationError::NotAMember)
+    }
+
     async fn append_event(&self, event: &ConversationEvent) -> Result<(), StoreError> {
         let mut document = mongodb::bson::to_document(event).map_err(|e| StoreError::Other(e.to_string()))?;
         document.insert("_id", event.event_id.clone());
@@ -333,15 +340,7 @@ impl Conversations {
             "$addToSet": { "members": user.as_str() },
             "$max": { read_key(user): current.seq, "updated_at": now_ms() },
         };
-        let updated = self
-            .store
-            .run(
-                self.conversations
-                    .find_one_and_update(doc! { "_id": { "$eq": id.as_str() } }, update)
-                    .return_document(ReturnDocument::After),
-            )
-            .await?
-            .ok_or(ConversationError::NotAMember)?;
+        let updated = self.update_conversation(id, update).await?;
         self.upsert_membership(id, user, true, updated.updated_at).await?;
         let event = self.event(ConversationEventKind::MemberJoined, &updated, user, actor)?;
         self.append_event(&event).await?;
@@ -367,18 +366,7 @@ impl Conversations {
             let heir = current.members.iter().find(|m| m.as_str() != user.as_str()).cloned();
             set.insert("owner_id", heir.map_or(Bson::Null, Bson::String));
         }
-        let updated = self
-            .store
-            .run(
-                self.conversations
-                    .find_one_and_update(
-                        doc! { "_id": { "$eq": id.as_str() } },
-                        doc! { "$pull": { "members": user.as_str() }, "$set": set },
-                    )
-                    .return_document(ReturnDocument::After),
-            )
-            .await?
-            .ok_or(ConversationError::NotAMember)?;
+        let updated = self.update_conversation(id, doc! { "$pull": { "members": user.as_str() }, "$set": set }).await?;
         self.upsert_membership(id, user, false, updated.updated_at).await?;
         let mut event = self.event(ConversationEventKind::MemberLeft, &updated, user, actor)?;
         event.reason = Some(if actor == user { "left" } else { "removed" }.to_owned());
@@ -397,18 +385,7 @@ impl Conversations {
         if current.owner_id.as_deref() != Some(actor.as_str()) {
             return Err(ConversationError::Forbidden("only the owner may rename the group"));
         }
-        let updated = self
-            .store
-            .run(
-                self.conversations
-                    .find_one_and_update(
-                        doc! { "_id": { "$eq": id.as_str() } },
-                        doc! { "$set": { "title": title, "updated_at": now_ms() } },
-                    )
-                    .return_document(ReturnDocument::After),
-            )
-            .await?
-            .ok_or(ConversationError::NotAMember)?;
+        let updated = self.update_conversation(id, doc! { "$set": { "title": title, "updated_at": now_ms() } }).await?;
         let event = self.event(ConversationEventKind::ConversationUpdated, &updated, actor, actor)?;
         self.append_event(&event).await?;
         Ok(updated)
