@@ -12,10 +12,16 @@
 //! cargo build --release --workspace --bins
 //! cargo run --release -p chatfleet-tests --bin loadgen -- --pairs 100 --rate 500 --duration 60
 //! cargo run --release -p chatfleet-tests --bin loadgen -- --pairs 100 --sweep 500,750,1000,1250,1500 --duration 15
+//! cargo run --release -p chatfleet-tests --bin loadgen -- --group-members 1000 --rate 50 --duration 30
 //! ```
 //!
 //! Besides end-to-end latency it prints each stage's time from the services' own
 //! histograms, so a slow run says which hop is slow.
+//!
+//! `--group-members N` measures group fan-out instead of pairs: one group of N members,
+//! one chat socket per member (each with the member's own token), messages posted at
+//! `--rate` by `--senders` members in turn, and for every message the time from the
+//! start of its POST until the *last* of the N sockets had it (see [`group`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,10 +40,15 @@ struct Options {
     duration: u64,
     sweep: Vec<u64>,
     drain: u64,
+    /// The group mode: members of the one group (0: the pair benchmark).
+    group_members: usize,
+    /// The group mode: how many members take turns posting.
+    senders: usize,
 }
 
 fn options() -> Options {
-    let mut o = Options { pairs: 100, rate: 500, duration: 60, sweep: Vec::new(), drain: 10 };
+    let mut o =
+        Options { pairs: 100, rate: 500, duration: 60, sweep: Vec::new(), drain: 10, group_members: 0, senders: 5 };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -48,9 +59,12 @@ fn options() -> Options {
             "--duration" => o.duration = value.parse().unwrap_or(o.duration),
             "--drain" => o.drain = value.parse().unwrap_or(o.drain),
             "--sweep" => o.sweep = value.split(',').filter_map(|r| r.trim().parse().ok()).collect(),
+            "--group-members" => o.group_members = value.parse().unwrap_or(o.group_members),
+            "--senders" => o.senders = value.parse().unwrap_or(o.senders),
             other => {
                 eprintln!(
-                    "unknown option {other}; options: --pairs N --rate R --duration S --sweep R1,R2,.. --drain S"
+                    "unknown option {other}; options: --pairs N --rate R --duration S --sweep R1,R2,.. --drain S \
+                     | --group-members N --senders K --rate R --duration S --drain S"
                 );
                 std::process::exit(2);
             }
@@ -257,7 +271,7 @@ impl Histogram {
 
 /// The stages of one message, each read from the histogram a service keeps anyway.
 const STAGES: &[(&str, &str, &str, &str)] = &[
-    ("chatpersistence", "message_write_duration_seconds", "", "MongoDB insert (group commit included)"),
+    ("chatpersistence", "message_write_duration_seconds", "", "writes under the stream lock (conversation + insert)"),
     ("chatpersistence", "relay_publish_duration_seconds", "", "relay: produce until the broker acknowledged"),
     ("chatpersistencechangehandler", "kafka_record_age_seconds", "", "produced → received by the change handler"),
     ("chatpersistencechangehandler", "kafka_handle_duration_seconds", "", "change handler: claim, forward, done"),
@@ -413,7 +427,12 @@ async fn main() {
     }
     let scratch = broker_profile();
     eprintln!("starting a private stack and the release binaries …");
-    let fleet = ChatFleet::start(&[("LOG_LEVEL", "warn")]);
+    // The group mode raises the limits a single-address load generator would hit;
+    // the pair benchmark runs with the services' defaults, as before.
+    let group_env = group::service_env(o.group_members);
+    let mut extra: Vec<(&str, &str)> = vec![("LOG_LEVEL", "warn")];
+    extra.extend(group_env.iter().map(|(k, v)| (*k, v.as_str())));
+    let fleet = ChatFleet::start(&extra);
     fleet.warm_up().await;
     let pairs: Vec<(String, String)> = (0..o.pairs).map(|i| (format!("sender{i}"), format!("receiver{i}"))).collect();
 
@@ -429,14 +448,33 @@ async fn main() {
     let before: Vec<Option<(f64, u64)>> = processes.iter().map(|(_, pid)| proc_usage(*pid)).collect();
     let wall = Instant::now();
 
-    println!("# chatfleet loadgen: {} pairs ({} sockets)", o.pairs, o.pairs * 2);
+    if o.group_members > 0 {
+        println!("# chatfleet loadgen: one group of {} members ({} sockets)", o.group_members, o.group_members);
+    } else {
+        println!("# chatfleet loadgen: {} pairs ({} sockets)", o.pairs, o.pairs * 2);
+    }
     println!();
     println!("| setting | value |");
     println!("| --- | --- |");
     for name in PROFILE_SETTINGS {
         println!("| `{name}` | `{}` |", std::env::var(name).unwrap_or_else(|_| "(default)".to_owned()));
     }
-    let rates = if o.sweep.is_empty() { vec![o.rate] } else { o.sweep.clone() };
+    for (name, value) in &group_env {
+        println!("| `{name}` (services) | `{value}` |");
+    }
+    let rates = if o.group_members > 0 {
+        Vec::new()
+    } else if o.sweep.is_empty() {
+        vec![o.rate]
+    } else {
+        o.sweep.clone()
+    };
+    if o.group_members > 0 {
+        let stages_before = scrape_stages(&fleet).await;
+        let result = group::run(&fleet, &o).await;
+        group::report(&result, o.duration);
+        report_stages(&stages_before, &scrape_stages(&fleet).await);
+    }
     let mut sweep_rows = Vec::new();
     for rate in rates {
         let stages_before = scrape_stages(&fleet).await;
@@ -470,6 +508,398 @@ async fn main() {
         println!("| --- | --- | --- | --- |");
         for (rate, p99, lost, dup) in sweep_rows {
             println!("| {rate} | {} | {lost} | {dup} |", ms(p99));
+        }
+    }
+}
+
+/// The group fan-out benchmark: one group of N members, a socket per member, a steady
+/// rate of posts, and per message the time until the last of the N sockets had it.
+///
+/// Why it is timed from the start of the POST: that is what the members feel (the
+/// sender's request, the write, capture, Kafka, the change handler, the socket pod's
+/// broadcast and the N socket writes). The first socket's time says how much of it is
+/// the pipeline; the spread from first to last is the fan-out itself.
+mod group {
+    use super::*;
+    use tokio::sync::watch;
+
+    /// What the services started for the group mode get besides the defaults: a group
+    /// as large as asked, and no per-address socket limits (every socket of the load
+    /// generator comes from 127.0.0.1; the per-user limits stay, one socket per user).
+    pub fn service_env(members: usize) -> Vec<(&'static str, String)> {
+        if members == 0 {
+            return Vec::new();
+        }
+        vec![
+            ("GROUP_MAX_MEMBERS", members.max(256).to_string()),
+            ("WS_MAX_CONNECTIONS_PER_IP", "0".to_owned()),
+            ("WS_CONNECT_RATE_PER_IP", "0".to_owned()),
+        ]
+    }
+
+    /// The id of member `i`.
+    fn member(i: usize) -> String {
+        format!("gm{i}")
+    }
+
+    /// What one socket saw: every bench message (its seq and its latency from the
+    /// POST's start), how many other frames, and whether it ended before the run did.
+    #[derive(Default)]
+    struct SocketLog {
+        arrivals: Vec<(u64, Duration)>,
+        other_frames: u64,
+        ended_early: bool,
+    }
+
+    pub struct GroupResult {
+        members: usize,
+        senders: usize,
+        rate: u64,
+        open_time: Duration,
+        accepted: u64,
+        /// Refused posts by HTTP status (0: no answer).
+        rejected: std::collections::BTreeMap<u16, u64>,
+        post: Vec<Duration>,
+        /// Per message that reached every socket: until the last socket had it.
+        fanout: Vec<Duration>,
+        /// Per message: until the first socket had it.
+        first: Vec<Duration>,
+        /// Per message that reached every socket: last minus first.
+        spread: Vec<Duration>,
+        /// Per message that reached every socket: from the POST's answer to the last.
+        after_post: Vec<Duration>,
+        /// Every first delivery of a message to a socket.
+        delivery: Vec<Duration>,
+        expected: u64,
+        delivered: u64,
+        duplicates: u64,
+        incomplete: u64,
+        other_frames: u64,
+        ended_early: usize,
+    }
+
+    /// `bench <seq> <nanos since the anchor when the POST started>` out of a message
+    /// frame, found from the end without parsing the JSON: a group message carries its
+    /// recipients, so a frame of a 1,000-member group is about 12 KB, 50,000 a second.
+    fn bench_stamp(text: &str) -> Option<(u64, Duration)> {
+        const MARK: &str = "\"content\":\"bench ";
+        let at = text.rfind(MARK)? + MARK.len();
+        let rest = text.get(at..)?;
+        let stamp = rest.get(..rest.find('"')?)?;
+        let mut parts = stamp.split(' ');
+        let seq = parts.next()?.parse().ok()?;
+        let sent = parts.next()?.parse().ok()?;
+        Some((seq, Duration::from_nanos(sent)))
+    }
+
+    type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+    async fn read_socket(
+        mut ws: Socket,
+        anchor: Instant,
+        delivered: Arc<AtomicU64>,
+        mut stop: watch::Receiver<bool>,
+    ) -> SocketLog {
+        let mut log = SocketLog::default();
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        let now = anchor.elapsed();
+                        match bench_stamp(text.as_str()) {
+                            Some((seq, sent)) => {
+                                log.arrivals.push((seq, now.saturating_sub(sent)));
+                                delivered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => log.other_frames += 1,
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => {
+                        log.ended_early = true;
+                        break;
+                    }
+                },
+            }
+        }
+        log
+    }
+
+    /// Waits until the change handler has handled something more than now and then
+    /// nothing new for two seconds (at most a minute).
+    async fn settle_events(fleet: &ChatFleet) {
+        let handled = || scrape(&fleet.handlers[0], "kafka_handle_duration_seconds", "");
+        let start = handled().await.count;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut last, mut quiet) = (start, 0);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = handled().await.count;
+            quiet = if now > start && now == last { quiet + 1 } else { 0 };
+            if quiet >= 2 {
+                return;
+            }
+            last = now;
+        }
+        eprintln!("the group's events did not settle within 60 s; measuring anyway");
+    }
+
+    /// Opens member `i`'s socket, retrying refusals for a while (a refusal is
+    /// reported, never hidden: the run stops if a socket cannot be opened).
+    async fn open(url: String) -> Result<Socket, String> {
+        let mut last = String::new();
+        for _ in 0..20 {
+            match tokio_tungstenite::connect_async(url.as_str()).await {
+                Ok((ws, _)) => return Ok(ws),
+                Err(err) => last = err.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(last)
+    }
+
+    pub async fn run(fleet: &ChatFleet, o: &Options) -> GroupResult {
+        let n = o.group_members.max(2);
+        let senders = o.senders.clamp(1, n);
+        let (rate, seconds) = (o.rate.max(1), o.duration);
+        let members: Vec<String> = (0..n).map(member).collect();
+        let tokens: Vec<String> = members.iter().map(|m| token(m)).collect();
+        let http = reqwest::Client::builder().pool_max_idle_per_host(512).build().expect("client");
+
+        // The group: member 0 creates it with everyone else.
+        let created = http
+            .post(fleet.persistence.url("/chat/conversations"))
+            .bearer_auth(&tokens[0])
+            .json(&json!({"title": "loadgen", "members": &members[1..]}))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .expect("POST /chat/conversations");
+        let status = created.status();
+        let body: serde_json::Value = created.json().await.unwrap_or_default();
+        let Some(conversation) = body["conversation_id"].as_str().map(str::to_owned) else {
+            eprintln!("creating the group failed: {status} {body}");
+            std::process::exit(1);
+        };
+        // Creating the group emits one member_joined event per member, each of which
+        // goes to every socket open on the group at the time (with the member list):
+        // let the change handler work through them before the sockets open, so the run
+        // measures a group that exists, not its creation.
+        eprintln!("group {conversation} created with {n} members; waiting for its member_joined events …");
+        settle_events(fleet).await;
+        eprintln!("opening {n} sockets …");
+
+        // One socket per member, with the member's own token, 32 upgrades in flight.
+        let anchor = Instant::now();
+        let delivered = Arc::new(AtomicU64::new(0));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let opening = Instant::now();
+        let opened: Vec<Result<tokio::task::JoinHandle<SocketLog>, String>> = futures::stream::iter(0..n)
+            .map(|i| {
+                let url = fleet
+                    .sockets
+                    .ws_url(&format!("/chat/subscribe?conversation_id={conversation}&access_token={}", tokens[i]));
+                let (delivered, stop) = (delivered.clone(), stop_rx.clone());
+                async move {
+                    let ws = open(url).await.map_err(|e| format!("{}: {e}", member(i)))?;
+                    Ok(tokio::spawn(read_socket(ws, anchor, delivered, stop)))
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        let open_time = opening.elapsed();
+        let mut readers = Vec::with_capacity(n);
+        for socket in opened {
+            match socket {
+                Ok(reader) => readers.push(reader),
+                Err(err) => {
+                    eprintln!("a member's socket could not be opened: {err}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        eprintln!(
+            "{n} sockets open in {:.1} s; settling 2 s, then {rate} msg/s for {seconds} s …",
+            open_time.as_secs_f64()
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let url = fleet.persistence.url("/chat/messages");
+        let total = rate * seconds;
+        let (post_tx, mut post_rx) = mpsc::unbounded_channel::<(u64, Result<Duration, u16>)>();
+        let start = tokio::time::Instant::now();
+        let mut posts = Vec::with_capacity(total as usize);
+        for seq in 0..total {
+            let due = start + Duration::from_nanos(seq * 1_000_000_000 / rate);
+            tokio::time::sleep_until(due).await;
+            let from = (seq as usize) % senders;
+            let body = json!({
+                "sender_id": members[from],
+                "conversation_id": conversation,
+                "content": format!("bench {seq} {}", anchor.elapsed().as_nanos()),
+            });
+            let request = http.post(&url).bearer_auth(&tokens[from]).json(&body).timeout(Duration::from_secs(10));
+            let post_tx = post_tx.clone();
+            posts.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let outcome = match request.send().await {
+                    Ok(r) if r.status().as_u16() == 201 => Ok(started.elapsed()),
+                    Ok(r) => Err(r.status().as_u16()),
+                    Err(_) => Err(0),
+                };
+                let _ = post_tx.send((seq, outcome));
+            }));
+        }
+        for post in posts {
+            let _ = post.await;
+        }
+        drop(post_tx);
+        let mut accepted_seqs: Vec<Option<Duration>> = vec![None; total as usize];
+        let mut post = Vec::new();
+        let mut rejected: std::collections::BTreeMap<u16, u64> = std::collections::BTreeMap::new();
+        while let Some((seq, outcome)) = post_rx.recv().await {
+            match outcome {
+                Ok(latency) => {
+                    accepted_seqs[seq as usize] = Some(latency);
+                    post.push(latency);
+                }
+                Err(status) => *rejected.entry(status).or_insert(0) += 1,
+            }
+        }
+        let accepted = post.len() as u64;
+
+        // Every accepted message is expected on every member's socket (the sender's
+        // too: a group socket gets the messages its user sent).
+        let expected = accepted * n as u64;
+        let deadline = Instant::now() + Duration::from_secs(o.drain);
+        while delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A short quiet period catches late duplicates.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = stop_tx.send(true);
+        let mut logs = Vec::with_capacity(n);
+        for reader in readers {
+            logs.push(reader.await.unwrap_or_default());
+        }
+
+        // Per message: how many sockets, first and last arrival.
+        let mut count = vec![0u32; total as usize];
+        let mut first = vec![Duration::MAX; total as usize];
+        let mut last = vec![Duration::ZERO; total as usize];
+        let mut delivery = Vec::with_capacity(expected as usize);
+        let (mut duplicates, mut other_frames, mut ended_early) = (0u64, 0u64, 0usize);
+        for mut log in logs {
+            other_frames += log.other_frames;
+            ended_early += usize::from(log.ended_early);
+            log.arrivals.sort_by_key(|(seq, _)| *seq);
+            let mut previous = None;
+            for (seq, latency) in log.arrivals {
+                if previous == Some(seq) {
+                    duplicates += 1;
+                    continue;
+                }
+                previous = Some(seq);
+                let Some(i) = usize::try_from(seq).ok().filter(|i| *i < count.len()) else { continue };
+                count[i] += 1;
+                first[i] = first[i].min(latency);
+                last[i] = last[i].max(latency);
+                delivery.push(latency);
+            }
+        }
+        let (mut fanout, mut firsts, mut spread, mut after_post) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut incomplete = 0;
+        for (i, post) in accepted_seqs.iter().enumerate().filter_map(|(i, p)| p.map(|p| (i, p))) {
+            if count[i] > 0 {
+                firsts.push(first[i]);
+            }
+            if count[i] as usize >= n {
+                fanout.push(last[i]);
+                spread.push(last[i] - first[i]);
+                after_post.push(last[i].saturating_sub(post));
+            } else {
+                incomplete += 1;
+            }
+        }
+        for v in [&mut post, &mut fanout, &mut firsts, &mut spread, &mut after_post, &mut delivery] {
+            v.sort();
+        }
+        GroupResult {
+            members: n,
+            senders,
+            rate,
+            open_time,
+            accepted,
+            rejected,
+            post,
+            fanout,
+            first: firsts,
+            spread,
+            after_post,
+            delivered: delivery.len() as u64,
+            delivery,
+            expected,
+            duplicates,
+            incomplete,
+            other_frames,
+            ended_early,
+        }
+    }
+
+    pub fn report(r: &GroupResult, seconds: u64) {
+        println!(
+            "\n## one group of {} members, {} msg/s for {} s ({} senders in turn)",
+            r.members, r.rate, seconds, r.senders
+        );
+        println!("| measure | p50 ms | p95 ms | p99 ms | max ms |");
+        println!("| --- | --- | --- | --- | --- |");
+        let fanout = format!("fan-out: POST start → last of {} sockets (per message)", r.members);
+        for (name, v) in [
+            ("POST", &r.post),
+            (fanout.as_str(), &r.fanout),
+            ("POST start → first socket (per message)", &r.first),
+            ("spread: first → last socket (per message)", &r.spread),
+            ("POST answered → last socket (per message)", &r.after_post),
+            ("POST start → a socket (per delivery)", &r.delivery),
+        ] {
+            println!(
+                "| {name} | {} | {} | {} | {} |",
+                ms(percentile(v, 50.0)),
+                ms(percentile(v, 95.0)),
+                ms(percentile(v, 99.0)),
+                ms(v.last().copied().unwrap_or_default())
+            );
+        }
+        println!(
+            "\nsockets opened in {:.1} s · accepted {} · rejected {:?} (by status) · deliveries expected {} ({} sockets per message) · \
+             delivered {} · lost {} · duplicates {} · messages not on every socket {} · other frames {} · \
+             sockets that ended early {}",
+            r.open_time.as_secs_f64(),
+            r.accepted,
+            r.rejected,
+            r.expected,
+            r.members,
+            r.delivered,
+            r.expected.saturating_sub(r.delivered),
+            r.duplicates,
+            r.incomplete,
+            r.other_frames,
+            r.ended_early
+        );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_stamp_is_read_from_a_message_frame() {
+            let frame = r#"{"type":"message","message":{"message_id":"m","recipients":["a","b"],"content":"bench 12 3456","created_at":"x"}}"#;
+            assert_eq!(bench_stamp(frame), Some((12, Duration::from_nanos(3456))));
+            assert_eq!(bench_stamp(r#"{"type":"member_joined","user_id":"a"}"#), None);
         }
     }
 }
