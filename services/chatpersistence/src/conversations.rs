@@ -159,6 +159,58 @@ pub struct Conversations {
     outbox: bool,
     /// Wakes the event relay after an event was written.
     wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Each conversation's last sequence number this process wrote.
+    seq_cache: std::sync::Arc<SeqCache>,
+    /// Inbox activity waiting to be written.
+    activity: std::sync::Arc<Activity>,
+}
+
+/// The last sequence number this process gave each conversation (bounded: forgotten
+/// wholesale when full; a miss costs one extra write).
+#[derive(Default)]
+struct SeqCache(std::sync::Mutex<HashMap<String, i64>>);
+
+impl SeqCache {
+    const MAX: usize = 100_000;
+
+    fn next(&self, id: &StreamId) -> Option<i64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id.as_str()).map(|seq| seq + 1)
+    }
+
+    fn set(&self, id: &StreamId, seq: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= Self::MAX && !map.contains_key(id.as_str()) {
+            map.clear();
+        }
+        map.insert(id.to_string(), seq);
+    }
+}
+
+/// Inbox activity (`memberships.activity_at`) is written in batches: one
+/// `update_many` per flush for the conversations that had messages since the last,
+/// instead of one per message. The inbox order lags by at most [`ACTIVITY_FLUSH`]
+/// (a list request flushes first, so a process's own writes show at once), and a
+/// crash loses at most that much ordering (the next message repairs it).
+#[derive(Default)]
+struct Activity(std::sync::Mutex<HashMap<String, i64>>);
+
+/// How often pending inbox activity is written.
+pub const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Activity {
+    fn touch(&self, id: &StreamId, at: i64) {
+        self.put(id.to_string(), at);
+    }
+
+    fn put(&self, id: String, at: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(id).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
+    fn take(&self) -> HashMap<String, i64> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 fn now_ms() -> i64 {
@@ -178,7 +230,54 @@ impl Conversations {
             store,
             outbox,
             wake: Default::default(),
+            seq_cache: Default::default(),
+            activity: Default::default(),
         }
+    }
+
+    /// Writes the pending inbox activity: one `update_many` per distinct time (a
+    /// flush holds one or a few; with many, all get the newest). Failed writes are
+    /// put back for the next flush.
+    pub async fn flush_activity(&self) -> Result<(), StoreError> {
+        let pending = self.activity.take();
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut by_time: HashMap<i64, Vec<String>> = HashMap::new();
+        for (id, at) in &pending {
+            by_time.entry(*at).or_default().push(id.clone());
+        }
+        if by_time.len() > 8 {
+            let newest = pending.values().copied().max().unwrap_or(0);
+            by_time = HashMap::from([(newest, pending.keys().cloned().collect())]);
+        }
+        for (at, ids) in by_time {
+            let filter = doc! { "conversation_id": { "$in": &ids }, "active": { "$eq": true } };
+            let write = self.memberships.update_many(filter, doc! { "$max": { "activity_at": at } });
+            if let Err(err) = self.store.run(write).await {
+                for id in ids {
+                    self.activity.put(id, at);
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes inbox activity every [`ACTIVITY_FLUSH`] until shutdown (and once more then).
+    pub async fn run_activity(self, shutdown: servicekit::Shutdown) -> Result<(), String> {
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tokio::time::sleep(ACTIVITY_FLUSH) => {}
+            }
+            if let Err(err) = self.flush_activity().await {
+                metrics::counter!("inbox_activity_flush_failures_total").increment(1);
+                tracing::warn!(error = %err, "inbox activity not written yet; retrying");
+            }
+        }
+        let _ = self.flush_activity().await;
+        Ok(())
     }
 
     /// Notified whenever an event was written (the relay's fast path).
@@ -426,13 +525,24 @@ impl Conversations {
             set.insert("members", members.to_vec());
             true
         } else {
+            // Only a current member's message counts (and is accepted).
+            filter.insert("members", sender.as_str());
             false
         };
+        // The sender has read their own message. The number it gets is known ahead
+        // from this process's last write to the conversation (it holds the
+        // conversation's write lock); a wrong guess (another replica wrote in
+        // between, or a cold cache) is corrected below with one more write.
+        let guess = self.seq_cache.next(id);
+        let mut update = doc! { "$inc": { "seq": 1_i64 }, "$set": set };
+        if let Some(guess) = guess {
+            update.insert("$max", doc! { read_key(sender): guess });
+        }
         let found = self
             .store
             .run(
                 self.conversations
-                    .find_one_and_update(filter, doc! { "$inc": { "seq": 1_i64 }, "$set": set })
+                    .find_one_and_update(filter, update)
                     .upsert(upsert)
                     .return_document(ReturnDocument::After),
             )
@@ -451,26 +561,24 @@ impl Conversations {
             Err(err) => return Err(err.into()),
         };
         let seq = updated.seq;
-        if updated.created_at == 0 {
+        self.seq_cache.set(id, seq);
+        if guess != Some(seq) {
+            metrics::counter!("conversation_seq_cache_misses_total").increment(1);
+            let own = doc! { "$max": { read_key(sender): seq } };
+            self.store.run(self.conversations.update_one(doc! { "_id": { "$eq": id.as_str() } }, own)).await?;
+        }
+        if seq == 1 {
+            // A new conversation: its creation time and, for a pair, both inbox rows.
             let created = doc! { "$set": { "created_at": at } };
             self.store.run(self.conversations.update_one(doc! { "_id": { "$eq": id.as_str() } }, created)).await?;
-        }
-        // Every member's inbox moves this conversation up.
-        let activity = self
-            .store
-            .run(self.memberships.update_many(
-                doc! { "conversation_id": { "$eq": id.as_str() }, "active": { "$eq": true } },
-                doc! { "$max": { "activity_at": at } },
-            ))
-            .await?;
-        if pair_peer.is_some() && activity.matched_count < 2 {
-            for member in updated.member_ids() {
-                self.upsert_membership(id, &member, true, at).await?;
+            if pair_peer.is_some() {
+                for member in updated.member_ids() {
+                    self.upsert_membership(id, &member, true, at).await?;
+                }
             }
         }
-        // The sender has read their own message.
-        let own = doc! { "$max": { read_key(sender): seq } };
-        self.store.run(self.conversations.update_one(doc! { "_id": { "$eq": id.as_str() } }, own)).await?;
+        // Every member's inbox moves this conversation up: batched in the background.
+        self.activity.touch(id, at);
         let recipients = if pair_peer.is_some() {
             Vec::new()
         } else {
@@ -525,6 +633,8 @@ impl Conversations {
         before: Option<&InboxCursor>,
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
+        // What this process accepted shows in the order at once.
+        self.flush_activity().await?;
         let base = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
         let want = limit as i64 + 1;
         let mut rows: Vec<MembershipDoc> = Vec::new();

@@ -298,8 +298,17 @@ async fn list(
         None
     };
     let online = online(&state, page.rows.iter().map(|(_, conversation)| conversation)).await;
-    let conversations =
-        page.rows.into_iter().map(|(_, conversation)| ConversationView::of(conversation, &caller, &online)).collect();
+    // In the list, `updated_at` is the activity the list is ordered by (the
+    // memberships' batched `activity_at`), so order, cursor and field agree.
+    let conversations = page
+        .rows
+        .into_iter()
+        .map(|(row, conversation)| {
+            let mut view = ConversationView::of(conversation, &caller, &online);
+            view.updated_at = row.activity_at;
+            view
+        })
+        .collect();
     Ok(Json(ListPage { conversations, next }))
 }
 

@@ -38,6 +38,7 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
     let store = Store::new(&settings.mongo, outbox).await.map_err(|e| e.to_string())?;
 
     let conversations = conversations::Conversations::new(store.clone(), outbox);
+    let activity = conversations.clone();
     let indexes_ready = Arc::new(AtomicBool::new(false));
     tokio::spawn(create_indexes(store.clone(), conversations.clone(), indexes_ready.clone(), ctx.shutdown.clone()));
 
@@ -78,7 +79,8 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
                 }
             })
         });
-    let mut launch = Launch::new(routes).readiness(readiness);
+    let mut launch =
+        Launch::new(routes).readiness(readiness).worker("inbox activity", activity.run_activity(ctx.shutdown.clone()));
 
     if let Some(feed) = feed {
         let mut kafka = settings.kafka.clone();
