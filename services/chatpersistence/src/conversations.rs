@@ -191,11 +191,25 @@ impl SeqCache {
 /// instead of one per message. The inbox order lags by at most [`ACTIVITY_FLUSH`]
 /// (a list request flushes first, so a process's own writes show at once), and a
 /// crash loses at most that much ordering (the next message repairs it).
+///
+/// A busy conversation's memberships are written at most once per
+/// [`ACTIVITY_MIN_INTERVAL`]: a large group's `update_many` touches every member's
+/// row, and doing that 20 times a second would keep the database busy for nothing
+/// (its order in every inbox is already at the top).
 #[derive(Default)]
-struct Activity(std::sync::Mutex<HashMap<String, i64>>);
+struct Activity(std::sync::Mutex<ActivityState>);
+
+#[derive(Default)]
+struct ActivityState {
+    pending: HashMap<String, i64>,
+    /// When each recently flushed conversation was last written.
+    flushed: HashMap<String, std::time::Instant>,
+}
 
 /// How often pending inbox activity is written.
 pub const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
+/// The least time between two activity writes of one conversation.
+pub const ACTIVITY_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Activity {
     fn touch(&self, id: &StreamId, at: i64) {
@@ -203,13 +217,27 @@ impl Activity {
     }
 
     fn put(&self, id: String, at: i64) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(id).or_insert(at);
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = state.pending.entry(id).or_insert(at);
         *entry = (*entry).max(at);
     }
 
-    fn take(&self) -> HashMap<String, i64> {
-        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    /// The pending activity to write now: all of it when `all`, else what was not
+    /// written within the last [`ACTIVITY_MIN_INTERVAL`].
+    fn take(&self, all: bool) -> HashMap<String, i64> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        state.flushed.retain(|_, at| now.duration_since(*at) < ACTIVITY_MIN_INTERVAL);
+        let ActivityState { pending, flushed } = &mut *state;
+        let due: Vec<String> = pending.keys().filter(|id| all || !flushed.contains_key(id.as_str())).cloned().collect();
+        let mut out = HashMap::with_capacity(due.len());
+        for id in due {
+            if let Some(at) = pending.remove(&id) {
+                flushed.insert(id.clone(), now);
+                out.insert(id, at);
+            }
+        }
+        out
     }
 }
 
@@ -238,8 +266,8 @@ impl Conversations {
     /// Writes the pending inbox activity: one `update_many` per distinct time (a
     /// flush holds one or a few; with many, all get the newest). Failed writes are
     /// put back for the next flush.
-    pub async fn flush_activity(&self) -> Result<(), StoreError> {
-        let pending = self.activity.take();
+    pub async fn flush_activity(&self, all: bool) -> Result<(), StoreError> {
+        let pending = self.activity.take(all);
         if pending.is_empty() {
             return Ok(());
         }
@@ -271,12 +299,12 @@ impl Conversations {
                 _ = shutdown.wait() => break,
                 _ = tokio::time::sleep(ACTIVITY_FLUSH) => {}
             }
-            if let Err(err) = self.flush_activity().await {
+            if let Err(err) = self.flush_activity(false).await {
                 metrics::counter!("inbox_activity_flush_failures_total").increment(1);
                 tracing::warn!(error = %err, "inbox activity not written yet; retrying");
             }
         }
-        let _ = self.flush_activity().await;
+        let _ = self.flush_activity(true).await;
         Ok(())
     }
 
@@ -634,7 +662,7 @@ impl Conversations {
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
         // What this process accepted shows in the order at once.
-        self.flush_activity().await?;
+        self.flush_activity(true).await?;
         let base = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
         let want = limit as i64 + 1;
         let mut rows: Vec<MembershipDoc> = Vec::new();

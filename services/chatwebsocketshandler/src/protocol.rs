@@ -119,6 +119,16 @@ pub fn event_id(kind: EventKind, message: &ChatMessage, given: Option<&str>) -> 
 
 /// The frame of one event, serialized once for every socket of the stream.
 pub fn event_frame(kind: EventKind, message: &ChatMessage, given_id: Option<&str>) -> Frame {
+    // A group message's `recipients` (every other member) decide who may see it;
+    // they are not sent on: a 1,000-member group would add ~9 KB to every frame of
+    // every socket. Clients get the member list from the conversation.
+    let trimmed;
+    let message = if message.recipients.is_empty() {
+        message
+    } else {
+        trimmed = ChatMessage { recipients: Vec::new(), ..message.clone() };
+        &trimmed
+    };
     let text = match kind {
         EventKind::Message => ServerFrame::Message { message },
         EventKind::MessageUpdated => ServerFrame::MessageUpdated { message },
