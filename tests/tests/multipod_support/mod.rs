@@ -678,6 +678,7 @@ pub async fn two_pods_route_by_key_and_survive_losing_one(kind: ProxyKind) {
     // Ownership checks on: with a ring that only loses pods they must close nothing.
     let mut fleet = Fleet::start_with(kind, 2, 2, usize::MAX, Some("1s"));
     fleet.warm_up().await;
+    edge_serves_the_whole_api(&fleet.proxy).await;
     let stop = Arc::new(AtomicBool::new(false));
     let pairs: Vec<(String, String)> = (0..PAIRS).map(|i| (format!("mp{i}-a"), format!("mp{i}-b"))).collect();
     let (chat_clients, notify_clients) = open_conversations(&fleet.proxy, &pairs, &stop);
@@ -1036,4 +1037,34 @@ pub async fn post_flood(url: &str, from: std::net::IpAddr, count: usize) -> (Vec
         .await;
     let retry_after = results.iter().filter(|(s, _)| *s == 429).all(|(_, r)| *r);
     (results.into_iter().map(|(s, _)| s).collect(), retry_after)
+}
+
+/// The edge routes every public path of the API to chatpersistence (not only
+/// `/chat/messages`): the inbox, a group, a message's edit and reactions.
+async fn edge_serves_the_whole_api(proxy: &Proxy) {
+    let client = reqwest::Client::new();
+    let send = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut request = client.request(method, proxy.public_http(path)).bearer_auth(token("edge-a"));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.timeout(Duration::from_secs(10)).send()
+    };
+    let list = send(reqwest::Method::GET, "/chat/conversations", None).await.expect("the edge answers");
+    assert_eq!(list.status().as_u16(), 200, "GET /chat/conversations through the edge");
+    let group =
+        send(reqwest::Method::POST, "/chat/conversations", Some(json!({"title": "edge", "members": ["edge-b"]})))
+            .await
+            .expect("the edge answers");
+    assert_eq!(group.status().as_u16(), 201, "POST /chat/conversations through the edge");
+    let group: Value = group.json().await.expect("json");
+    let id = group["conversation_id"].as_str().expect("conversation_id").to_owned();
+    let shown = send(reqwest::Method::GET, &format!("/chat/conversations/{id}"), None).await.expect("answers");
+    assert_eq!(shown.status().as_u16(), 200, "GET /chat/conversations/{{id}} through the edge");
+    // A message route below /chat/messages/ reaches chatpersistence (its 404 for an
+    // unknown message, not the edge's "no such route").
+    let unknown = format!("/chat/messages/{}/reactions/%F0%9F%91%8D", chatstream::MessageId::new());
+    let reacted = send(reqwest::Method::PUT, &unknown, None).await.expect("answers");
+    let body: Value = reacted.json().await.unwrap_or(Value::Null);
+    assert_eq!(body["error"]["message"], "no such message", "{body}");
 }

@@ -119,6 +119,23 @@ static_resources:
                           route:
                             cluster: chatpersistence_public
                             timeout: 15s
+                        # Everything else of the API: a message's edit, deletion and reactions,
+                        # and the conversations (groups, the inbox, read markers).
+                        - name: chat-message-changes
+                          match: { prefix: /chat/messages/ }
+                          route:
+                            cluster: chatpersistence_public
+                            timeout: 15s
+                        - name: chat-conversations
+                          match: { path: /chat/conversations }
+                          route:
+                            cluster: chatpersistence_public
+                            timeout: 15s
+                        - name: chat-conversation
+                          match: { prefix: /chat/conversations/ }
+                          route:
+                            cluster: chatpersistence_public
+                            timeout: 15s
                         - name: chat-subscribe
                           match: { path: /chat/subscribe }
                           route:
