@@ -495,7 +495,12 @@ mod tests {
             on_exhausted: OnExhausted::LogAndSkip,
             on_exhausted_per_target: Default::default(),
         }];
-        let pipeline = resolve(&settings).expect("valid").remove(0);
+        handler_for(&settings)
+    }
+
+    /// The first pipeline of `settings`, with test endpoints and token.
+    fn handler_for(settings: &Settings) -> PipelineHandler {
+        let pipeline = resolve(settings).expect("valid").remove(0);
         let store = RedisEventStore::new(pipeline.store.clone()).expect("store");
         let token = crate::forward::ServiceToken::parse("0123456789abcdef0123456789abcdef").expect("token");
         let forwarder = Forwarder::new(Duration::from_secs(1), token).expect("client");
@@ -641,16 +646,7 @@ mod tests {
     async fn each_failed_target_gets_its_own_action() {
         let mut settings = Settings::default();
         settings.forward.notifications_url = "http://notify:9".to_owned();
-        let pipeline = resolve(&settings).expect("valid").remove(0);
-        let store = RedisEventStore::new(pipeline.store.clone()).expect("store");
-        let token = crate::forward::ServiceToken::parse("0123456789abcdef0123456789abcdef").expect("token");
-        let forwarder = Forwarder::new(Duration::from_secs(1), token).expect("client");
-        let endpoints = Endpoints {
-            chat_websocket_url: "http://ws:8".into(),
-            notifications_url: settings.forward.notifications_url.clone(),
-            failover_timeout: Duration::from_secs(1),
-        };
-        let h = PipelineHandler::new(&pipeline, store, &forwarder, &endpoints);
+        let h = handler_for(&settings);
         assert_eq!(h.action_for(Target::ChatWebsocket), OnExhausted::Failover);
         assert_eq!(h.action_for(Target::ChatNotification), OnExhausted::DeadLetter);
 
