@@ -573,3 +573,13 @@ pub fn topic_reader(brokers: &str, topic: &str) -> rdkafka::consumer::StreamCons
     consumer.subscribe(&[topic]).expect("subscribe");
     consumer
 }
+
+/// The `p`-th percentile (nearest rank) of `sorted` durations; zero when empty.
+/// Shared by the load generator and the inbox benchmark.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}

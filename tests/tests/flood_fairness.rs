@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatfleet_tests::client::{ChatSocket, Seen};
-use chatfleet_tests::{token, ChatFleet};
+use chatfleet_tests::{percentile, token, ChatFleet};
 use mongodb::bson::doc;
 use serde_json::{json, Value};
 
@@ -72,11 +72,6 @@ async fn flood(client: reqwest::Client, url: String, stop: Arc<AtomicBool>, tall
             _ => tally.odd.lock().expect("lock").push(format!("{status} retry-after={retry_after:?} {body}")),
         }
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

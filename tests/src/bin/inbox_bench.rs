@@ -19,6 +19,7 @@
 //! that many two-member groups. Measurement starts once capture has drained, with
 //! requests one at a time over a kept-alive connection (latency, not throughput).
 
+use chatfleet_tests::percentile;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -61,14 +62,6 @@ fn options() -> Options {
         i += 2;
     }
     o
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {

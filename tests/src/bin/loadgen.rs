@@ -23,6 +23,7 @@
 //! `--rate` by `--senders` members in turn, and for every message the time from the
 //! start of its POST until the *last* of the N sockets had it (see [`group`]).
 
+use chatfleet_tests::percentile;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -90,14 +91,6 @@ struct RunResult {
     delivered_unique: u64,
     duplicates: u64,
     expected: u64,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 fn ms(d: Duration) -> String {
