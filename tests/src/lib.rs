@@ -583,3 +583,45 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
 }
+
+impl Service {
+    /// The Prometheus counter `name` summed over the series whose labels include all
+    /// of `labels`.
+    pub async fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text =
+            reqwest::get(self.url("/metrics")).await.expect("metrics answer").text().await.expect("metrics text");
+        text.lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
+            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    }
+}
+
+/// Runs `command` (stdout and stderr piped) until it exits, at most 20 s; returns
+/// whether it succeeded and everything it printed. `what` names it in the panic when
+/// it keeps running (a service that should have refused to start).
+pub fn run_to_exit(mut command: std::process::Command, what: &str) -> (bool, String) {
+    use std::io::Read;
+    let mut child = command.spawn().expect("start the process");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the process kept running: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut output = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut output);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut output);
+    }
+    (status.success(), output)
+}

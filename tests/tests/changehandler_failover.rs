@@ -8,7 +8,6 @@
 //! Redis, broker and MongoDB wire server. The notification service is a stand-in that
 //! answers every call with a chosen status, so its failure is certain and repeatable.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -118,17 +117,7 @@ impl Fleet {
 
     /// The handler's counter `name` summed over the series whose labels include all of `labels`.
     async fn counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = reqwest::get(self.handler.url("/metrics"))
-            .await
-            .expect("metrics answer")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
-            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+        self.handler.counter(name, labels).await
     }
 
     /// Waits up to `within` until `counter(name, labels) >= at_least`; returns the last value.
@@ -286,27 +275,7 @@ fn start_with_token(token: Option<&str>) -> (bool, String) {
     if let Some(token) = token {
         command.env("INTERNAL_SERVICE_TOKEN", token);
     }
-    let mut child = command.spawn().expect("start the handler");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the handler kept running with INTERNAL_SERVICE_TOKEN={token:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut output = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut output);
-    }
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut output);
-    }
-    (status.success(), output)
+    chatfleet_tests::run_to_exit(command, &format!("the handler with INTERNAL_SERVICE_TOKEN={token:?}"))
 }
 
 /// Without a service token every forward would be a permanent `401`, silently

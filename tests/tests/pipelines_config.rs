@@ -3,9 +3,7 @@
 //! anything. (The rules themselves are unit-tested in the service's `pipeline.rs`;
 //! this checks the real binary refuses to start and says why.)
 
-use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use chatfleet_tests::binary;
 
@@ -32,27 +30,13 @@ fn start_with(config: &str, extra: &[(&str, &str)]) -> (bool, String) {
     for (k, v) in extra {
         command.env(k, v);
     }
-    let mut child = command.spawn().expect("start the handler");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the handler kept running with configuration:\n{config}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut output = String::new();
-    if let Some(mut out) = child.stdout.take() {
-        let _ = out.read_to_string(&mut output);
-    }
-    if let Some(mut err) = child.stderr.take() {
-        let _ = err.read_to_string(&mut output);
-    }
-    (status.success(), output)
+    chatfleet_tests::run_to_exit(
+        command,
+        &format!(
+            "the handler with configuration:
+{config}"
+        ),
+    )
 }
 
 fn assert_refused(config: &str, extra: &[(&str, &str)], expected: &[&str]) {

@@ -87,17 +87,7 @@ impl Fleet {
 
     /// The handler's counter `name` summed over the series whose labels include all of `labels`.
     async fn handler_counter(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = reqwest::get(self.handler.url("/metrics"))
-            .await
-            .expect("metrics answer")
-            .text()
-            .await
-            .expect("metrics text");
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter(|line| labels.iter().all(|(k, v)| line.contains(&format!("{k}=\"{v}\""))))
-            .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-            .sum()
+        self.handler.counter(name, labels).await
     }
 }
 
