@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Checks of the deploy files with real tools, for the tests in tests/tests/deploy_*.rs.
+"""Checks of the deploy files with real tools, for the tests in tests/tests/fleet/deploy_*.rs.
 
 Why this exists: no Docker engine and no Kubernetes cluster run here, so the
 deploy files are checked with the tools that would consume them: Helm 4's own

@@ -3,7 +3,7 @@
 # (and one relay) per socket pod, so its configuration depends on the pods you
 # run. This renders deploy/nginx/chatfleet.conf.template for a given set of
 # pods: deploy/nginx/chatfleet.conf is its output for docker-compose.yml, and
-# tests/tests/multipod_nginx.rs renders it for processes on loopback ports.
+# tests/tests/fleet/multipod_nginx.rs renders it for processes on loopback ports.
 #
 # Usage:
 #   deploy/nginx/render.sh \

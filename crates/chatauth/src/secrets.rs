@@ -20,7 +20,7 @@ pub const KNOWN_SAMPLE_SECRETS: &[&str] = &[
     // deploy/compose/chatfleet.env before first-run generation
     "compose-dev-jwt-secret-change-me-0123456789",
     "compose-dev-service-token-change-me-0123456789",
-    // deploy/helm/chatfleet/README.md (render check) and tests/tests/deploy_helm.rs
+    // deploy/helm/chatfleet/README.md (render check) and tests/tests/fleet/deploy_helm.rs
     "x0123456789abcdef",
     "test-secret-0123456789",
     "test-secret-0123456789-0123456789-abc",

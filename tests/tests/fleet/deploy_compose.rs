@@ -12,7 +12,6 @@
 //! dependency condition, a setting nobody reads or a health check that never passes
 //! would only surface on `docker compose up`.
 
-mod multipod_support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -20,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use chatfleet_tests::{Service, JWT_SECRET, SERVICE_TOKEN};
-use multipod_support::check_py;
+use crate::multipod_support::check_py;
 use serde_json::{json, Value};
 use testkit::{free_port, workspace_root, ServerProcess};
 
@@ -300,7 +299,7 @@ fn compose_runs_only_with_generated_secrets_and_binds_to_loopback() {
         assert!(files.contains(SECRETS_ENV_FILE), "{name} does not load the secrets file: {files}");
     }
     // Without it compose refuses, naming the file.
-    let output = Command::new(multipod_support::deploy_python())
+    let output = Command::new(crate::multipod_support::deploy_python())
         .arg(root.join("deploy/check/check.py"))
         .args(["compose", "docker-compose.yml", "--env", "CHATFLEET_SECRETS_FILE=deploy/compose/missing-secrets.env"])
         .current_dir(&root)

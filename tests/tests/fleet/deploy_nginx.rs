@@ -11,12 +11,11 @@
 //! Why this test exists: the hand-maintained file and the template must not drift,
 //! and the public server must never carry an internal route.
 
-mod multipod_support;
 
 use std::process::Command;
 use std::time::Duration;
 
-use multipod_support::{nginx_binary, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
+use crate::multipod_support::{nginx_binary, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
 use testkit::{free_port, workspace_root};
 
 fn compose_render() -> String {

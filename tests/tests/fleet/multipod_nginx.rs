@@ -7,9 +7,8 @@
 //! design depends on works with a real proxy and real processes: a forward reaches
 //! the pod that holds the stream's sockets, and losing a pod loses no message.
 
-mod multipod_support;
 
-use multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
+use crate::multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nginx_routes_streams_to_their_pod_and_survives_losing_one() {
@@ -18,5 +17,5 @@ async fn nginx_routes_streams_to_their_pod_and_survives_losing_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nginx_scale_out_moves_open_sockets_to_their_new_pods() {
-    multipod_support::scale_out_moves_open_sockets_to_their_new_pods(ProxyKind::Nginx).await;
+    crate::multipod_support::scale_out_moves_open_sockets_to_their_new_pods(ProxyKind::Nginx).await;
 }

@@ -13,11 +13,10 @@
 //! differs between public and internal still "works" with one pod and silently
 //! drops messages with two.
 
-mod multipod_support;
 
 use std::collections::BTreeMap;
 
-use multipod_support::{check_py, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
+use crate::multipod_support::{check_py, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};
 use serde_json::Value;
 use testkit::free_port;
 
@@ -106,7 +105,7 @@ pub fn members(cluster: &Value) -> Vec<(String, String, u64, u64)> {
 #[test]
 fn envoy_accepts_the_configuration_without_deprecated_fields() {
     let root = testkit::workspace_root();
-    let output = std::process::Command::new(multipod_support::deploy_python())
+    let output = std::process::Command::new(crate::multipod_support::deploy_python())
         .arg(root.join("deploy/check/check.py"))
         .args(["envoy-validate", "deploy/envoy/envoy.yaml"])
         .current_dir(&root)
@@ -215,7 +214,7 @@ fn public_and_internal_clusters_build_the_same_ring() {
 
 #[test]
 fn edge_is_hardened_admin_logs_limits_and_client_address() {
-    multipod_support::edge::assert_edge_hardening(&config(), "deploy/envoy/envoy.yaml");
+    crate::multipod_support::edge::assert_edge_hardening(&config(), "deploy/envoy/envoy.yaml");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

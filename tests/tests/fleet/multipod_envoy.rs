@@ -8,9 +8,8 @@
 //! a hash key, and a pod's public and internal ports differ. This shows the shipped
 //! file builds the same ring for subscribes and forwards, and recovers from a pod loss.
 
-mod multipod_support;
 
-use multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
+use crate::multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn envoy_routes_streams_to_their_pod_and_survives_losing_one() {

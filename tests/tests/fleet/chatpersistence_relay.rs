@@ -445,7 +445,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// Not a pass/fail test: measures POST latency and POST → record-on-topic latency
 /// at a fixed rate. `RELAY_PROBE_RATE` (messages/s, default 200) and
 /// `RELAY_PROBE_SECONDS` (default 5). Run with
-/// `cargo test -p chatfleet-tests --test chatpersistence_relay -- --ignored --nocapture`.
+/// `cargo test -p chatfleet-tests --test fleet -- chatpersistence_relay:: --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn relay_latency_probe() {

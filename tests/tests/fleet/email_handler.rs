@@ -602,8 +602,8 @@ async fn purchase_payment_and_shipping_each_send_one_email() {
 ///
 /// ```sh
 /// cargo build --release -p emailhandler
-/// CHATFLEET_TEST_PROFILE=release cargo nextest run -p chatfleet-tests --test email_handler \
-///     --run-ignored only --no-capture
+/// CHATFLEET_TEST_PROFILE=release cargo nextest run -p chatfleet-tests --test fleet \
+///     --run-ignored only --no-capture email_handler::
 /// ```
 #[tokio::test]
 #[ignore = "a measurement, run by hand with the release build"]

@@ -9,7 +9,7 @@
 //! ```sh
 //! cargo build --release -p generalnotificationshandler
 //! CHATFLEET_TEST_PROFILE=release cargo nextest run --release -p chatfleet-tests \
-//!     --test notifications_throughput --run-ignored only --no-capture
+//!     --test fleet --run-ignored only --no-capture notifications_throughput::
 //! ```
 //!
 //! Knobs (environment): `BENCH_USERS` (1000), `BENCH_SOCKETS_PER_USER` (1),

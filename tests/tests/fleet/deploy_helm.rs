@@ -15,11 +15,10 @@
 //! this machine gets, and refusals (no JWT secret, a grace period shorter than the
 //! drain) are tested to really refuse.
 
-mod multipod_support;
 
 use std::process::Command;
 
-use multipod_support::{check_py, deploy_python};
+use crate::multipod_support::{check_py, deploy_python};
 use serde_json::Value;
 use testkit::workspace_root;
 
@@ -264,7 +263,7 @@ fn envoy_in_the_chart_routes_like_deploy_envoy_over_per_pod_rings() {
     let objects = render(&[JWT]);
     let (config, path) = chart_envoy(&objects);
     check_py(&["envoy-validate", &path]);
-    multipod_support::edge::assert_edge_hardening(&config, "the chart's Envoy");
+    crate::multipod_support::edge::assert_edge_hardening(&config, "the chart's Envoy");
     let shipped: Value = serde_json::from_str(&check_py(&["yaml", "deploy/envoy/envoy.yaml"])).expect("JSON");
     assert_eq!(
         route_configs(&config),
