@@ -64,5 +64,12 @@ else
   runner=(cargo test --workspace --no-fail-fast)
 fi
 
+# A fresh CI build never reuses incremental state; writing it only costs disk.
+if [[ "${CI:-}" == true ]]; then export CARGO_INCREMENTAL=0; fi
+say "disk free: $(df -h "$root" | awk 'NR==2 {print $4}')"
+
+# The gates CI enforces before any test runs: formatting and lints.
+phase fmt cargo fmt --all -- --check
+phase clippy cargo clippy --workspace --all-targets -- -D warnings
 phase build cargo build --workspace --all-targets
 phase test "${runner[@]}" "$@"

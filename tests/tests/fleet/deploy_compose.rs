@@ -12,14 +12,13 @@
 //! dependency condition, a setting nobody reads or a health check that never passes
 //! would only surface on `docker compose up`.
 
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use chatfleet_tests::{Service, JWT_SECRET, SERVICE_TOKEN};
 use crate::multipod_support::check_py;
+use chatfleet_tests::{Service, JWT_SECRET, SERVICE_TOKEN};
 use serde_json::{json, Value};
 use testkit::{free_port, workspace_root, ServerProcess};
 

@@ -13,7 +13,6 @@
 //! differs between public and internal still "works" with one pod and silently
 //! drops messages with two.
 
-
 use std::collections::BTreeMap;
 
 use crate::multipod_support::{check_py, post_flood, PodAddr, Proxy, StubUpstream, Upstreams};

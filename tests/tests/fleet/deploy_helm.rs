@@ -15,7 +15,6 @@
 //! this machine gets, and refusals (no JWT secret, a grace period shorter than the
 //! drain) are tested to really refuse.
 
-
 use std::process::Command;
 
 use crate::multipod_support::{check_py, deploy_python};

@@ -7,13 +7,12 @@
 //! command; a missing binary, a root user or a health check that only opens a socket
 //! would only show up in production.
 
-
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::Command;
 
-use chatfleet_tests::{Service, JWT_SECRET, SERVICES, SERVICE_TOKEN};
 use crate::multipod_support::check_py;
+use chatfleet_tests::{Service, JWT_SECRET, SERVICES, SERVICE_TOKEN};
 use testkit::{free_port, workspace_root};
 
 /// Dockerfile instructions with continuation lines joined and comments dropped.

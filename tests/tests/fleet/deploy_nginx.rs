@@ -11,7 +11,6 @@
 //! Why this test exists: the hand-maintained file and the template must not drift,
 //! and the public server must never carry an internal route.
 
-
 use std::process::Command;
 use std::time::Duration;
 

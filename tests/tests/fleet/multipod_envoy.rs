@@ -8,7 +8,6 @@
 //! a hash key, and a pod's public and internal ports differ. This shows the shipped
 //! file builds the same ring for subscribes and forwards, and recovers from a pod loss.
 
-
 use crate::multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

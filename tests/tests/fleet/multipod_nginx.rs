@@ -7,7 +7,6 @@
 //! design depends on works with a real proxy and real processes: a forward reaches
 //! the pod that holds the stream's sockets, and losing a pod loses no message.
 
-
 use crate::multipod_support::{two_pods_route_by_key_and_survive_losing_one, ProxyKind};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
