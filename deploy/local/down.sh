@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why this script exists: it undoes up.sh. It stops the five services, then
+# Why this script exists: it undoes up.sh. It stops the edge, the five services, then
 # the servers (stack.sh down), and in both cases only the processes whose
 # pids up.sh/stack.sh recorded under $STACK_DIR/pids and that are still those
 # processes; nothing else on the machine is signalled.
@@ -18,6 +18,8 @@ source "$here/lib.sh"
 # Reverse start order: consumers first, the persistence API last.
 services=(emailhandler generalnotificationshandler chatwebsocketshandler
   chatpersistencechangehandler chatpersistence)
+
+"$here/edge.sh" down
 
 for name in "${services[@]}"; do
   pidfile="$STACK_DIR/pids/$name.pid"

@@ -76,6 +76,10 @@ marker_of() { printf '/%s \n' "$1"; }
 
 export RUST_LOG="${RUST_LOG:-info}"
 
+# Browsers reach the services through the edge only: its origin is the one
+# allowed (requests without Origin, e.g. curl on the service ports, are not affected).
+allowed_origins="${ALLOWED_ORIGINS:-http://127.0.0.1:$EDGE_HTTP_PORT,http://localhost:$EDGE_HTTP_PORT}"
+
 declare -A state=()
 for name in "${services[@]}"; do
   bin="$bin_dir/$name"
@@ -94,7 +98,7 @@ for name in "${services[@]}"; do
   ensure_port_free "$name" "$(internal_port_of "$name")" \
     "$(printf '%s' "$name" | tr '[:lower:]' '[:upper:]')_INTERNAL_PORT"
   HTTP_PORT="$port" INTERNAL_HTTP_PORT="$(internal_port_of "$name")" HTTP_HOST="$HTTP_HOST" \
-    spawn "$(pidfile_of "$name")" "$(logfile_of "$name")" "$bin"
+    ALLOWED_ORIGINS="$allowed_origins" spawn "$(pidfile_of "$name")" "$(logfile_of "$name")" "$bin"
   log "$name: started (pid $(read_pid "$(pidfile_of "$name")"), port $port, log $(logfile_of "$name"))"
 done
 
@@ -146,5 +150,17 @@ printf '%-30s %s\n\n' "Logs and pids" "$STACK_DIR/{logs,pids}"
 if ((${#failed[@]} > 0)); then
   die "not healthy: ${failed[*]}; the others keep running, stop all with $here/down.sh"
 fi
+"$here/edge.sh" up
 log "all built services are healthy; stop everything with $here/down.sh"
 log "try it: TOKEN=\$($here/token.sh alice) and see docs/api.md"
+
+# Sign-in links: a development token in the URL fragment, which the browser
+# never sends to a server (so it is in no access log); the app keeps it in the
+# tab's sessionStorage and removes it from the address bar.
+edge_url="http://127.0.0.1:$EDGE_HTTP_PORT/"
+printf '\nOpen the web app (one link per user, e.g. one in a private window):\n'
+for user in ${CHATFLEET_DEMO_USERS:-alice bob}; do
+  printf '  %-8s %s#token=%s\n' "$user" "$edge_url" "$("$here/token.sh" "$user" "${CHATFLEET_LINK_TTL:-43200}")"
+done
+printf '\n'
+printf '%s\n' "$edge_url" >"$STACK_DIR/edge-url"

@@ -8,7 +8,7 @@
 # Usage:
 #   deploy/nginx/render.sh \
 #     [--public-listen 8080] [--internal-listen 9080] [--run-dir /run/chatfleet] \
-#     [--access-log /var/log/nginx/access.log] \
+#     [--access-log /var/log/nginx/access.log] [--web-root DIR] \
 #     --persistence HOST:PUBLIC_PORT:INTERNAL_PORT \
 #     --chat NAME=HOST:PUBLIC_PORT:INTERNAL_PORT [--chat ...] \
 #     --notifications NAME=HOST:PUBLIC_PORT:INTERNAL_PORT [--notifications ...] \
@@ -29,6 +29,9 @@ access_log=/var/log/nginx/access.log
 persistence=""
 chat=()
 notifications=()
+# A directory of static files served at / by the public server (the web app);
+# without it / answers 404 like any unknown path.
+web_root=""
 
 usage() {
   sed -n '/^# Usage:/,/^# NAME/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
@@ -48,6 +51,7 @@ while (($#)); do
     --persistence) persistence=${2:?}; shift 2 ;;
     --chat) chat+=("${2:?}"); shift 2 ;;
     --notifications) notifications+=("${2:?}"); shift 2 ;;
+    --web-root) web_root=${2:?}; shift 2 ;;
     --template) template=${2:?}; shift 2 ;;
     -h | --help) usage ;;
     *) die "unknown argument: $1" ;;
@@ -58,6 +62,7 @@ done
 ((${#chat[@]})) || die "at least one --chat pod is required"
 ((${#notifications[@]})) || die "at least one --notifications pod is required"
 [[ -f "$template" ]] || die "template $template not found"
+[[ -z "$web_root" || "$web_root" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "bad --web-root '$web_root' (an absolute path of letters, digits, '.', '_', '-', '/')"
 
 # split_endpoint VALUE -> sets host public_port internal_port
 split_endpoint() {
@@ -75,6 +80,7 @@ global_substitute() {
   line=${line//@INTERNAL_LISTEN@/$internal_listen}
   line=${line//@RUN_DIR@/$run_dir}
   line=${line//@ACCESS_LOG@/$access_log}
+  line=${line//@WEB_ROOT@/$web_root}
   line=${line//@PERSISTENCE_HOST@/$persistence_host}
   line=${line//@PERSISTENCE_PUBLIC_PORT@/$persistence_public}
   line=${line//@PERSISTENCE_INTERNAL_PORT@/$persistence_internal}
@@ -114,8 +120,23 @@ persistence_internal=$internal_port
 printf '# Rendered by deploy/nginx/render.sh from chatfleet.conf.template; do not edit.\n'
 block_kind=""
 block=()
+# `#@if web` ... [`#@else` ...] `#@end`: lines kept only with (or without) --web-root.
+in_if=0
+keep=1
 while IFS= read -r line || [[ -n "$line" ]]; do
-  if [[ -n "$block_kind" ]]; then
+  if ((in_if)) && [[ -z "$block_kind" ]]; then
+    case "$line" in
+      "#@else") keep=$((1 - keep)); continue ;;
+      "#@end") in_if=0; keep=1; continue ;;
+    esac
+    ((keep)) || continue
+  fi
+  if [[ "$line" == "#@if web" ]]; then
+    ((in_if == 0)) || die "template: nested '#@if'"
+    in_if=1
+    keep=0
+    [[ -n "$web_root" ]] && keep=1
+  elif [[ -n "$block_kind" ]]; then
     if [[ "$line" == "#@end" ]]; then
       emit_block "$block_kind" "${block[@]}"
       block_kind=""
@@ -130,3 +151,4 @@ while IFS= read -r line || [[ -n "$line" ]]; do
   fi
 done <"$template"
 [[ -z "$block_kind" ]] || die "template: '#@each $block_kind' without '#@end'"
+((in_if == 0)) || die "template: '#@if web' without '#@end'"
