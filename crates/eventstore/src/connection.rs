@@ -13,6 +13,9 @@
 //!   on the next operation, not after a long backoff sleep);
 //! - drops the manager after operations have failed for a while without a single success,
 //!   so the next operation starts from a fresh connection.
+//!
+//! Public as [`crate::RedisConnection`]: chatpersistence's write-behind queue uses the
+//! same never-required, always-bounded connection.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -27,7 +30,7 @@ use crate::EventStoreError;
 /// thrown away and built anew (at least this long, or ten timeouts).
 const RESET_AFTER_MIN: Duration = Duration::from_secs(5);
 
-pub(crate) struct Connection {
+pub struct Connection {
     client: redis::Client,
     config: ConnectionManagerConfig,
     timeout: Duration,
@@ -39,7 +42,7 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(client: redis::Client, timeout: Duration) -> Self {
+    pub fn new(client: redis::Client, timeout: Duration) -> Self {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(timeout)
             .set_response_timeout(timeout)
@@ -62,7 +65,7 @@ impl Connection {
     }
 
     /// Runs `op` on a connection, connecting first if needed, all within the timeout.
-    pub(crate) async fn run<T, F, Fut>(&self, op: F) -> Result<T, EventStoreError>
+    pub async fn run<T, F, Fut>(&self, op: F) -> Result<T, EventStoreError>
     where
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: Future<Output = RedisResult<T>>,

@@ -41,6 +41,7 @@ mod key;
 mod settings;
 mod store;
 
+pub use connection::Connection as RedisConnection;
 pub use error::EventStoreError;
 pub use health::{METRIC_CLAIMS, METRIC_LEASE_LOST, METRIC_UNAVAILABLE, METRIC_UP};
 pub use key::EventKey;

@@ -46,24 +46,27 @@ impl Redis {
     }
 
     pub fn start() -> Self {
+        Self::start_with(&["--appendonly", "no"])
+    }
+
+    /// A `redis-server` with its append-only file on (`appendfsync` = `always` or
+    /// `everysec`): [`Redis::restart`] brings back what it had acknowledged.
+    pub fn start_persistent(appendfsync: &str) -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", appendfsync])
+    }
+
+    fn start_with(persistence: &[&str]) -> Self {
         let dir = scratch("redis");
         let port = free_port();
         let bin = locate("REDIS_SERVER_BIN", &[PathBuf::from("/usr/bin/redis-server")], "redis-server");
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir.to_string_lossy(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let port_text = port.to_string();
+        let dir_text = dir.to_string_lossy();
+        let args: Vec<String> = ["--port", port_text.as_str(), "--bind", "127.0.0.1", "--save", ""]
+            .iter()
+            .chain(persistence)
+            .chain(["--dir", dir_text.as_ref()].iter())
+            .map(|s| s.to_string())
+            .collect();
         let process = ServerProcess::start("redis", &bin, &args, &dir.join("redis.log"));
         let redis = Self { port, process };
         redis.wait_ready();
@@ -88,7 +91,7 @@ impl Redis {
         self.process.kill();
     }
 
-    /// Starts it again on the same port, empty.
+    /// Starts it again on the same port: empty, or (persistent) with its data.
     pub fn restart(&mut self) {
         self.process.restart();
         self.wait_ready();
