@@ -253,7 +253,8 @@ impl ChatFleet {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let (status, body) = client::post(&self.persistence, a, b, "warm-up", None).await;
-            if status == 201 {
+            // 202: accepted in write-behind mode.
+            if status == 201 || status == 202 {
                 let id = body["message_id"].as_str().unwrap_or_default().to_owned();
                 let (seen, _) = socket.collect_messages(Duration::from_secs(5)).await;
                 if seen.contains(&id) {
