@@ -22,6 +22,9 @@
 //! one chat socket per member (each with the member's own token), messages posted at
 //! `--rate` by `--senders` members in turn, and for every message the time from the
 //! start of its POST until the *last* of the N sockets had it (see [`group`]).
+//!
+//! `--sockets N` measures socket scale instead: N idle sockets on one socket pod, RSS
+//! per socket, connect rate, and delivery with all of them open (see [`sockets`]).
 
 use chatfleet_tests::percentile;
 use std::collections::HashMap;
@@ -34,6 +37,10 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+
+/// `--sockets N`: the socket-scale mode (its own options; see the module).
+#[path = "loadgen/sockets.rs"]
+mod sockets;
 
 struct Options {
     pairs: usize,
@@ -412,8 +419,15 @@ fn broker_profile() -> Option<std::path::PathBuf> {
     None
 }
 
+fn main() {
+    if let Some(code) = sockets::dispatch() {
+        std::process::exit(code);
+    }
+    pair_and_group_main();
+}
+
 #[tokio::main(flavor = "multi_thread")]
-async fn main() {
+async fn pair_and_group_main() {
     let o = options();
     if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
         std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
