@@ -49,6 +49,7 @@ command -v cargo >/dev/null || { say "cargo not found (install Rust with rustup)
 
 phase install "$root/deploy/local/install.sh"
 phase deploy-tools "$root/deploy/check/install.sh" --with-apt
+phase deny-tool "$root/tests/deny.sh" install
 # Binary paths that did not exist before the install resolve now.
 # shellcheck source=deploy/local/env.sh
 source "$root/deploy/local/env.sh"
@@ -71,5 +72,8 @@ say "disk free: $(df -h "$root" | awk 'NR==2 {print $4}')"
 # The gates CI enforces before any test runs: formatting and lints.
 phase fmt cargo fmt --all -- --check
 phase clippy cargo clippy --workspace --all-targets -- -D warnings
+# Dependencies: licenses, duplicate versions, sources (and advisories where
+# RustSec's database can be fetched): deny.toml, tests/deny.sh.
+phase deny "$root/tests/deny.sh" check
 phase build cargo build --workspace --all-targets
 phase test "${runner[@]}" "$@"
