@@ -387,6 +387,15 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
             Ok((StatusCode::CREATED, Json(message)).into_response())
         }
         (Inserted::Replay(original), _) => replay(*original, &new),
+        (Inserted::Unresolved, message) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "write_outcome_unknown",
+            format!(
+                "the message store stopped answering during the write: message {} may or may not be stored; \
+                 look for it in the history before sending it again (or retry with the same client_message_id)",
+                message.message_id
+            ),
+        )),
     }
 }
 

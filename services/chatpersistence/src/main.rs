@@ -33,6 +33,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
     settings.validate()?;
+    settings.fits_request_timeout(ctx.base.http.request_timeout)?;
     let auth = Authenticator::start(&settings.auth).await.map_err(|e| e.to_string())?;
     let outbox = settings.capture.mode == CaptureMode::Outbox;
     let store = Store::new(&settings.mongo, outbox).await.map_err(|e| e.to_string())?;

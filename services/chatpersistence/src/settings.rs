@@ -32,6 +32,10 @@ pub struct MongoSettings {
     pub insert_batch: usize,
     /// `MONGODB_INSERT_WRITERS`: batches written concurrently.
     pub insert_writers: usize,
+    /// `MONGODB_INSERT_RESOLVE_TIMEOUT`: how long an insert whose outcome is unknown
+    /// (sent, but no answer) is resolved by message id before the API answers.
+    #[serde(with = "humantime_serde")]
+    pub insert_resolve_timeout: Duration,
 }
 
 impl Default for MongoSettings {
@@ -43,6 +47,7 @@ impl Default for MongoSettings {
             timeout: Duration::from_secs(2),
             insert_batch: 128,
             insert_writers: 1,
+            insert_resolve_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -55,6 +60,7 @@ impl MongoSettings {
         ("MONGODB_TIMEOUT", "timeout"),
         ("MONGODB_INSERT_BATCH", "insert_batch"),
         ("MONGODB_INSERT_WRITERS", "insert_writers"),
+        ("MONGODB_INSERT_RESOLVE_TIMEOUT", "insert_resolve_timeout"),
     ];
 }
 
@@ -245,6 +251,20 @@ impl Settings {
     }
 
     /// Rejects combinations that cannot work, naming the variable to fix.
+    /// A message write must be answered before `HTTP_REQUEST_TIMEOUT` abandons it
+    /// with a `503` of unknown outcome: the stream lock, the group commit (queue and
+    /// write, twice `MONGODB_TIMEOUT`) and resolving an unanswered insert must fit.
+    pub fn fits_request_timeout(&self, request_timeout: Duration) -> Result<(), String> {
+        let worst = self.writes.stream_lock_timeout + self.mongo.timeout * 3 + self.mongo.insert_resolve_timeout;
+        if worst >= request_timeout {
+            return Err(format!(
+                "STREAM_LOCK_TIMEOUT + 3 × MONGODB_TIMEOUT + MONGODB_INSERT_RESOLVE_TIMEOUT ({worst:?}) must be \
+                 below HTTP_REQUEST_TIMEOUT ({request_timeout:?}), or a write's answer could be a 503 of unknown outcome"
+            ));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.mongo.timeout.is_zero() {
             return Err("MONGODB_TIMEOUT must be greater than zero".into());

@@ -185,6 +185,17 @@ pub enum Inserted {
     Created,
     /// `(sender_id, client_message_id)` was used before: this is the original.
     Replay(Box<ChatMessage>),
+    /// The write reached MongoDB but no answer came back, and MongoDB stayed
+    /// unreachable for the whole `MONGODB_INSERT_RESOLVE_TIMEOUT`: the message may
+    /// or may not be stored (the only answer that is not definite).
+    Unresolved,
+}
+
+/// Counts an insert of unknown outcome by how it was resolved
+/// (`message_write_outcome_unknown_total{resolved}`).
+fn resolved(how: &'static str, inserted: Inserted) -> Inserted {
+    metrics::counter!("message_write_outcome_unknown_total", "resolved" => how).increment(1);
+    inserted
 }
 
 /// The messages collection (and the relay's lease collection next to it).
@@ -195,6 +206,8 @@ pub struct Store {
     writer: Writer<MessageDoc>,
     leases: Collection<Document>,
     timeout: Duration,
+    /// `MONGODB_INSERT_RESOLVE_TIMEOUT`: how long an insert of unknown outcome is resolved.
+    resolve_timeout: Duration,
     outbox: bool,
 }
 
@@ -217,7 +230,15 @@ impl Store {
         let db = client.database(&settings.database);
         let messages: Collection<MessageDoc> = db.collection(&settings.messages_collection);
         let writer = Writer::start(messages.clone(), settings.insert_writers, settings.insert_batch, settings.timeout);
-        Ok(Self { messages, writer, leases: db.collection("relay_leases"), client, timeout: settings.timeout, outbox })
+        Ok(Self {
+            messages,
+            writer,
+            leases: db.collection("relay_leases"),
+            client,
+            timeout: settings.timeout,
+            resolve_timeout: settings.insert_resolve_timeout,
+            outbox,
+        })
     }
 
     /// Runs `op` within the MongoDB timeout, so a server that accepted the
@@ -289,21 +310,86 @@ impl Store {
         client_message_id: Option<&str>,
         seq: Option<i64>,
     ) -> Result<Inserted, StoreError> {
-        let mut doc = MessageDoc::new(message, client_message_id, self.outbox);
-        doc.seq = seq;
-        match self.writer.insert(doc).await {
+        let new_doc = || {
+            let mut doc = MessageDoc::new(message, client_message_id, self.outbox);
+            doc.seq = seq;
+            doc
+        };
+        match self.writer.insert(new_doc()).await {
             Ok(()) => Ok(Inserted::Created),
-            Err(StoreError::Duplicate(detail)) => {
-                let Some(client_message_id) = client_message_id else {
-                    // Only a colliding message id could do this: ids are UUIDv7.
-                    return Err(StoreError::Other(format!("message id collision: {detail}")));
-                };
-                match self.by_client_message_id(&message.sender_id, client_message_id).await? {
-                    Some(original) => Ok(Inserted::Replay(Box::new(original))),
-                    None => Err(StoreError::Other(format!("duplicate key but no original: {detail}"))),
+            Err(StoreError::Duplicate(detail)) => self.original_of(message, client_message_id, detail).await,
+            // Sent but unanswered (a timeout, a dropped connection, an unconfirmed
+            // write concern): it may have committed, or may still commit.
+            Err(StoreError::Unavailable(detail)) => self.resolve(&new_doc(), message, client_message_id, detail).await,
+            Err(other) => Err(other),
+        }
+    }
+
+    /// The answer to a duplicate key on a new message: the original of a retried
+    /// `client_message_id`.
+    async fn original_of(
+        &self,
+        message: &ChatMessage,
+        client_message_id: Option<&str>,
+        detail: String,
+    ) -> Result<Inserted, StoreError> {
+        let Some(client_message_id) = client_message_id else {
+            // Only a colliding message id could do this: ids are UUIDv7.
+            return Err(StoreError::Other(format!("message id collision: {detail}")));
+        };
+        match self.by_client_message_id(&message.sender_id, client_message_id).await? {
+            Some(original) => Ok(Inserted::Replay(Box::new(original))),
+            None => Err(StoreError::Other(format!("duplicate key but no original: {detail}"))),
+        }
+    }
+
+    /// Finds out whether an insert whose outcome is unknown committed, so the
+    /// answer is definite: a client that retries after a `503` without a
+    /// `client_message_id` must not store the message twice.
+    ///
+    /// Reading the document back is not enough on its own: the first attempt may
+    /// still sit in MongoDB's receive buffer (a paused server) and commit after the
+    /// read. So the same document (same `_id`) is written again. Either that write
+    /// stores it, and the first attempt then fails on the unique `_id` whenever it
+    /// runs, or it fails with a duplicate key and a read by `_id` shows the first
+    /// attempt committed. Both end with exactly one copy and a `201`. Tried with
+    /// backoff for up to `MONGODB_INSERT_RESOLVE_TIMEOUT`.
+    async fn resolve(
+        &self,
+        doc: &MessageDoc,
+        message: &ChatMessage,
+        client_message_id: Option<&str>,
+        first: String,
+    ) -> Result<Inserted, StoreError> {
+        tracing::warn!(message_id = %doc.id, error = %first, "insert outcome unknown: resolving by message id");
+        let deadline = tokio::time::Instant::now() + self.resolve_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.bounded(self.messages.insert_one(doc)).await {
+                Ok(_) => return Ok(resolved("written_again", Inserted::Created)),
+                Err(StoreError::Duplicate(detail)) => {
+                    match self.bounded(self.messages.find_one(doc! { "_id": { "$eq": &doc.id } })).await {
+                        Ok(Some(_)) => return Ok(resolved("already_stored", Inserted::Created)),
+                        // Not ours: another message holds this client_message_id.
+                        Ok(None) => {
+                            let original = self.original_of(message, client_message_id, detail).await?;
+                            return Ok(resolved("replay", original));
+                        }
+                        Err(err) => tracing::debug!(error = %err, "resolve read failed"),
+                    }
+                }
+                Err(StoreError::Unavailable(detail)) => tracing::debug!(error = %detail, "resolve write failed"),
+                Err(other) => {
+                    metrics::counter!("message_write_outcome_unknown_total", "resolved" => "error").increment(1);
+                    return Err(other);
                 }
             }
-            Err(other) => Err(other),
+            if tokio::time::Instant::now() + pause >= deadline {
+                tracing::error!(message_id = %doc.id, "insert outcome still unknown after {:?}", self.resolve_timeout);
+                return Ok(resolved("unresolved", Inserted::Unresolved));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
 
