@@ -67,6 +67,8 @@ pub struct AppState {
     stream_locks: Arc<Vec<Mutex<()>>>,
     /// `BOTS`: the users `POST /chat/bot-messages` may post as (`bot_api`).
     pub(crate) bots: Arc<Vec<UserId>>,
+    /// The write-behind queue (`WRITE_MODE=write_behind`; absent in direct mode).
+    pub(crate) queue: Option<Arc<crate::write_behind::Queue>>,
 }
 
 impl AppState {
@@ -97,7 +99,14 @@ impl AppState {
             stream_locks,
             // Checked by `Settings::validate` before the state is built.
             bots: Arc::new(crate::bot_api::parse_bots(&limits.writes.bots).unwrap_or_default()),
+            queue: None,
         }
+    }
+
+    /// Posts go through the write-behind queue (`WRITE_MODE=write_behind`).
+    pub fn with_queue(mut self, queue: Arc<crate::write_behind::Queue>) -> Self {
+        self.queue = Some(queue);
+        self
     }
 
     /// The write lock of `stream`'s stripe, waited for at most `STREAM_LOCK_TIMEOUT`.
@@ -159,6 +168,10 @@ pub struct Limits {
     pub format: StreamIdFormat,
 }
 
+/// New ids a write-behind post tries when another replica accepted a later id of
+/// the same conversation first.
+const OUT_OF_ORDER_RETRIES: u32 = 20;
+
 /// What clients are told to wait before retrying after a 503.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 
@@ -178,6 +191,7 @@ pub fn public_router(state: AppState) -> Router {
         .route("/chat/messages", get(public_history).post(post_message))
         .merge(crate::conversations_api::public_routes())
         .merge(crate::message_changes::public_routes())
+        .merge(crate::message_status::public_routes())
         .with_state(state)
 }
 
@@ -286,7 +300,7 @@ fn validate(format: StreamIdFormat, caller: &UserId, body: PostMessage) -> Resul
 }
 
 /// The inbox excerpt of a message: its first characters.
-fn excerpt(content: &MessageContent) -> String {
+pub(crate) fn excerpt(content: &MessageContent) -> String {
     const EXCERPT_CHARS: usize = 100;
     content.as_str().chars().take(EXCERPT_CHARS).collect()
 }
@@ -337,6 +351,9 @@ async fn post_message(
 /// original, and stores a new message under its conversation's write lock.
 pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostMessage) -> Result<Response, ApiError> {
     let new = validate(state.format, caller, body)?;
+    if let Some(queue) = &state.queue {
+        return write_behind(state, queue, new).await;
+    }
     let store = state.writable()?;
     // A retry is answered before anything is counted, so it never bumps the
     // conversation's counter a second time.
@@ -396,6 +413,75 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
                 message.message_id
             ),
         )),
+    }
+}
+
+/// The write path in write-behind mode: the same checks, then the message is
+/// appended to the queue (durable in Redis) and answered `202` with `status:
+/// "queued"`. A group's membership is read from MongoDB under the conversation's
+/// write lock (membership changes take it too), so without MongoDB only pair
+/// messages are accepted; a retried `client_message_id` is answered from Redis,
+/// queued or stored.
+async fn write_behind(
+    state: &AppState,
+    queue: &crate::write_behind::Queue,
+    new: NewMessage,
+) -> Result<Response, ApiError> {
+    use crate::write_behind::{Admitted, QueueError, QueuedMessage};
+    let started = Instant::now();
+    let outcome = {
+        let _serial = state.lock_stream(&new.stream).await?;
+        let (receiver, recipients) = match &new.target {
+            Target::Pair(receiver) => (Some(receiver.clone()), Vec::new()),
+            Target::Group => {
+                let group =
+                    state.conversations.for_member(&new.stream, &new.sender).await.map_err(conversation_error)?;
+                let members = group.members.iter().filter_map(|m| UserId::parse(m).ok());
+                (None, members.filter(|m| m != &new.sender).collect())
+            }
+        };
+        let mut attempt = 0;
+        loop {
+            let message = ChatMessage {
+                message_id: MessageId::new(),
+                stream_id: new.stream.clone(),
+                sender_id: new.sender.clone(),
+                receiver_id: receiver.clone(),
+                recipients: recipients.clone(),
+                content: new.content.clone(),
+                created_at: Utc.timestamp_millis_opt(Utc::now().timestamp_millis()).single().unwrap_or_else(Utc::now),
+                state: Default::default(),
+            };
+            let entry = QueuedMessage { message, client_message_id: new.client_message_id.clone() };
+            match queue.accept(&entry).await {
+                // Another replica took this millisecond of the conversation: a new id
+                // in the next one (bounded; clocks apart by more answer 503).
+                Err(QueueError::OutOfOrder) if attempt < OUT_OF_ORDER_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                other => break other.map(|admitted| (admitted, entry.message)),
+            }
+        }
+    };
+    metrics::histogram!("message_write_duration_seconds").record(started.elapsed().as_secs_f64());
+    match outcome {
+        Ok((Admitted::Queued, message)) => {
+            metrics::counter!("messages_queued_total").increment(1);
+            let mut body = serde_json::to_value(&message).map_err(ApiError::internal)?;
+            body["status"] = serde_json::Value::from("queued");
+            Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+        }
+        Ok((Admitted::Replay(original), _)) => replay(original.message, &new),
+        Err(QueueError::Full(depth)) => {
+            metrics::counter!("write_behind_refused_total").increment(1);
+            tracing::warn!(depth, "write-behind queue at its high-water mark; refusing new messages");
+            Err(ApiError::unavailable("too many messages are waiting to be stored, retry shortly", RETRY_AFTER))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "write-behind queue unavailable");
+            Err(ApiError::unavailable("the message queue is unavailable, retry later", RETRY_AFTER))
+        }
     }
 }
 
@@ -471,7 +557,34 @@ async fn read_page(
     cursor: Cursor,
     limit: u32,
 ) -> Result<HistoryPage, ApiError> {
+    // Queued messages first: one that is stored between the two reads is then in
+    // the second (and deduplicated), never in neither.
+    let queued = match &state.queue {
+        Some(queue) => match queue.page(&stream, cursor, limit + 1).await {
+            Ok(queued) => queued.into_iter().filter(|m| reader.may_see(m)).collect(),
+            Err(err) => {
+                metrics::counter!("write_behind_history_queue_failures_total").increment(1);
+                tracing::warn!(error = %err, "queued messages left out of a history page");
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
     let mut messages = state.store.history(&stream, reader, cursor, limit + 1).await.map_err(store_error)?;
+    if !queued.is_empty() {
+        messages.extend(queued);
+        messages.sort_by_key(|m| m.message_id);
+        messages.dedup_by_key(|m| m.message_id);
+        let keep = limit as usize + 1;
+        if messages.len() > keep {
+            match cursor {
+                Cursor::Before(_) => {
+                    messages.drain(..messages.len() - keep);
+                }
+                _ => messages.truncate(keep),
+            }
+        }
+    }
     let has_more = messages.len() > limit as usize;
     if has_more {
         match cursor {

@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use crate::store::{Store, StoreError};
 
 /// The key of a user's entry in `reads` (field names may not contain `.`).
-fn read_key(user: &UserId) -> String {
+pub(crate) fn read_key(user: &UserId) -> String {
     format!("reads.{}", hex::encode(user.as_str()))
 }
 
@@ -308,6 +308,12 @@ impl Conversations {
         Ok(())
     }
 
+    /// Moves conversation `id` up in its members' inboxes (batched; the write-behind
+    /// writer's share of [`Conversations::accept_message`]).
+    pub(crate) fn touch_activity(&self, id: &StreamId, at: i64) {
+        self.activity.touch(id, at);
+    }
+
     /// Notified whenever an event was written (the relay's fast path).
     pub fn wake(&self) -> std::sync::Arc<tokio::sync::Notify> {
         self.wake.clone()
@@ -399,7 +405,7 @@ impl Conversations {
         })
     }
 
-    async fn upsert_membership(
+    pub(crate) async fn upsert_membership(
         &self,
         conversation: &StreamId,
         user: &UserId,

@@ -11,9 +11,11 @@ mod domain_relay;
 mod event_relay;
 mod lease;
 mod message_changes;
+mod message_status;
 mod relay;
 mod settings;
 mod store;
+mod write_behind;
 mod writer;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,7 +63,27 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         writes: settings.writes.clone(),
         format: settings.ids.stream_id_format,
     };
-    let state = api::AppState::new(store.clone(), auth, limits, conversations.clone(), api_feed, indexes_ready.clone());
+    let mut state =
+        api::AppState::new(store.clone(), auth, limits, conversations.clone(), api_feed.clone(), indexes_ready.clone());
+    let mut writers = Vec::new();
+    if settings.write_behind.mode == settings::WriteMode::WriteBehind {
+        let queue = Arc::new(write_behind::Queue::new(settings.write_behind_redis_url(), &settings.write_behind)?);
+        // Unique per process: the consumer name and the lease holder.
+        let holder = format!("chatpersistence-{}-{}", std::process::id(), chatstream::MessageId::new());
+        tracing::info!(holder, shards = queue.shards(), "write-behind mode: posts are queued in Redis");
+        for shard in 0..queue.shards() {
+            writers.push(write_behind::ShardWriter::new(
+                queue.clone(),
+                store.clone(),
+                conversations.clone(),
+                api_feed.clone(),
+                shard,
+                holder.clone(),
+                settings.write_behind.clone(),
+            ));
+        }
+        state = state.with_queue(queue);
+    }
     let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));
 
     let ping_store = store.clone();
@@ -82,6 +104,9 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         });
     let mut launch =
         Launch::new(routes).readiness(readiness).worker("inbox activity", activity.run_activity(ctx.shutdown.clone()));
+    for writer in writers {
+        launch = launch.worker("write-behind writer", writer.run(ctx.shutdown.clone()));
+    }
 
     if let Some(feed) = feed {
         let mut kafka = settings.kafka.clone();

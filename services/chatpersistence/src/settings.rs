@@ -222,6 +222,115 @@ impl PresenceSettings {
         &[("REDIS_URL", "redis_url"), ("PRESENCE_KEY_PREFIX", "key_prefix"), ("REDIS_TIMEOUT", "timeout")];
 }
 
+/// How `POST /chat/messages` makes a message durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteMode {
+    /// One group-committed MongoDB insert before the `201` (the default).
+    #[default]
+    Direct,
+    /// Appended to a Redis Stream before the `202`; a background writer bulk-inserts
+    /// batches into MongoDB (`write_behind`).
+    WriteBehind,
+}
+
+/// The write-behind queue and its writer (`WRITE_MODE=write_behind`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriteBehindSettings {
+    /// `WRITE_MODE`: `direct` (default) or `write_behind`.
+    pub mode: WriteMode,
+    /// `WRITE_BEHIND_REDIS_URL`: the Redis holding the queue (with AOF on); empty:
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// `WRITE_BEHIND_REDIS_TIMEOUT`: bound on one queue operation; past it a `POST`
+    /// answers 503 (nothing acknowledged).
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// `WRITE_BEHIND_KEY_PREFIX`: prefix of every key the queue uses.
+    pub key_prefix: String,
+    /// `WRITE_BEHIND_SHARDS`: streams the queue is split into (a conversation always
+    /// goes to the same one); each is written by one writer at a time.
+    pub shards: u32,
+    /// `WRITE_BEHIND_BATCH_SIZE`: most entries one bulk write takes.
+    pub batch_size: u32,
+    /// `WRITE_BEHIND_FLUSH_INTERVAL`: how often an idle writer looks for entries
+    /// other replicas queued (its own accepts wake it at once).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// `WRITE_BEHIND_HIGH_WATER`: queued messages at which admission stops (503 +
+    /// `Retry-After`).
+    pub high_water: u64,
+    /// `WRITE_BEHIND_LEASE_TTL`: a shard writer's lease; a dead writer's pending
+    /// entries are claimed by another within about this long.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// `WRITE_BEHIND_MAX_BACKOFF`: the cap of the wait between attempts while
+    /// MongoDB fails.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// `WRITE_BEHIND_IDEMPOTENCY_TTL`: how long a `client_message_id` is remembered
+    /// in Redis (retries within it are answered from Redis, queued or stored).
+    #[serde(with = "humantime_serde")]
+    pub idempotency_ttl: Duration,
+}
+
+impl Default for WriteBehindSettings {
+    fn default() -> Self {
+        Self {
+            mode: WriteMode::Direct,
+            redis_url: String::new(),
+            redis_timeout: Duration::from_secs(1),
+            key_prefix: "chat:wb".to_owned(),
+            shards: 4,
+            batch_size: 1000,
+            flush_interval: Duration::from_millis(5),
+            high_water: 200_000,
+            lease_ttl: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(2),
+            idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+impl WriteBehindSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("WRITE_MODE", "mode"),
+        ("WRITE_BEHIND_REDIS_URL", "redis_url"),
+        ("WRITE_BEHIND_REDIS_TIMEOUT", "redis_timeout"),
+        ("WRITE_BEHIND_KEY_PREFIX", "key_prefix"),
+        ("WRITE_BEHIND_SHARDS", "shards"),
+        ("WRITE_BEHIND_BATCH_SIZE", "batch_size"),
+        ("WRITE_BEHIND_FLUSH_INTERVAL", "flush_interval"),
+        ("WRITE_BEHIND_HIGH_WATER", "high_water"),
+        ("WRITE_BEHIND_LEASE_TTL", "lease_ttl"),
+        ("WRITE_BEHIND_MAX_BACKOFF", "max_backoff"),
+        ("WRITE_BEHIND_IDEMPOTENCY_TTL", "idempotency_ttl"),
+    ];
+}
+
+/// The per-conversation recent-history cache in Redis (`recent_cache`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RecentCacheSettings {
+    /// `RECENT_CACHE_LENGTH`: most messages kept per conversation (`0`: no cache).
+    pub length: u32,
+    /// `RECENT_CACHE_TTL`: how long an untouched conversation's cache lives.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for RecentCacheSettings {
+    fn default() -> Self {
+        Self { length: 200, ttl: Duration::from_secs(7 * 24 * 3600) }
+    }
+}
+
+impl RecentCacheSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] =
+        &[("RECENT_CACHE_LENGTH", "length"), ("RECENT_CACHE_TTL", "ttl")];
+}
+
 /// Everything chatpersistence reads besides servicekit's base settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -231,6 +340,8 @@ pub struct Settings {
     pub history: HistorySettings,
     pub writes: WriteSettings,
     pub presence: PresenceSettings,
+    pub write_behind: WriteBehindSettings,
+    pub recent_cache: RecentCacheSettings,
     pub ids: IdSettings,
     pub auth: AuthSettings,
     pub kafka: KafkaSettings,
@@ -245,6 +356,8 @@ impl Settings {
             .section("history", HistorySettings::ENV)
             .section("writes", WriteSettings::ENV)
             .section("presence", PresenceSettings::ENV)
+            .section("write_behind", WriteBehindSettings::ENV)
+            .section("recent_cache", RecentCacheSettings::ENV)
             .section("ids", IdSettings::ENV)
             .section("auth", AuthSettings::ENV)
             .section("kafka", KafkaSettings::ENV)
@@ -288,6 +401,7 @@ impl Settings {
         if self.history.default_limit > self.history.max_limit {
             return Err("HISTORY_DEFAULT_LIMIT must not exceed HISTORY_MAX_LIMIT".into());
         }
+        self.validate_write_behind()?;
         if self.capture.mode == CaptureMode::Outbox {
             if self.capture.topic.trim().is_empty() {
                 return Err("CHAT_CHANGES_TOPIC must not be empty".into());
@@ -304,6 +418,51 @@ impl Settings {
             if self.capture.lease_ttl < Duration::from_millis(300) {
                 return Err("RELAY_LEASE_TTL must be at least 300ms".into());
             }
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The Redis the write-behind queue uses (`WRITE_BEHIND_REDIS_URL`, else `REDIS_URL`).
+    pub fn write_behind_redis_url(&self) -> &str {
+        match self.write_behind.redis_url.as_str() {
+            "" => &self.presence.redis_url,
+            url => url,
+        }
+    }
+
+    fn validate_write_behind(&self) -> Result<(), String> {
+        let wb = &self.write_behind;
+        if wb.mode != WriteMode::WriteBehind {
+            return Ok(());
+        }
+        if self.write_behind_redis_url().is_empty() {
+            return Err("WRITE_MODE=write_behind needs WRITE_BEHIND_REDIS_URL or REDIS_URL".into());
+        }
+        if wb.shards == 0 || wb.shards > 1024 {
+            return Err("WRITE_BEHIND_SHARDS must be 1 to 1024".into());
+        }
+        if wb.batch_size == 0 || wb.high_water == 0 {
+            return Err("WRITE_BEHIND_BATCH_SIZE and WRITE_BEHIND_HIGH_WATER must be at least 1".into());
+        }
+        if wb.flush_interval.is_zero() || wb.redis_timeout.is_zero() || wb.max_backoff.is_zero() {
+            return Err(
+                "WRITE_BEHIND_FLUSH_INTERVAL, WRITE_BEHIND_REDIS_TIMEOUT and WRITE_BEHIND_MAX_BACKOFF must be greater than zero"
+                    .into(),
+            );
+        }
+        if wb.lease_ttl < Duration::from_millis(300) {
+            return Err("WRITE_BEHIND_LEASE_TTL must be at least 300ms".into());
+        }
+        if wb.idempotency_ttl < Duration::from_secs(1) {
+            return Err("WRITE_BEHIND_IDEMPOTENCY_TTL must be at least 1s".into());
+        }
+        if wb.key_prefix.trim().is_empty() {
+            return Err("WRITE_BEHIND_KEY_PREFIX must not be empty".into());
+        }
+        if self.recent_cache.length > 0 && self.recent_cache.ttl < Duration::from_secs(1) {
+            return Err("RECENT_CACHE_TTL must be at least 1s".into());
         }
         Ok(())
     }
@@ -334,7 +493,16 @@ mod tests {
         assert_eq!(s.writes.rate_limit_post_burst, 40.0);
         assert_eq!(s.writes.stream_lock_timeout, Duration::from_secs(2));
         assert_eq!(s.ids.stream_id_format, chatstream::StreamIdFormat::V2);
+        assert_eq!(s.write_behind.mode, WriteMode::Direct);
+        assert_eq!(s.write_behind.batch_size, 1000);
+        assert_eq!(s.recent_cache.ttl, Duration::from_secs(7 * 24 * 3600));
         assert!(s.validate().is_ok());
+        let wb = load(&[("WRITE_MODE", "write_behind")]);
+        assert_eq!(wb.write_behind.mode, WriteMode::WriteBehind);
+        assert!(wb.validate().is_err(), "write-behind needs a Redis");
+        let wb = load(&[("WRITE_MODE", "write_behind"), ("REDIS_URL", "redis://r:6379")]);
+        assert_eq!(wb.write_behind_redis_url(), "redis://r:6379");
+        assert!(wb.validate().is_ok());
     }
 
     #[test]

@@ -178,6 +178,22 @@ pub enum Reader {
     Participant(UserId),
 }
 
+impl Reader {
+    /// Whether `message` belongs on this reader's page (the filter of
+    /// [`Store::history`], for messages that are not in MongoDB yet).
+    pub fn may_see(&self, message: &ChatMessage) -> bool {
+        let receiver = message.receiver_id.as_ref();
+        match self {
+            Reader::Service => true,
+            Reader::Pair(a, b) => {
+                let pair = |u: Option<&UserId>| u.is_some_and(|u| u == a || u == b);
+                pair(Some(&message.sender_id)) && pair(receiver)
+            }
+            Reader::Participant(user) => &message.sender_id == user || receiver == Some(user),
+        }
+    }
+}
+
 /// What an insert did.
 #[derive(Debug)]
 pub enum Inserted {
@@ -390,6 +406,37 @@ impl Store {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Inserts a write-behind batch with one unordered `insert_many` (marked for the
+    /// relay in outbox mode): each message's outcome, in order. A message already
+    /// there (a batch retried after a crash) fails alone with `Duplicate`, which the
+    /// caller treats as stored; nothing already stored is overwritten (an edit made
+    /// after the first write survives a replayed batch).
+    pub async fn insert_batch(
+        &self,
+        batch: &[(&ChatMessage, Option<&str>, Option<i64>)],
+        timeout: Duration,
+    ) -> Vec<Result<(), StoreError>> {
+        let docs: Vec<MessageDoc> = batch
+            .iter()
+            .map(|(message, client_message_id, seq)| {
+                let mut doc = MessageDoc::new(message, *client_message_id, self.outbox);
+                doc.seq = *seq;
+                doc
+            })
+            .collect();
+        if docs.is_empty() {
+            return Vec::new();
+        }
+        let write = self.messages.insert_many(&docs).ordered(false).into_future();
+        match tokio::time::timeout(timeout, write).await {
+            Ok(result) => crate::writer::outcomes(result, docs.len()),
+            Err(_) => {
+                let err = StoreError::Unavailable(format!("no answer within {timeout:?}"));
+                (0..docs.len()).map(|_| Err(err.clone())).collect()
+            }
         }
     }
 

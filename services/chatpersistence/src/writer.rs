@@ -115,8 +115,8 @@ async fn write_batches<D>(
     }
 }
 
-/// Each document's outcome of one `insert_many`.
-fn outcomes(
+/// Each document's outcome of one `insert_many` (also the write-behind writer's).
+pub(crate) fn outcomes(
     result: Result<mongodb::results::InsertManyResult, mongodb::error::Error>,
     count: usize,
 ) -> Vec<Result<(), StoreError>> {

@@ -40,3 +40,4 @@ mod pipelines_strategies;
 mod security_matrix;
 mod services_lifecycle;
 mod token_expiry;
+mod write_behind;
