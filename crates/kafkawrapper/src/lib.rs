@@ -46,6 +46,7 @@ pub mod handler;
 pub mod metrics;
 mod processing;
 pub mod producer;
+pub mod retry;
 pub mod settings;
 
 pub use admin::{committed_offsets, end_offsets, ensure_topics};
@@ -54,7 +55,8 @@ pub use error::Error;
 pub use handler::{Handler, HandlerError, Record};
 pub use processing::headers;
 pub use producer::Producer;
-pub use settings::{properties_from_env, properties_from_vars, KafkaSettings, RetrySettings};
+pub use retry::{Backoff, RetrySettings, Retryable};
+pub use settings::{properties_from_env, properties_from_vars, KafkaSettings};
 
 /// A shared handler is a handler (so a service can keep a handle on its state).
 impl<H: Handler> Handler for std::sync::Arc<H> {

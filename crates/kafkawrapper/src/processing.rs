@@ -13,7 +13,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backoff::backoff::Backoff;
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
@@ -81,8 +80,8 @@ impl<H: Handler> Processor<H> {
                     }
                     return Outcome::Finished;
                 }
-                Err(HandlerError::Retryable(reason)) if attempts <= self.retry.max_retries => {
-                    let wait = backoff.next_backoff().unwrap_or(self.retry.max_interval);
+                Err(HandlerError::Retryable(reason)) => {
+                    let Some(wait) = backoff.next() else { break HandlerError::Retryable(reason) };
                     metrics::counter!(m::RETRIES_TOTAL, "topic" => topic.clone()).increment(1);
                     tracing::warn!(
                         topic = %record.topic, partition = record.partition, offset = record.offset,
@@ -136,7 +135,7 @@ impl<H: Handler> Processor<H> {
     ) -> Outcome {
         let headers = dead_letter_headers(record, error, attempts);
         let header_refs: Vec<(&str, Option<&[u8]>)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
-        let mut backoff = self.retry.backoff();
+        let mut backoff = self.retry.unbounded();
         loop {
             match dead_letters
                 .producer
@@ -155,7 +154,7 @@ impl<H: Handler> Processor<H> {
                 }
                 Err(err) => {
                     metrics::counter!(m::DEAD_LETTER_FAILURES_TOTAL, "topic" => record.topic.clone()).increment(1);
-                    let wait = backoff.next_backoff().unwrap_or(self.retry.max_interval);
+                    let wait = backoff.next().unwrap_or(self.retry.max_interval);
                     tracing::error!(
                         topic = %record.topic, partition = record.partition, offset = record.offset,
                         dead_letter_topic = %dead_letters.topic, error = %err, retry_in = ?wait,

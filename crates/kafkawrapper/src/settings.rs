@@ -13,8 +13,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use backoff::ExponentialBackoff;
 use serde::{Deserialize, Serialize};
+
+pub use crate::retry::RetrySettings;
 
 /// The prefix of environment variables that set librdkafka properties directly.
 pub const RDKAFKA_ENV_PREFIX: &str = "RDKAFKA_";
@@ -138,80 +139,6 @@ impl KafkaSettings {
     }
 }
 
-/// Retry schedule for messages whose handler fails with a retryable error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RetrySettings {
-    /// `MESSAGE_RETRY_MAX_RETRIES`: retries after the first attempt; a message is
-    /// tried at most `max_retries + 1` times. 0 disables retries.
-    pub max_retries: u32,
-    /// `MESSAGE_RETRY_INITIAL_INTERVAL`: the wait before the first retry.
-    #[serde(with = "humantime_serde")]
-    pub initial_interval: Duration,
-    /// `MESSAGE_RETRY_MAX_INTERVAL`: the cap on the (unrandomized) wait.
-    #[serde(with = "humantime_serde")]
-    pub max_interval: Duration,
-    /// `MESSAGE_RETRY_MULTIPLIER`: each wait is the previous one times this.
-    pub multiplier: f64,
-    /// `MESSAGE_RETRY_RANDOMIZATION_FACTOR`: jitter; each wait is drawn uniformly
-    /// from `interval * (1 ± factor)`, so pods retrying the same failing dependency
-    /// spread out. 0 gives the exact schedule.
-    pub randomization_factor: f64,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        Self {
-            max_retries: 5,
-            initial_interval: Duration::from_millis(100),
-            max_interval: Duration::from_secs(30),
-            multiplier: 2.0,
-            randomization_factor: 0.1,
-        }
-    }
-}
-
-impl RetrySettings {
-    /// The documented environment variables, as `(VARIABLE, field)`.
-    pub const ENV: &'static [(&'static str, &'static str)] = &[
-        ("MESSAGE_RETRY_MAX_RETRIES", "max_retries"),
-        ("MESSAGE_RETRY_INITIAL_INTERVAL", "initial_interval"),
-        ("MESSAGE_RETRY_MAX_INTERVAL", "max_interval"),
-        ("MESSAGE_RETRY_MULTIPLIER", "multiplier"),
-        ("MESSAGE_RETRY_RANDOMIZATION_FACTOR", "randomization_factor"),
-    ];
-
-    /// The backoff schedule: exponential from `initial_interval` by `multiplier`,
-    /// capped at `max_interval`, randomized by `randomization_factor`, with no
-    /// elapsed-time limit (the number of retries is bounded by `max_retries`).
-    pub fn backoff(&self) -> ExponentialBackoff {
-        let multiplier = if self.multiplier.is_finite() && self.multiplier >= 1.0 { self.multiplier } else { 1.0 };
-        let randomization =
-            if self.randomization_factor.is_finite() { self.randomization_factor.clamp(0.0, 1.0) } else { 0.0 };
-        let initial = self.initial_interval.min(self.max_interval);
-        let mut backoff = ExponentialBackoff {
-            current_interval: initial,
-            initial_interval: initial,
-            randomization_factor: randomization,
-            multiplier,
-            max_interval: self.max_interval,
-            max_elapsed_time: None,
-            ..ExponentialBackoff::default()
-        };
-        backoff::backoff::Backoff::reset(&mut backoff);
-        backoff
-    }
-
-    /// The unrandomized waits before each retry (`max_retries` entries), for logs and
-    /// documentation.
-    pub fn schedule(&self) -> Vec<Duration> {
-        let mut backoff = RetrySettings { randomization_factor: 0.0, ..self.clone() }.backoff();
-        (0..self.max_retries)
-            .map(|_| backoff::backoff::Backoff::next_backoff(&mut backoff).unwrap_or(self.max_interval))
-            .collect()
-    }
-}
-
 /// librdkafka properties from `RDKAFKA_*` variables of the process environment.
 pub fn properties_from_env() -> BTreeMap<String, String> {
     properties_from_vars(std::env::vars())
@@ -331,66 +258,6 @@ mod tests {
         settings.merge_properties(properties_from_vars([("RDKAFKA_FETCH_WAIT_MAX_MS", "500")]));
         assert_eq!(settings.properties.get("fetch.wait.max.ms").map(String::as_str), Some("500"));
         assert_eq!(settings.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
-    }
-
-    #[test]
-    fn backoff_schedule_follows_the_settings() {
-        let retry = RetrySettings {
-            max_retries: 7,
-            initial_interval: Duration::from_millis(100),
-            max_interval: Duration::from_millis(1000),
-            multiplier: 2.0,
-            randomization_factor: 0.0,
-        };
-        let ms: Vec<u128> = retry.schedule().iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![100, 200, 400, 800, 1000, 1000, 1000]);
-
-        let mut backoff = retry.backoff();
-        assert_eq!(backoff.max_elapsed_time, None, "retries are bounded by count, not time");
-        for expected in [100u128, 200, 400, 800, 1000, 1000] {
-            let wait = backoff::backoff::Backoff::next_backoff(&mut backoff).expect("never gives up by itself");
-            assert_eq!(wait.as_millis(), expected);
-        }
-
-        let other = RetrySettings { multiplier: 3.0, initial_interval: Duration::from_millis(10), ..retry.clone() };
-        let ms: Vec<u128> = other.schedule().iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![10, 30, 90, 270, 810, 1000, 1000]);
-    }
-
-    #[test]
-    fn default_schedule_matches_the_documentation() {
-        let ms: Vec<u128> = RetrySettings::default().schedule().iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, vec![100, 200, 400, 800, 1600]);
-    }
-
-    #[test]
-    fn randomized_waits_stay_within_the_factor() {
-        let retry = RetrySettings {
-            max_retries: 3,
-            initial_interval: Duration::from_millis(100),
-            max_interval: Duration::from_secs(10),
-            multiplier: 2.0,
-            randomization_factor: 0.5,
-        };
-        for _ in 0..50 {
-            let mut backoff = retry.backoff();
-            for base in [100.0f64, 200.0, 400.0] {
-                let wait = backoff::backoff::Backoff::next_backoff(&mut backoff).expect("wait").as_secs_f64() * 1000.0;
-                assert!(wait >= base * 0.5 - 1.0 && wait <= base * 1.5 + 1.0, "{wait} not within 50% of {base}");
-            }
-        }
-    }
-
-    #[test]
-    fn nonsense_retry_values_are_made_safe() {
-        let retry = RetrySettings {
-            max_retries: 2,
-            initial_interval: Duration::from_secs(60),
-            max_interval: Duration::from_secs(1),
-            multiplier: 0.5,
-            randomization_factor: f64::NAN,
-        };
-        assert_eq!(retry.schedule(), vec![Duration::from_secs(1), Duration::from_secs(1)]);
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]

@@ -38,7 +38,7 @@ use chatstream::{ChangeEvent, ChangeOp, ChatMessage};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use kafkawrapper::Producer;
+use kafkawrapper::{Backoff, Producer, RetrySettings, Retryable};
 use servicekit::Shutdown;
 use tokio::sync::{mpsc, Notify};
 
@@ -106,29 +106,6 @@ pub struct Relay {
     feed: Arc<RelayFeed>,
     rx: mpsc::Receiver<ChatMessage>,
     lease: LeaseHandle,
-}
-
-/// A capped exponential backoff.
-#[derive(Debug)]
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self { next: FIRST_BACKOFF.min(max), max }
-    }
-
-    fn fail(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.next = FIRST_BACKOFF.min(self.max);
-    }
 }
 
 /// The relay's working state between wake-ups.
@@ -203,22 +180,21 @@ impl Relay {
         Self { store, producer, brokers, settings, feed: feed.0, rx: feed.1, lease }
     }
 
+    /// The relay's retry policy: the fleet's, from 100 ms doubling to
+    /// `RELAY_MAX_BACKOFF`, without a count limit (the relay never gives up).
+    fn backoff(&self) -> Backoff {
+        RetrySettings::doubling(FIRST_BACKOFF, self.settings.max_backoff, 0).unbounded()
+    }
+
     /// Creates the topic if needed, retrying (with backoff) until the broker answers.
     async fn ensure_topic(&self, shutdown: &Shutdown) -> bool {
-        let mut backoff = Backoff::new(self.settings.max_backoff);
-        loop {
-            let topics = [(self.settings.topic.as_str(), self.settings.partitions)];
-            match kafkawrapper::ensure_topics(&self.brokers, &topics).await {
-                Ok(()) => return true,
-                Err(err) => {
-                    let wait = backoff.fail();
-                    tracing::warn!(topic = %self.settings.topic, error = %err, ?wait, "cannot ensure the change topic yet");
-                    tokio::select! {
-                        _ = shutdown.wait() => return false,
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-            }
+        let topics = [(self.settings.topic.as_str(), self.settings.partitions)];
+        let ensure = (|| kafkawrapper::ensure_topics(&self.brokers, &topics)).retry(self.backoff()).notify(|err, wait| {
+            tracing::warn!(topic = %self.settings.topic, error = %err, ?wait, "cannot ensure the change topic yet")
+        });
+        tokio::select! {
+            _ = shutdown.wait() => false,
+            result = ensure => result.is_ok(),
         }
     }
 
@@ -254,7 +230,7 @@ impl Relay {
             ordered_until: None,
             resume_at: None,
         };
-        let mut backoff = Backoff::new(self.settings.max_backoff);
+        let mut backoff = self.backoff();
         let mut next_poll = Instant::now() + self.settings.poll_interval;
         let mut was_leader = false;
         let mut stop = std::pin::pin!(shutdown.wait());
@@ -342,7 +318,7 @@ impl Relay {
                             // it (with everything newer, in order) after the backoff.
                             pipe.in_flight.remove(&id);
                             if pipe.resume_at.is_none() {
-                                let wait = backoff.fail();
+                                let wait = backoff.next().unwrap_or(self.settings.max_backoff);
                                 tracing::warn!(message_id = %id, error = %err, ?wait, "publish failed; backing off");
                                 pipe.resume_at = Some(Instant::now() + wait);
                             }
@@ -359,7 +335,7 @@ impl Relay {
                             }
                         }
                         Err(err) => {
-                            let wait = backoff.fail();
+                            let wait = backoff.next().unwrap_or(self.settings.max_backoff);
                             tracing::warn!(error = %err, ?wait, "outbox scan failed");
                             pipe.resume_at = Some(Instant::now() + wait);
                         }
@@ -369,7 +345,7 @@ impl Relay {
                     pipe.clearing = None;
                     match result {
                         Ok(_) => {
-                            backoff.reset();
+                            backoff = self.backoff();
                             for id in &ids {
                                 pipe.in_flight.remove(id);
                             }
@@ -380,7 +356,7 @@ impl Relay {
                         Err(err) => {
                             // Still published: keep them in flight (not republished)
                             // and clear them again after the backoff.
-                            let wait = backoff.fail();
+                            let wait = backoff.next().unwrap_or(self.settings.max_backoff);
                             tracing::warn!(error = %err, count = ids.len(), ?wait, "clearing outbox markers failed");
                             pipe.acked.extend(ids);
                             pipe.acked_since.get_or_insert_with(Instant::now);
@@ -545,15 +521,6 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_and_is_capped() {
-        let mut b = Backoff::new(Duration::from_millis(500));
-        let waits: Vec<u128> = (0..5).map(|_| b.fail().as_millis()).collect();
-        assert_eq!(waits, vec![100, 200, 400, 500, 500]);
-        b.reset();
-        assert_eq!(b.fail(), Duration::from_millis(100));
-    }
 
     fn message() -> ChatMessage {
         let a = chatstream::UserId::parse("alice").expect("valid");

@@ -23,7 +23,7 @@
 use std::time::Duration;
 
 use chatstream::{ChangeEvent, ChangeOp, ChatMessage, ConversationKind, MessageContent, UserId};
-use kafkawrapper::HandlerError;
+use kafkawrapper::{HandlerError, RetrySettings, Retryable};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -173,6 +173,14 @@ enum ModelError {
     Final(String),
 }
 
+impl ModelError {
+    fn reason(&self) -> &str {
+        match self {
+            Self::Transient(reason) | Self::Final(reason) => reason,
+        }
+    }
+}
+
 impl Bots {
     pub fn new(settings: &BotSettings, forward_timeout: Duration, token: ServiceToken) -> Result<Self, String> {
         let problems = settings.problems();
@@ -293,32 +301,35 @@ impl Bots {
         json!({ "model": self.settings.model, "messages": messages, "stream": false })
     }
 
-    /// Calls the model, retrying transient failures; the answer as storable content.
+    /// Calls the model, retrying transient failures on the fleet's retry policy
+    /// (200 ms doubling to 5 s, `AI_MAX_RETRIES` retries); the answer as storable
+    /// content.
     async fn complete(&self, bot: &UserId, context: &[ChatMessage]) -> Result<String, String> {
-        let body = self.request(bot, context);
-        let mut pause = Duration::from_millis(200);
-        let mut attempt = 0;
-        loop {
-            match self.call_model(&body).await {
-                Ok(text) => {
-                    metrics::counter!("ai_requests_total", "outcome" => "ok").increment(1);
-                    return Ok(text);
-                }
-                Err(ModelError::Final(reason)) => {
-                    metrics::counter!("ai_requests_total", "outcome" => "failed").increment(1);
-                    return Err(reason);
-                }
-                Err(ModelError::Transient(reason)) => {
-                    metrics::counter!("ai_requests_total", "outcome" => "retryable").increment(1);
-                    if attempt >= self.settings.max_retries {
-                        return Err(format!("{reason} (after {} attempts)", attempt + 1));
-                    }
-                    tracing::debug!(%reason, attempt, "model call failed; trying again");
-                    attempt += 1;
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
+        let body = &self.request(bot, context);
+        let policy =
+            RetrySettings::doubling(Duration::from_millis(200), Duration::from_secs(5), self.settings.max_retries);
+        let mut attempts = 0u32;
+        let result = (|| {
+            attempts += 1;
+            async move {
+                let result = self.call_model(body).await;
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(ModelError::Final(_)) => "failed",
+                    Err(ModelError::Transient(_)) => "retryable",
+                };
+                metrics::counter!("ai_requests_total", "outcome" => outcome).increment(1);
+                result
             }
+        })
+        .retry(&policy)
+        .when(|err| matches!(err, ModelError::Transient(_)))
+        .notify(|err, wait| tracing::debug!(reason = %err.reason(), ?wait, "model call failed; trying again"))
+        .await;
+        match result {
+            Ok(text) => Ok(text),
+            Err(ModelError::Final(reason)) => Err(reason),
+            Err(ModelError::Transient(reason)) => Err(format!("{reason} (after {attempts} attempts)")),
         }
     }
 

@@ -36,7 +36,7 @@ use chatstream::{
 };
 use eventstore::{Claim, ClaimToken, EventKey, RedisEventStore};
 use futures::future::join_all;
-use kafkawrapper::{Handler, HandlerError, Record};
+use kafkawrapper::{Handler, HandlerError, Record, RetrySettings, Retryable};
 use serde_json::{json, Value};
 
 use crate::bot::Bots;
@@ -368,26 +368,25 @@ impl PipelineHandler {
         );
     }
 
-    /// Closes the stream's sockets with the resync code, retrying within the
-    /// failover timeout (the pod may be restarting).
+    /// Closes the stream's sockets with the resync code, retrying on the fleet's
+    /// retry policy (100 ms doubling to 2 s) within the failover timeout (the pod
+    /// may be restarting).
     async fn fail_over(&self, stream: StreamId) -> bool {
         let url = format!("{}/chat/close-stream?stream_id={stream}", self.chat_websocket_url);
-        let deadline = Instant::now() + self.failover_timeout;
-        let mut pause = Duration::from_millis(100);
-        loop {
-            match self.forwarder.post("chat_websocket_close", &url, &json!({})).await {
-                Ok(()) => return true,
-                Err(HandlerError::Retryable(reason)) if Instant::now() + pause < deadline => {
-                    tracing::debug!(%reason, "close-stream failed; trying again");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(2));
-                }
-                Err(err) => {
-                    tracing::error!(pipeline = %self.name, stream_id = %stream, error = %err, "failover could not close the stream's sockets");
-                    return false;
-                }
-            }
+        let policy = RetrySettings::doubling(Duration::from_millis(100), Duration::from_secs(2), u32::MAX);
+        let body = json!({});
+        let close = (|| self.forwarder.post("chat_websocket_close", &url, &body))
+            .retry(&policy)
+            .when(|err| matches!(err, HandlerError::Retryable(_)))
+            .notify(|err, wait| tracing::debug!(reason = %err, ?wait, "close-stream failed; trying again"));
+        let result = match tokio::time::timeout(self.failover_timeout, close).await {
+            Ok(result) => result,
+            Err(_) => Err(HandlerError::retryable(format!("no answer within {:?}", self.failover_timeout))),
+        };
+        if let Err(err) = &result {
+            tracing::error!(pipeline = %self.name, stream_id = %stream, error = %err, "failover could not close the stream's sockets");
         }
+        result.is_ok()
     }
 }
 

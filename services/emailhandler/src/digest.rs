@@ -22,6 +22,7 @@ use std::future::IntoFuture;
 use std::time::Duration;
 
 use futures::TryStreamExt;
+use kafkawrapper::RetrySettings;
 use mongodb::bson::{doc, Document};
 use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
@@ -126,12 +127,17 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// A few milliseconds, different per call, so racing writers spread out.
-async fn cas_pause(attempt: u32) {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let ms = 1 + u64::from(nanos % 4) + u64::from(attempt.min(8));
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+/// The pauses between compare-and-swap tries: the fleet's retry policy, a few
+/// milliseconds with full jitter so racing writers spread out.
+fn cas_pauses() -> kafkawrapper::Backoff {
+    RetrySettings {
+        max_retries: CAS_ATTEMPTS,
+        initial_interval: Duration::from_millis(2),
+        max_interval: Duration::from_millis(8),
+        multiplier: 1.5,
+        randomization_factor: 1.0,
+    }
+    .backoff()
 }
 
 impl DigestStore {
@@ -176,7 +182,8 @@ impl DigestStore {
 
     /// Adds `item` to `recipient`'s digest (creating it, due one window from now).
     pub async fn enqueue(&self, recipient: &str, item: DigestItem) -> Result<Enqueued, StoreError> {
-        for attempt in 0..CAS_ATTEMPTS {
+        let mut pauses = cas_pauses();
+        for _ in 0..CAS_ATTEMPTS {
             match self.get(recipient).await? {
                 None => {
                     let due_at = item.enqueued_at.saturating_add(self.window_ms);
@@ -206,7 +213,7 @@ impl DigestStore {
                     }
                 }
             }
-            cas_pause(attempt).await;
+            tokio::time::sleep(pauses.next().unwrap_or_default()).await;
         }
         Err(StoreError::Unavailable(format!("digest of {recipient} kept changing; gave up after {CAS_ATTEMPTS} tries")))
     }
@@ -244,7 +251,8 @@ impl DigestStore {
     /// accounted for; deletes the digest when nothing is left, otherwise schedules
     /// what arrived meanwhile one window after its oldest item.
     pub async fn complete(&self, recipient: &str, done_ids: &[String], done_overflow: i64) -> Result<(), StoreError> {
-        for attempt in 0..CAS_ATTEMPTS {
+        let mut pauses = cas_pauses();
+        for _ in 0..CAS_ATTEMPTS {
             let Some(digest) = self.get(recipient).await? else { return Ok(()) };
             let remaining: Vec<DigestItem> =
                 digest.items.iter().filter(|i| !done_ids.contains(&i.message_id)).cloned().collect();
@@ -260,7 +268,7 @@ impl DigestStore {
             if swapped {
                 return Ok(());
             }
-            cas_pause(attempt).await;
+            tokio::time::sleep(pauses.next().unwrap_or_default()).await;
         }
         Err(StoreError::Unavailable(format!("digest of {recipient} kept changing; gave up after {CAS_ATTEMPTS} tries")))
     }
@@ -273,7 +281,8 @@ impl DigestStore {
         next_attempt_at: i64,
         error: &str,
     ) -> Result<(), StoreError> {
-        for attempt in 0..CAS_ATTEMPTS {
+        let mut pauses = cas_pauses();
+        for _ in 0..CAS_ATTEMPTS {
             let Some(digest) = self.get(recipient).await? else { return Ok(()) };
             let mut next = digest.clone();
             next.version += 1;
@@ -285,7 +294,7 @@ impl DigestStore {
             if self.swap(&digest, &next).await? {
                 return Ok(());
             }
-            cas_pause(attempt).await;
+            tokio::time::sleep(pauses.next().unwrap_or_default()).await;
         }
         Err(StoreError::Unavailable(format!("digest of {recipient} kept changing; gave up after {CAS_ATTEMPTS} tries")))
     }

@@ -148,7 +148,7 @@ impl Flusher {
                         self.give_up(&digest, "retryable-exhausted", &reason, attempts).await
                     }
                     SendError::Transient(_) => {
-                        let wait = self.wait_before(attempts);
+                        let wait = self.settings.retry.wait_before(u64::try_from(attempts).unwrap_or(1));
                         tracing::warn!(user = %recipient, attempt = attempts, retry_in = ?wait, %reason, "digest not sent; will retry");
                         self.shared.digests.reschedule(&recipient, attempts, now_ms() + millis(wait), &reason).await
                     }
@@ -159,15 +159,6 @@ impl Flusher {
             // The lease runs out and a later pass picks the digest up again.
             tracing::warn!(user = %recipient, error = %err, "could not record the digest's outcome");
         }
-    }
-
-    /// The wait before retry `attempt` (1-based), from the retry schedule.
-    fn wait_before(&self, attempt: i64) -> Duration {
-        let schedule = self.settings.retry.schedule();
-        usize::try_from(attempt - 1)
-            .ok()
-            .and_then(|i| schedule.get(i).copied())
-            .unwrap_or(self.settings.retry.max_interval)
     }
 
     async fn deliver(&self, digest: &Digest) -> Delivery {

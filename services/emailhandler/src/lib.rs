@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::Router;
 use chatstream::domain::DomainKind;
 use eventstore::RedisEventStore;
-use kafkawrapper::{ConsumerGroup, Producer};
+use kafkawrapper::{ConsumerGroup, Producer, RetrySettings, Retryable};
 use servicekit::{Context, Launch, Readiness, Routes};
 use tokio_util::sync::CancellationToken;
 
@@ -82,24 +82,18 @@ async fn ensure_topics(settings: &Settings, shutdown: &CancellationToken) -> Res
         .chain(settings.kafka.dead_letter_topic())
         .map(|topic| (topic, partitions))
         .collect();
-    let mut wait = Duration::from_millis(200);
-    for attempt in 1..=ENSURE_TOPIC_ATTEMPTS {
-        match kafkawrapper::ensure_topics(&settings.kafka.brokers, &topics).await {
-            Ok(()) => return Ok(()),
-            Err(err) if attempt == ENSURE_TOPIC_ATTEMPTS => {
-                return Err(format!("could not create the topics after {attempt} attempts: {err}"))
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, attempt, retry_in = ?wait, "could not ensure the topics exist");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                wait = (wait * 2).min(Duration::from_secs(5));
-            }
-        }
+    // The fleet's retry policy: 200 ms doubling to 5 s, 34 retries (about two and a
+    // half minutes), then the worker gives up and the service exits.
+    let policy = RetrySettings::doubling(Duration::from_millis(200), Duration::from_secs(5), ENSURE_TOPIC_ATTEMPTS - 1);
+    let ensure = (|| kafkawrapper::ensure_topics(&settings.kafka.brokers, &topics))
+        .retry(&policy)
+        .notify(|err, wait| tracing::warn!(error = %err, retry_in = ?wait, "could not ensure the topics exist"));
+    tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        result = ensure => result.map_err(|err| {
+            format!("could not create the topics after {ENSURE_TOPIC_ATTEMPTS} attempts: {err}")
+        }),
     }
-    Ok(())
 }
 
 /// Builds the service from its settings: validates templates and settings, wires the
