@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use testkit::{free_port, scratch, workspace_root, Broker, Mongo, Redis, ServerProcess};
 
+pub mod chaos;
+
 /// The development secrets every test fleet shares.
 pub const JWT_SECRET: &str = "chatfleet-test-secret-0123456789";
 pub const SERVICE_TOKEN: &str = "chatfleet-test-service-token-0123456789";

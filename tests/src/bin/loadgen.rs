@@ -13,6 +13,7 @@
 //! cargo run --release -p chatfleet-tests --bin loadgen -- --pairs 100 --rate 500 --duration 60
 //! cargo run --release -p chatfleet-tests --bin loadgen -- --pairs 100 --sweep 500,750,1000,1250,1500 --duration 15
 //! cargo run --release -p chatfleet-tests --bin loadgen -- --group-members 1000 --rate 50 --duration 30
+//! cargo run --release -p chatfleet-tests --bin loadgen -- --chaos --duration 600 --rate 170 --conversations 120
 //! ```
 //!
 //! Besides end-to-end latency it prints each stage's time from the services' own
@@ -423,7 +424,26 @@ fn main() {
     if let Some(code) = sockets::dispatch() {
         std::process::exit(code);
     }
+    if std::env::args().nth(1).as_deref() == Some("--chaos") {
+        std::process::exit(chaos_main());
+    }
     pair_and_group_main();
+}
+
+/// `--chaos`: the chaos soak (`tests/src/chaos.rs`) on the benchmark's binaries and
+/// broker profile.
+#[tokio::main(flavor = "multi_thread")]
+async fn chaos_main() -> i32 {
+    if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
+        std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
+    }
+    let scratch = broker_profile();
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let code = chatfleet_tests::chaos::cli(&args).await;
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    code
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -12,11 +12,13 @@ mod multipod_support;
 
 mod bots;
 mod changehandler_failover;
+mod chaos_soak;
 mod chat_pipeline;
 mod chatpersistence_api;
 mod chatpersistence_relay;
 mod chatwebsockets_handler;
 mod conversations_api;
+mod definite_answers;
 mod deploy_compose;
 mod deploy_envoy;
 mod deploy_helm;
