@@ -5,7 +5,9 @@ Why this exists: no Docker engine and no Kubernetes cluster run here, so the
 deploy files are checked with the tools that would consume them: Helm 4's own
 library renders and lints the chart, every rendered object is validated against
 the Kubernetes OpenAPI schemas, hadolint lints the Dockerfile, Envoy validates
-its configuration, docker-compose resolves the compose file. Each subcommand
+its configuration, docker-compose resolves the compose file, the Prometheus
+Operator's objects are validated against its CRDs (as pydantic models) and
+every PromQL expression is parsed by a real PromQL parser. Each subcommand
 prints JSON (or the tool's own report) and exits non-zero when the tool found a
 problem; the Rust tests then assert what the files must mean.
 
@@ -17,6 +19,7 @@ Run with the venv that deploy/check/install.sh makes (.local/deploy-venv):
     check.py helm-render CHART [--values F]... [--set K=V]... [--name N]
                          [--namespace NS] [--kube-version 1.30.0] [--no-validate]
     check.py helm-lint CHART [--values F]...
+    check.py promql [--grafana] < EXPRESSIONS.json   # parse each PromQL expression
     check.py hadolint DOCKERFILE
     check.py envoy-validate CONFIG
     check.py envoy-bin                         # path of the envoy binary
@@ -176,6 +179,9 @@ def cmd_helm_render(args: argparse.Namespace) -> None:
             objects.append({"template": template, "object": document})
             if args.no_validate:
                 continue
+            if (document.get("apiVersion"), document.get("kind")) in CRD_KINDS:
+                problems.extend(f"{template} {p}" for p in validate_crd_object(document))
+                continue
             try:
                 kubernetes_validate.validate(document, args.kube_version, strict=True)
             except kubernetes_validate.ValidationError as err:
@@ -187,6 +193,90 @@ def cmd_helm_render(args: argparse.Namespace) -> None:
     if problems:
         fail("rendered objects are not valid Kubernetes:\n  " + "\n  ".join(problems))
     print(json.dumps({"objects": objects, "kube_version": args.kube_version}))
+
+
+# Kinds that are not part of Kubernetes (kubernetes-validate has no schema for
+# them): validated against the Prometheus Operator's CRDs, which the
+# cloudcoil-models-prometheus-operator wheel ships as pydantic models.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+
+def unknown_fields(original: Any, validated: Any, path: str = "") -> list[str]:
+    """Paths present in `original` but dropped by the model: fields the CRD does not have."""
+    missing = []
+    if isinstance(original, dict) and isinstance(validated, dict):
+        for key, value in original.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key not in validated:
+                missing.append(where)
+            else:
+                missing.extend(unknown_fields(value, validated[key], where))
+    elif isinstance(original, list) and isinstance(validated, list):
+        for index, (a, b) in enumerate(zip(original, validated)):
+            missing.extend(unknown_fields(a, b, f"{path}[{index}]"))
+    return missing
+
+
+def validate_crd_object(document: dict[str, Any]) -> list[str]:
+    """Problems of one Prometheus Operator object: type/pattern errors and unknown fields (strict)."""
+    import pydantic
+    from cloudcoil.models.prometheus_operator import v1
+
+    kind = document.get("kind", "")
+    name = (kind, document.get("metadata", {}).get("name"))
+    model = getattr(v1, kind)
+    try:
+        validated = model.model_validate(document).model_dump(by_alias=True, exclude_none=True, mode="json")
+    except pydantic.ValidationError as err:
+        return [f"{name}: {e['loc']}: {e['msg']}" for e in err.errors()]
+    return [f"{name}: {where}: unknown field" for where in unknown_fields(document, validated)]
+
+
+# Grafana's variables in dashboard queries, replaced by plain values before
+# parsing (Grafana substitutes them before Prometheus sees the query).
+GRAFANA_VARIABLES = re.compile(r"\$(?:\{(\w+)(?::\w+)?\}|(\w+))")
+GRAFANA_DURATIONS = {"__rate_interval", "__interval", "__range", "__range_s"}
+
+
+def grafana_substituted(expr: str) -> str:
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        return "5m" if name in GRAFANA_DURATIONS else "grafana_variable"
+
+    return GRAFANA_VARIABLES.sub(replace, expr)
+
+
+def cmd_promql(args: argparse.Namespace) -> None:
+    """Parse each expression of a JSON list on stdin; print [{expr, error, metrics}]."""
+    import promql_parser
+
+    results = []
+    for expr in json.load(sys.stdin):
+        text = grafana_substituted(expr) if args.grafana else expr
+        names: list[str] = []
+
+        def visit(node: Any) -> bool:
+            if isinstance(node, promql_parser.VectorSelector):
+                if node.name:
+                    names.append(node.name)
+                for matcher in node.matchers.matchers:
+                    if matcher.name == "__name__":
+                        names.append(matcher.value)
+            return True
+
+        try:
+            promql_parser.walk(promql_parser.parse(text), visit)
+            error = None
+        except Exception as err:  # the parser raises ValueError and friends
+            error = str(err)
+        results.append({"expr": expr, "parsed": text, "error": error, "metrics": sorted(set(names))})
+    print(json.dumps(results))
+    if any(r["error"] for r in results):
+        sys.exit(1)
 
 
 def cmd_helm_lint(args: argparse.Namespace) -> None:
@@ -242,6 +332,9 @@ def main() -> None:
         p.add_argument("--kube-version", default=DEFAULT_KUBE_VERSION)
         p.add_argument("--no-validate", action="store_true")
         p.set_defaults(run=run)
+    p = sub.add_parser("promql")
+    p.add_argument("--grafana", action="store_true", help="replace Grafana variables ($__rate_interval, $x) first")
+    p.set_defaults(run=cmd_promql)
     p = sub.add_parser("hadolint")
     p.add_argument("file")
     p.set_defaults(run=cmd_hadolint)

@@ -23,6 +23,7 @@ mod deploy_compose;
 mod deploy_envoy;
 mod deploy_helm;
 mod deploy_image;
+mod deploy_monitoring;
 mod deploy_nginx;
 mod docs_configuration;
 mod domain_capture;
