@@ -69,6 +69,8 @@ pub struct AppState {
     pub(crate) bots: Arc<Vec<UserId>>,
     /// The write-behind queue (`WRITE_MODE=write_behind`; absent in direct mode).
     pub(crate) queue: Option<Arc<crate::write_behind::Queue>>,
+    /// The recent-history cache (write-behind mode with `RECENT_CACHE_LENGTH` > 0).
+    pub(crate) cache: Option<Arc<crate::recent_cache::RecentCache>>,
 }
 
 impl AppState {
@@ -100,6 +102,32 @@ impl AppState {
             // Checked by `Settings::validate` before the state is built.
             bots: Arc::new(crate::bot_api::parse_bots(&limits.writes.bots).unwrap_or_default()),
             queue: None,
+            cache: None,
+        }
+    }
+
+    /// History reads go through the recent cache.
+    pub fn with_cache(mut self, cache: Arc<crate::recent_cache::RecentCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Drops `stream`'s recent cache around a change to a stored message: `before`
+    /// the change a failure refuses it (503, nothing changed), after it the failure
+    /// is only counted (the version bump of the first already stops stale repairs).
+    pub(crate) async fn uncache(&self, stream: &StreamId, before: bool) -> Result<(), ApiError> {
+        let Some(cache) = &self.cache else { return Ok(()) };
+        match cache.invalidate(stream).await {
+            Ok(()) => Ok(()),
+            Err(err) if before => {
+                tracing::warn!(error = %err, "recent cache unreachable; change refused");
+                Err(ApiError::unavailable("the message cache is unavailable, retry later", RETRY_AFTER))
+            }
+            Err(err) => {
+                metrics::counter!("recent_cache_invalidation_failures_total").increment(1);
+                tracing::warn!(error = %err, "recent cache not invalidated after a change");
+                Ok(())
+            }
         }
     }
 
@@ -550,6 +578,40 @@ fn page_limit(settings: &HistorySettings, limit: Option<u32>) -> Result<u32, Api
     }
 }
 
+/// The stored part of a page from the recent cache, oldest first; `None` when the
+/// cache cannot answer it whole (then a repair is started and MongoDB answers).
+async fn stored_page(
+    state: &AppState,
+    stream: &StreamId,
+    reader: &Reader,
+    cursor: Cursor,
+    limit: u32,
+) -> Option<Vec<ChatMessage>> {
+    use crate::recent_cache::Lookup;
+    let cache = state.cache.as_ref()?;
+    match cache.read(stream, cursor, limit).await {
+        Lookup::Hit(mut messages) => {
+            let all = messages.len();
+            messages.retain(|m| reader.may_see(m));
+            if messages.len() < all {
+                // Someone else's messages under the id (a legacy collision): MongoDB
+                // pages by this reader's messages.
+                return None;
+            }
+            if matches!(cursor, Cursor::Before(_)) {
+                messages.reverse();
+            }
+            Some(messages)
+        }
+        Lookup::Miss(Some(version)) => {
+            let (cache, store, stream) = (cache.clone(), state.store.clone(), stream.clone());
+            tokio::spawn(async move { cache.repair(&store, &stream, version).await });
+            None
+        }
+        Lookup::Miss(None) => None,
+    }
+}
+
 async fn read_page(
     state: &AppState,
     stream: StreamId,
@@ -570,7 +632,10 @@ async fn read_page(
         },
         None => Vec::new(),
     };
-    let mut messages = state.store.history(&stream, reader, cursor, limit + 1).await.map_err(store_error)?;
+    let mut messages = match stored_page(state, &stream, reader, cursor, limit + 1).await {
+        Some(cached) => cached,
+        None => state.store.history(&stream, reader, cursor, limit + 1).await.map_err(store_error)?,
+    };
     if !queued.is_empty() {
         messages.extend(queued);
         messages.sort_by_key(|m| m.message_id);

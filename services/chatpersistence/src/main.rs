@@ -12,6 +12,7 @@ mod event_relay;
 mod lease;
 mod message_changes;
 mod message_status;
+mod recent_cache;
 mod relay;
 mod settings;
 mod store;
@@ -71,12 +72,25 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         // Unique per process: the consumer name and the lease holder.
         let holder = format!("chatpersistence-{}-{}", std::process::id(), chatstream::MessageId::new());
         tracing::info!(holder, shards = queue.shards(), "write-behind mode: posts are queued in Redis");
+        let cache = match settings.recent_cache.length {
+            0 => None,
+            _ => Some(Arc::new(recent_cache::RecentCache::new(
+                settings.write_behind_redis_url(),
+                &settings.write_behind.key_prefix,
+                settings.write_behind.redis_timeout,
+                &settings.recent_cache,
+            )?)),
+        };
+        if let Some(cache) = &cache {
+            state = state.with_cache(cache.clone());
+        }
         for shard in 0..queue.shards() {
             writers.push(write_behind::ShardWriter::new(
                 queue.clone(),
                 store.clone(),
                 conversations.clone(),
                 api_feed.clone(),
+                cache.clone(),
                 shard,
                 holder.clone(),
                 settings.write_behind.clone(),

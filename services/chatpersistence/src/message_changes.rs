@@ -77,8 +77,11 @@ async fn apply(
     change: MessageChange,
 ) -> Result<Option<ChatMessage>, ApiError> {
     let _serial = state.lock_stream(&message.stream_id).await?;
+    state.uncache(&message.stream_id, true).await?;
     let now = Utc::now().timestamp_millis();
-    if !state.store().change(&message.message_id, change, now).await.map_err(store_error)? {
+    let changed = state.store().change(&message.message_id, change, now).await.map_err(store_error);
+    state.uncache(&message.stream_id, false).await?;
+    if !changed? {
         return Ok(None);
     }
     let changed = state.store().message(&message.message_id).await.map_err(store_error)?.ok_or_else(not_found)?;
@@ -163,8 +166,11 @@ async fn reaction(
         return Err(deleted());
     }
     let _serial = state.lock_stream(&message.stream_id).await?;
+    state.uncache(&message.stream_id, true).await?;
     let now = Utc::now().timestamp_millis();
-    let changed = state.store().react(&message.message_id, &caller, &emoji, add, now).await.map_err(store_error)?;
+    let changed = state.store().react(&message.message_id, &caller, &emoji, add, now).await.map_err(store_error);
+    state.uncache(&message.stream_id, false).await?;
+    let changed = changed?;
     if changed {
         if let Some(conversation) = conversation {
             state

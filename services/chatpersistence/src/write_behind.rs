@@ -46,6 +46,7 @@ use servicekit::Shutdown;
 use tokio::sync::Notify;
 
 use crate::conversations::Conversations;
+use crate::recent_cache::RecentCache;
 use crate::relay::RelayFeed;
 use crate::settings::WriteBehindSettings;
 use crate::store::{Cursor, Store, StoreError};
@@ -501,6 +502,7 @@ pub struct ShardWriter {
     conversations: Conversations,
     conversation_docs: mongodb::Collection<Document>,
     feed: Option<Arc<RelayFeed>>,
+    cache: Option<Arc<RecentCache>>,
     shard: u32,
     holder: String,
     settings: WriteBehindSettings,
@@ -513,6 +515,7 @@ impl ShardWriter {
         store: Store,
         conversations: Conversations,
         feed: Option<Arc<RelayFeed>>,
+        cache: Option<Arc<RecentCache>>,
         shard: u32,
         holder: String,
         settings: WriteBehindSettings,
@@ -524,6 +527,7 @@ impl ShardWriter {
             store,
             conversations,
             feed,
+            cache,
             shard,
             holder,
             settings,
@@ -667,6 +671,21 @@ impl ShardWriter {
         if let Some(feed) = &self.feed {
             for message in &fresh {
                 feed.offer((*message).clone());
+            }
+        }
+        if let Some(cache) = &self.cache {
+            // Before the queued copies go: a reader that no longer finds a message
+            // queued finds it cached (or the cache absent).
+            let mut by_stream: Vec<(&StreamId, Vec<&ChatMessage>)> = Vec::new();
+            for (_, queued) in &batch {
+                let stream = &queued.message.stream_id;
+                match by_stream.iter_mut().find(|(s, _)| *s == stream) {
+                    Some((_, messages)) => messages.push(&queued.message),
+                    None => by_stream.push((stream, vec![&queued.message])),
+                }
+            }
+            for (stream, messages) in by_stream {
+                cache.append(stream, &messages).await?;
             }
         }
         done_ids.extend(batch.iter().map(|(id, _)| id.clone()));

@@ -471,6 +471,41 @@ async fn the_write_behind_api_contract() {
         conversation.find_one(doc! { "_id": { "$eq": stream_of(alice, bob) } }).await.expect("read").expect("exists");
     let seq = conv.get_i64("seq").or_else(|_| conv.get_i32("seq").map(i64::from)).unwrap_or(-1);
     assert_eq!(seq, accepted.len() as i64, "the conversation counted each message once");
-    let (code, _) = try_post(&http, &url, alice, bob, "after", "a-3").await;
+    let (code, after) = try_post(&http, &url, alice, bob, "after", "a-3").await;
     assert_eq!(code, 202, "admission resumes once the queue drained");
+    accepted.push(after["message_id"].as_str().expect("id").to_owned());
+
+    // The recent cache: a miss repairs it, the next read is a hit with the same
+    // page, a new message is appended, an edit invalidates, losing it loses nothing.
+    let page = |messages: Vec<Value>| -> Vec<String> {
+        messages.iter().filter_map(|m| m["message_id"].as_str().map(str::to_owned)).collect()
+    };
+    let hits = || service.counter("recent_cache_reads_total", &[("result", "hit")]);
+    let before_hits = hits().await;
+    assert_eq!(page(chatfleet_tests::client::history(&service, bob, alice).await), accepted, "first read");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(page(chatfleet_tests::client::history(&service, bob, alice).await), accepted, "cached read");
+    assert!(hits().await > before_hits, "the second read came from the cache");
+    let edit = http
+        .patch(service.url(&format!("/chat/messages/{first_id}")))
+        .bearer_auth(token(alice))
+        .json(&json!({"content": "one, edited"}))
+        .send()
+        .await
+        .expect("edit answers");
+    assert!(edit.status().is_success(), "edit: {}", edit.status());
+    let history = chatfleet_tests::client::history(&service, bob, alice).await;
+    assert_eq!(history[0]["content"], "one, edited", "an edit is never hidden by the cache");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, last) = try_post(&http, &url, alice, bob, "newest", "a-4").await;
+    assert_eq!(code, 202);
+    accepted.push(last["message_id"].as_str().expect("id").to_owned());
+    assert_eq!(page(chatfleet_tests::client::history(&service, bob, alice).await), accepted, "queued or cached");
+    let stream = stream_of(alice, bob);
+    redis_command(&queue, &["DEL", &format!("chat:wb:recent:{stream}"), &format!("chat:wb:recent:{stream}:floor")]);
+    assert_eq!(
+        page(chatfleet_tests::client::history(&service, bob, alice).await),
+        accepted,
+        "cache lost, nothing lost"
+    );
 }
