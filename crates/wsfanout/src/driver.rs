@@ -14,15 +14,16 @@
 //! [`close_code::TOKEN_EXPIRED`]: authentication is checked once, at the upgrade, so
 //! without a deadline a socket would outlive its token (and a revoked user) for ever.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::hash::Hash;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -114,12 +115,12 @@ where
         let settings = registration.hub().settings().clone();
         let hub = registration.hub().name();
         let (mut sink, mut stream) = socket.split();
-        let (reply_tx, mut reply_rx) = mpsc::channel::<Utf8Bytes>(8);
+        let replies = Replies::default();
         let deadline = expires_at.map(instant_of);
 
         let stop = {
-            let writer = write_loop(&mut sink, &mut registration, &shutdown, replay, &mut reply_rx, &settings, hub);
-            let reader = read_loop(&mut stream, &mut on_client, &reply_tx, settings.pong_timeout);
+            let writer = write_loop(&mut sink, &mut registration, &shutdown, replay, &replies, &settings, hub);
+            let reader = read_loop(&mut stream, &mut on_client, &replies, settings.pong_timeout);
             let expiry = async {
                 match deadline {
                     Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -190,23 +191,107 @@ async fn close_requested(rx: &mut watch::Receiver<Option<Close>>) -> Close {
     }
 }
 
-/// Sends `message`, unless shutdown or a close request comes first (a client that
-/// does not read can block a write for ever).
-async fn send<S>(
-    sink: &mut S,
-    message: Message,
+/// Client replies waiting for the writer (at most [`MAX_REPLIES`]): a plain queue in
+/// the socket's own task instead of a channel, whose first block of slots every
+/// socket would allocate up front.
+#[derive(Default)]
+struct Replies {
+    queue: Mutex<VecDeque<Utf8Bytes>>,
+    ready: Notify,
+}
+
+/// Replies a client may have waiting; more are dropped (it floods faster than it reads).
+const MAX_REPLIES: usize = 8;
+
+/// Live frames written in one go (one flush, so usually one system call) when
+/// several are queued, e.g. during a fan-out burst.
+const MAX_BATCH: usize = 32;
+
+impl Replies {
+    fn push(&self, reply: Utf8Bytes) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if queue.len() >= MAX_REPLIES {
+            return false;
+        }
+        queue.push_back(reply);
+        drop(queue);
+        self.ready.notify_one();
+        true
+    }
+
+    fn take(&self) -> VecDeque<Utf8Bytes> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
+}
+
+/// Runs a write, unless shutdown or a close request comes first (a client that does
+/// not read can block a write for ever).
+async fn guarded<T>(
+    write: impl std::future::Future<Output = Result<T, axum::Error>>,
     close_rx: &mut watch::Receiver<Option<Close>>,
     shutdown: &CancellationToken,
-) -> Result<(), Stop>
-where
-    S: Sink<Message, Error = axum::Error> + Unpin,
-{
+) -> Result<T, Stop> {
     tokio::select! {
         biased;
         _ = shutdown.cancelled() => Err(Stop::Close(Close::going_away())),
         close = close_requested(close_rx) => Err(Stop::Close(close)),
-        sent = sink.send(message) => sent.map_err(|_| Stop::Gone),
+        written = write => written.map_err(|_| Stop::Gone),
     }
+}
+
+/// The live frames that may repeat the replay: the first `left` frames queued
+/// before the replay's ids were remembered.
+struct Seam {
+    left: usize,
+    replayed: HashSet<EventId>,
+}
+
+impl Seam {
+    /// Whether `frame` is a live copy of a replayed one (and so is not sent).
+    fn skips(&mut self, frame: &Frame) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        frame.event_id().is_some_and(|id| self.replayed.contains(id)) && frame.then_close().is_none()
+    }
+}
+
+/// Writes `first` and then whatever else is queued already (up to [`MAX_BATCH`]
+/// frames), and flushes once. Returns how many frames it wrote and the close that
+/// must follow if one of them was the connection's last.
+async fn write_batch<S>(
+    sink: &mut S,
+    first: Frame,
+    rx: &mut mpsc::Receiver<Frame>,
+    seam: &mut Seam,
+) -> Result<(u64, Option<Close>), axum::Error>
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(frame) = next.take() {
+        let (text, then_close) = frame.into_parts();
+        sink.feed(Message::Text(text)).await?;
+        written += 1;
+        if let Some(close) = then_close {
+            // The connection's last frame (Hub::send_last): send it, then close.
+            sink.flush().await?;
+            return Ok((written, Some(close)));
+        }
+        if written as usize >= MAX_BATCH {
+            break;
+        }
+        while let Ok(frame) = rx.try_recv() {
+            if !seam.skips(&frame) {
+                next = Some(frame);
+                break;
+            }
+        }
+    }
+    sink.flush().await?;
+    Ok((written, None))
 }
 
 async fn write_loop<S, K>(
@@ -214,7 +299,7 @@ async fn write_loop<S, K>(
     registration: &mut Registration<K>,
     shutdown: &CancellationToken,
     replay: Vec<Frame>,
-    replies: &mut mpsc::Receiver<Utf8Bytes>,
+    replies: &Replies,
     settings: &WsSettings,
     hub: &'static str,
 ) -> Stop
@@ -227,61 +312,68 @@ where
     // The replay. Its ids are remembered first, so broadcasts stop queuing them; the
     // live frames queued before that are the only ones that can repeat the replay.
     let replayed: HashSet<EventId> = replay.iter().filter_map(|frame| frame.event_id().cloned()).collect();
-    let mut seam = if replayed.is_empty() { 0 } else { registration.remember(replayed.iter().cloned()) };
-    for frame in replay {
-        if let Err(stop) = send(sink, Message::Text(frame.into_text()), &mut registration.close_rx, shutdown).await {
+    let left = if replayed.is_empty() { 0 } else { registration.remember(replayed.iter().cloned()) };
+    let mut seam = Seam { left, replayed };
+    if !replay.is_empty() {
+        let count = replay.len() as u64;
+        let write = async {
+            for frame in replay {
+                sink.feed(Message::Text(frame.into_text())).await?;
+            }
+            sink.flush().await
+        };
+        if let Err(stop) = guarded(write, &mut registration.close_rx, shutdown).await {
             return stop;
         }
-        frames_sent.increment(1);
+        frames_sent.increment(count);
     }
 
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        let (message, is_frame) = tokio::select! {
+        let written = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return Stop::Close(Close::going_away()),
             close = close_requested(&mut registration.close_rx) => return Stop::Close(close),
-            _ = ping.tick() => (Message::Ping(Bytes::new()), false),
-            Some(reply) = replies.recv() => (Message::Text(reply), true),
+            _ = ping.tick() => {
+                guarded(sink.send(Message::Ping(Bytes::new())), &mut registration.close_rx, shutdown).await.map(|()| (0, None))
+            }
+            _ = replies.ready.notified() => {
+                let queued = replies.take();
+                let count = queued.len() as u64;
+                let write = async {
+                    for reply in queued {
+                        sink.feed(Message::Text(reply)).await?;
+                    }
+                    sink.flush().await
+                };
+                guarded(write, &mut registration.close_rx, shutdown).await.map(|()| (count, None))
+            }
             frame = registration.rx.recv() => match frame {
                 Some(frame) => {
-                    if seam > 0 {
-                        seam -= 1;
-                        if frame.event_id().is_some_and(|id| replayed.contains(id)) && frame.then_close().is_none() {
-                            continue;
-                        }
+                    if seam.skips(&frame) {
+                        continue;
                     }
-                    let (text, then_close) = frame.into_parts();
-                    if let Some(close) = then_close {
-                        // The connection's last frame (Hub::send_last): send it, then close.
-                        if let Err(stop) = send(sink, Message::Text(text), &mut registration.close_rx, shutdown).await {
-                            return stop;
-                        }
-                        frames_sent.increment(1);
-                        return Stop::Close(close);
-                    }
-                    (Message::Text(text), true)
+                    let Registration { rx, close_rx, .. } = &mut *registration;
+                    guarded(write_batch(sink, frame, rx, &mut seam), close_rx, shutdown).await
                 }
                 // The hub dropped the queue: it asked to close (or is gone).
                 None => return Stop::Close(registration.close_requested().unwrap_or_else(Close::going_away)),
             },
         };
-        if let Err(stop) = send(sink, message, &mut registration.close_rx, shutdown).await {
-            return stop;
-        }
-        if is_frame {
-            frames_sent.increment(1);
+        match written {
+            Err(stop) => return stop,
+            Ok((count, then_close)) => {
+                frames_sent.increment(count);
+                if let Some(close) = then_close {
+                    return Stop::Close(close);
+                }
+            }
         }
     }
 }
 
-async fn read_loop<S>(
-    stream: &mut S,
-    on_client: &mut Handler,
-    replies: &mpsc::Sender<Utf8Bytes>,
-    pong_timeout: Duration,
-) -> Stop
+async fn read_loop<S>(stream: &mut S, on_client: &mut Handler, replies: &Replies, pong_timeout: Duration) -> Stop
 where
     S: Stream<Item = Result<Message, axum::Error>> + Unpin,
 {
@@ -300,7 +392,7 @@ where
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => None,
         };
         if let Some(reply) = reply {
-            if replies.try_send(reply).is_err() {
+            if !replies.push(reply) {
                 tracing::debug!("client sends faster than it reads; reply dropped");
             }
         }

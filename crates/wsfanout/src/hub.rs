@@ -10,8 +10,9 @@
 //! The map lives behind one mutex held only for non-blocking work (`try_send`,
 //! hash-set look-ups), never across an `.await`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::hash::BuildHasher;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,9 +56,14 @@ impl From<&str> for EventId {
 }
 
 /// One pre-serialized text frame, optionally tagged with the event it carries.
-/// Serialized once per broadcast; cloning it for each connection is cheap.
+/// Serialized once per broadcast; cloning it for each connection is one reference
+/// count, and a queue slot is one pointer (every socket's queue allocates its first
+/// block of slots up front, so the slot size is paid per idle socket).
 #[derive(Debug, Clone)]
-pub struct Frame {
+pub struct Frame(Arc<FrameInner>);
+
+#[derive(Debug)]
+struct FrameInner {
     event_id: Option<EventId>,
     text: Utf8Bytes,
     /// Close the connection right after this frame (see [`Hub::send_last`]).
@@ -67,35 +73,41 @@ pub struct Frame {
 impl Frame {
     /// A frame that is not an event (never deduplicated).
     pub fn new(text: impl Into<Utf8Bytes>) -> Self {
-        Self { event_id: None, text: text.into(), then_close: None }
+        Self(Arc::new(FrameInner { event_id: None, text: text.into(), then_close: None }))
     }
 
     /// A frame carrying event `id`: sent at most once per connection while the id is
     /// remembered (`WS_RECENT_EVENTS`), and skipped at the replay seam.
     pub fn event(id: impl Into<EventId>, text: impl Into<Utf8Bytes>) -> Self {
-        Self { event_id: Some(id.into()), text: text.into(), then_close: None }
+        Self(Arc::new(FrameInner { event_id: Some(id.into()), text: text.into(), then_close: None }))
+    }
+
+    /// This frame as a connection's last: the connection closes with `close` after it.
+    fn then(&self, close: Close) -> Self {
+        let FrameInner { event_id, text, .. } = &*self.0;
+        Self(Arc::new(FrameInner { event_id: event_id.clone(), text: text.clone(), then_close: Some(close) }))
     }
 
     pub fn event_id(&self) -> Option<&EventId> {
-        self.event_id.as_ref()
+        self.0.event_id.as_ref()
     }
 
     pub fn text(&self) -> &str {
-        self.text.as_str()
+        self.0.text.as_str()
     }
 
     pub(crate) fn into_text(self) -> Utf8Bytes {
-        self.text
+        self.0.text.clone()
     }
 
     /// The close that must follow this frame, if it is a connection's last.
     pub fn then_close(&self) -> Option<&Close> {
-        self.then_close.as_ref()
+        self.0.then_close.as_ref()
     }
 
     /// The text, and the close that must follow it (if this is a connection's last frame).
     pub(crate) fn into_parts(self) -> (Utf8Bytes, Option<Close>) {
-        (self.text, self.then_close)
+        (self.0.text.clone(), self.0.then_close.clone())
     }
 }
 
@@ -217,32 +229,33 @@ impl fmt::Display for RegisterError {
     }
 }
 
-/// The ids of the events most recently queued to one connection.
+/// The events most recently queued to one connection, as keyed 64-bit hashes of
+/// their ids (the hub's random key: ids are not chosen by clients, and a collision
+/// among 256 ids has odds of about 1 in 10^16). Eight bytes per event instead of a
+/// hash set and a queue of shared strings (about 12 KiB per busy socket at 256
+/// events), grown only as events arrive, so an idle socket holds nothing.
 struct Recent {
-    order: VecDeque<EventId>,
-    set: HashSet<EventId>,
+    order: VecDeque<u64>,
     capacity: usize,
 }
 
 impl Recent {
     fn new(capacity: usize) -> Self {
-        Self { order: VecDeque::new(), set: HashSet::new(), capacity }
+        Self { order: VecDeque::new(), capacity }
     }
 
-    fn contains(&self, id: &EventId) -> bool {
-        self.set.contains(id)
+    fn contains(&self, id: u64) -> bool {
+        self.order.contains(&id)
     }
 
-    fn insert(&mut self, id: EventId) {
-        if self.capacity == 0 || !self.set.insert(id.clone()) {
+    fn insert(&mut self, id: u64) {
+        if self.capacity == 0 || self.contains(id) {
             return;
         }
-        self.order.push_back(id);
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
+        if self.order.len() >= self.capacity {
+            self.order.pop_front();
         }
+        self.order.push_back(id);
     }
 }
 
@@ -273,6 +286,8 @@ struct Shared<K> {
     live: AtomicUsize,
     next_id: AtomicU64,
     idle: Notify,
+    /// The random key of the event hashes connections remember.
+    event_keys: std::collections::hash_map::RandomState,
 }
 
 /// The connections of one service, grouped by key (a stream id, a user id, ...).
@@ -302,6 +317,7 @@ where
                 live: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 idle: Notify::new(),
+                event_keys: std::collections::hash_map::RandomState::new(),
             }),
         }
     }
@@ -398,6 +414,7 @@ where
     pub fn broadcast_where(&self, key: &K, frame: Frame, accepts: impl Fn(Peer<'_>) -> bool) -> DeliveryReport {
         let mut report = DeliveryReport::default();
         let mut slow = Vec::new();
+        let event = frame.event_id().map(|id| self.event_hash(id));
         {
             let mut groups = self.groups();
             if let Some(conns) = groups.get_mut(key) {
@@ -406,7 +423,7 @@ where
                         return true;
                     }
                     report.connections += 1;
-                    if let Some(id) = &frame.event_id {
+                    if let Some(id) = event {
                         if conn.recent.contains(id) {
                             report.delivered += 1;
                             return true;
@@ -414,8 +431,8 @@ where
                     }
                     match conn.tx.try_send(frame.clone()) {
                         Ok(()) => {
-                            if let Some(id) = &frame.event_id {
-                                conn.recent.insert(id.clone());
+                            if let Some(id) = event {
+                                conn.recent.insert(id);
                             }
                             report.delivered += 1;
                             true
@@ -471,6 +488,7 @@ where
     pub fn send_last(&self, key: &K, frame: Frame, close: Close, accepts: impl Fn(&str) -> bool) -> DeliveryReport {
         let mut report = DeliveryReport::default();
         let mut leaving = Vec::new();
+        let event = frame.event_id().map(|id| self.event_hash(id));
         {
             let mut groups = self.groups();
             if let Some(conns) = groups.get_mut(key) {
@@ -489,16 +507,16 @@ where
         }
         for conn in leaving {
             report.connections += 1;
-            if frame.event_id.as_ref().is_some_and(|id| conn.recent.contains(id)) {
+            if event.is_some_and(|id| conn.recent.contains(id)) {
                 // It has the frame already (a retry): only the close is left to do.
                 report.delivered += 1;
                 conn.close(close.clone());
                 continue;
             }
-            match conn.tx.try_send(Frame { then_close: Some(close.clone()), ..frame.clone() }) {
+            match conn.tx.try_send(frame.then(close.clone())) {
                 Ok(()) => report.delivered += 1,
                 Err(TrySendError::Full(_)) => {
-                    conn.close(close.clone().with_farewell(frame.text.clone()));
+                    conn.close(close.clone().with_farewell(frame.0.text.clone()));
                     report.failed += 1;
                 }
                 Err(TrySendError::Closed(_)) => report.failed += 1,
@@ -569,11 +587,16 @@ where
         let mut groups = self.groups();
         if let Some(conn) = groups.get_mut(key).and_then(|conns| conns.iter_mut().find(|conn| conn.id == id)) {
             for event in ids {
-                conn.recent.insert(event);
+                conn.recent.insert(self.event_hash(&event));
             }
         }
         // Read while the lock is held: no broadcast can queue anything in between.
         queued()
+    }
+
+    /// The key under which a connection remembers event `id` (see `Recent`).
+    fn event_hash(&self, id: &EventId) -> u64 {
+        self.shared.event_keys.hash_one(id.as_str())
     }
 
     fn release(&self) {

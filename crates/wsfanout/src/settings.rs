@@ -5,6 +5,11 @@ use std::time::Duration;
 use axum::extract::ws::WebSocketUpgrade;
 use serde::{Deserialize, Serialize};
 
+/// The read buffer a socket starts with, bytes (see [`WsSettings::configure`]).
+pub const READ_BUFFER_SIZE: usize = 1024;
+/// Frames are buffered up to this many bytes before a write (a flush writes them all).
+pub const WRITE_BUFFER_SIZE: usize = 8 * 1024;
+
 /// Socket settings (see `docs/chatwebsocketshandler.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
@@ -123,9 +128,20 @@ impl WsSettings {
         Ok(())
     }
 
-    /// Applies the client frame limits to an upgrade.
+    /// Applies the client frame limits and the per-socket buffer sizes to an upgrade.
+    ///
+    /// tungstenite's defaults are a 128 KiB read buffer, allocated *and zero-filled*
+    /// on the first read of every socket, and a 128 KiB write buffer target: 141 KiB
+    /// of RSS per idle socket (measured, docs/benchmarks.md). Clients send small
+    /// frames (pongs, typing, pings), so the read buffer starts small and grows for a
+    /// larger frame (up to `WS_MAX_MESSAGE_SIZE`) only while one is being read. The
+    /// write buffer only needs to coalesce the frames the driver writes in one go.
     pub fn configure(&self, upgrade: WebSocketUpgrade) -> WebSocketUpgrade {
-        upgrade.max_message_size(self.max_message_size).max_frame_size(self.max_message_size)
+        upgrade
+            .max_message_size(self.max_message_size)
+            .max_frame_size(self.max_message_size)
+            .read_buffer_size(READ_BUFFER_SIZE)
+            .write_buffer_size(WRITE_BUFFER_SIZE)
     }
 }
 
