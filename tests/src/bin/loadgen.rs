@@ -42,6 +42,8 @@ use tokio_tungstenite::tungstenite::Message;
 /// `--sockets N`: the socket-scale mode (its own options; see the module).
 #[path = "loadgen/sockets.rs"]
 mod sockets;
+#[path = "loadgen/write_modes.rs"]
+mod write_modes;
 
 struct Options {
     pairs: usize,
@@ -422,6 +424,9 @@ fn broker_profile() -> Option<std::path::PathBuf> {
 
 fn main() {
     if let Some(code) = sockets::dispatch() {
+        std::process::exit(code);
+    }
+    if let Some(code) = write_modes::dispatch() {
         std::process::exit(code);
     }
     if std::env::args().nth(1).as_deref() == Some("--chaos") {
