@@ -43,7 +43,8 @@ use crate::{percentile, token, Service, Stack};
 /// What a soak run does.
 #[derive(Debug, Clone)]
 pub struct ChaosOptions {
-    /// How long messages are posted (faults happen within it).
+    /// How long messages are posted at least (posting goes on until the last fault
+    /// has recovered).
     pub duration: Duration,
     /// Messages per second, over all conversations.
     pub rate: u64,
@@ -684,17 +685,23 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     let started = tokio::time::Instant::now();
     let posting_anchor = anchor.elapsed();
     let total = o.rate * o.duration.as_secs();
+    let faults_done = Arc::new(AtomicBool::new(false));
     let poster = {
         let (http, ends, pairs, give_up, stats) =
             (http.clone(), ends.clone(), pairs.clone(), give_up.clone(), stats.clone());
         let (rate, idless_every) = (o.rate.max(1), o.idless_every);
+        let faults_done = faults_done.clone();
         tokio::spawn(async move {
             let mut posts = Vec::with_capacity(total as usize);
-            for seq in 0..total {
+            // At least `duration`, and on until the last fault has recovered.
+            for seq in 0.. {
+                if seq >= total && faults_done.load(Ordering::Relaxed) {
+                    break;
+                }
                 tokio::time::sleep_until(started + Duration::from_nanos(seq * 1_000_000_000 / rate)).await;
                 let conversation = seq as usize % pairs.len();
                 let (a, b) = &pairs[conversation];
-                let (from, to) = if (seq as usize / pairs.len()) % 2 == 0 { (a, b) } else { (b, a) };
+                let (from, to) = if (seq as usize / pairs.len()).is_multiple_of(2) { (a, b) } else { (b, a) };
                 let idless = idless_every > 0 && conversation % idless_every == idless_every - 1;
                 let content = format!("chaos {conversation} {seq} {}", anchor.elapsed().as_nanos());
                 let id = (!idless).then(|| format!("chaos-{seq}"));
@@ -735,9 +742,6 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     for (i, what) in plan.iter().enumerate() {
         let due = started + slot * (i as u32 + 1) + rng.millis(0, slot.as_millis() as u64 / 2);
         tokio::time::sleep_until(due).await;
-        if started.elapsed() >= o.duration {
-            break;
-        }
         let at = anchor.elapsed() - posting_anchor;
         let fault_start = Instant::now();
         let name = what.split_whitespace().nth(1).unwrap_or_default().to_owned();
@@ -772,7 +776,9 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     }
 
     // Every post gets its answer (or the run gives up on it after the drain).
+    faults_done.store(true, Ordering::Relaxed);
     let (posts, posting) = poster.await.expect("poster");
+    let accepted_or_not = posts.len() as u64;
     let posting_seconds = posting.as_secs_f64();
     let drain_until = Instant::now() + o.drain;
     {
@@ -833,7 +839,7 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
         seed: o.seed,
         conversations: o.conversations,
         posting_seconds,
-        attempted: total,
+        attempted: accepted_or_not,
         accepted: accepted.len() as u64,
         accepted_idless: accepted.values().filter(|a| a.idless).count() as u64,
         found_by_lookup: stats.found_by_lookup.load(Ordering::Relaxed),
