@@ -21,9 +21,9 @@ use crate::multipod_support::{check_py, deploy_python};
 use serde_json::Value;
 use testkit::workspace_root;
 
-const CHART: &str = "deploy/helm/chatfleet";
-const JWT: &str = "secrets.jwtSecret=test-secret-0123456789-0123456789-abc";
-const ISSUER: &str = "auth.issuer=https://auth.example.com/";
+pub(crate) const CHART: &str = "deploy/helm/chatfleet";
+pub(crate) const JWT: &str = "secrets.jwtSecret=test-secret-0123456789-0123456789-abc";
+pub(crate) const ISSUER: &str = "auth.issuer=https://auth.example.com/";
 
 /// The value sets plus the required issuer (unless the set names one).
 fn with_issuer<'a>(sets: &[&'a str]) -> Vec<&'a str> {
@@ -34,7 +34,7 @@ fn with_issuer<'a>(sets: &[&'a str]) -> Vec<&'a str> {
     all
 }
 
-fn render(sets: &[&str]) -> Vec<Value> {
+pub(crate) fn render(sets: &[&str]) -> Vec<Value> {
     let mut args = vec!["helm-render", CHART];
     for set in with_issuer(sets) {
         args.push("--set");
@@ -45,7 +45,7 @@ fn render(sets: &[&str]) -> Vec<Value> {
 }
 
 /// Rendering that must fail; returns the error text.
-fn render_error(sets: &[&str]) -> String {
+pub(crate) fn render_error(sets: &[&str]) -> String {
     let root = workspace_root();
     let mut command = Command::new(deploy_python());
     command.arg(root.join("deploy/check/check.py")).args(["helm-render", CHART]).current_dir(&root);
@@ -57,7 +57,7 @@ fn render_error(sets: &[&str]) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+pub(crate) fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects
         .iter()
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)

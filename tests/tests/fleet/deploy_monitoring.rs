@@ -15,56 +15,21 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 
+use crate::deploy_helm::{find as named, render, render_error, CHART, ISSUER, JWT};
 use crate::multipod_support::{check_py, deploy_python};
 use serde_json::Value;
 use testkit::workspace_root;
 
-const CHART: &str = "deploy/helm/chatfleet";
-const BASE: [&str; 2] =
-    ["secrets.jwtSecret=test-secret-0123456789-0123456789-abc", "auth.issuer=https://auth.example.com/"];
-const ALL_ON: [&str; 3] = [
+/// The monitoring objects on, with the labels an operator's selectors want.
+const ALL_ON: [&str; 4] = [
+    JWT,
     "monitoring.serviceMonitor.enabled=true",
     "monitoring.prometheusRule.enabled=true",
     "monitoring.serviceMonitor.labels.release=kube-prometheus-stack",
 ];
 
-fn render_args(sets: &[&str]) -> Vec<String> {
-    let mut args = vec!["helm-render".to_owned(), CHART.to_owned()];
-    for set in BASE.iter().chain(sets) {
-        args.push("--set".to_owned());
-        args.push((*set).to_owned());
-    }
-    args
-}
-
-fn render(sets: &[&str]) -> Vec<Value> {
-    let args = render_args(sets);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out: Value = serde_json::from_str(&check_py(&args)).expect("render JSON");
-    out["objects"].as_array().expect("objects").iter().map(|o| o["object"].clone()).collect()
-}
-
-fn render_error(sets: &[&str]) -> String {
-    let root = workspace_root();
-    let output = Command::new(deploy_python())
-        .arg(root.join("deploy/check/check.py"))
-        .args(render_args(sets))
-        .current_dir(&root)
-        .output()
-        .expect("check.py runs");
-    assert!(!output.status.success(), "rendering with {sets:?} should have been refused");
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 fn of_kind<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
     objects.iter().filter(|o| o["kind"] == kind).collect()
-}
-
-fn named<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
-    objects
-        .iter()
-        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
-        .unwrap_or_else(|| panic!("{kind} {name} not rendered"))
 }
 
 /// `check.py promql [--grafana]`: every expression parsed; (results, all parsed).
@@ -188,7 +153,7 @@ fn anchors(markdown: &str) -> BTreeSet<String> {
 
 #[test]
 fn monitoring_objects_are_off_by_default_except_the_dashboard() {
-    let objects = render(&[]);
+    let objects = render(&[JWT]);
     assert!(of_kind(&objects, "ServiceMonitor").is_empty(), "ServiceMonitors need the operator's CRDs: off by default");
     assert!(
         of_kind(&objects, "PrometheusRule").is_empty(),
@@ -200,7 +165,7 @@ fn monitoring_objects_are_off_by_default_except_the_dashboard() {
     );
     let dashboard = named(&objects, "ConfigMap", "chatfleet-dashboard");
     assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1", "Grafana's sidecar label");
-    let off = render(&["monitoring.dashboard.enabled=false"]);
+    let off = render(&[JWT, "monitoring.dashboard.enabled=false"]);
     assert!(off.iter().all(|o| o["metadata"]["name"] != "chatfleet-dashboard"));
 }
 
@@ -246,14 +211,14 @@ fn service_monitors_and_rules_validate_against_the_operator_crds_and_select_ever
         let ports = pods[0]["spec"]["template"]["spec"]["containers"][0]["ports"].to_string();
         assert!(ports.contains(&format!("\"name\":\"{port}\"")), "{component}: pods have no port {port}: {ports}");
     }
-    let mut lint = vec!["helm-lint", CHART];
-    for set in BASE.iter().chain(&ALL_ON) {
+    let mut lint = vec!["helm-lint", CHART, "--set", ISSUER];
+    for set in &ALL_ON {
         lint.extend(["--set", set]);
     }
     let report: Value = serde_json::from_str(&check_py(&lint)).expect("lint JSON");
     assert_eq!(report["errors"], Value::Array(vec![]), "{report}");
     // The CRD check is real: a malformed duration is refused.
-    let refused = render_error(&[ALL_ON[0], "monitoring.serviceMonitor.interval=30 seconds"]);
+    let refused = render_error(&[JWT, ALL_ON[1], "monitoring.serviceMonitor.interval=30 seconds"]);
     assert!(refused.contains("interval"), "{refused}");
 }
 
@@ -261,7 +226,7 @@ fn service_monitors_and_rules_validate_against_the_operator_crds_and_select_ever
 fn the_dashboard_is_valid_json_shipped_unchanged_and_covers_the_fleet() {
     let file = dashboard_file();
     let dashboard: Value = serde_json::from_str(&file).expect("files/dashboards/chatfleet.json is JSON");
-    let objects = render(&[]);
+    let objects = render(&[JWT]);
     let shipped = named(&objects, "ConfigMap", "chatfleet-dashboard")["data"]["chatfleet.json"].clone();
     let shipped: Value = serde_json::from_str(shipped.as_str().expect("chatfleet.json")).expect("shipped JSON");
     assert_eq!(shipped, dashboard, "the ConfigMap must carry the file unchanged");
@@ -386,7 +351,8 @@ fn every_alert_links_its_runbook_in_deploy_md_and_is_scoped_to_the_release() {
     }
     // Thresholds and the runbook base are values.
     let tuned = render(&[
-        ALL_ON[1],
+        JWT,
+        ALL_ON[2],
         "monitoring.prometheusRule.consumerLagRecords=5000",
         "monitoring.prometheusRule.runbookBaseUrl=https://wiki.example.com/chatfleet/docs/deploy.md/",
     ]);
