@@ -151,6 +151,10 @@ impl Kit {
         let metrics = crate::metrics::install();
         let shutdown = Shutdown::on_signals();
         tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
+        match crate::limits::raise_open_files_limit() {
+            Some((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
+            None => tracing::warn!("the open files limit cannot be read"),
+        }
         Ok((Self { name, base, shutdown, metrics, workers: JoinSet::new() }, settings))
     }
 

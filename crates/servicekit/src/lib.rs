@@ -18,6 +18,7 @@ pub mod edge;
 pub mod health;
 pub mod http;
 pub mod kit;
+pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
 pub mod serve;

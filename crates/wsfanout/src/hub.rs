@@ -290,6 +290,10 @@ struct Shared<K> {
     event_keys: std::collections::hash_map::RandomState,
 }
 
+/// File descriptors a socket service needs besides its sockets (listeners, clients
+/// of Redis and the other services, the runtime's own).
+const RESERVED_FILES: u64 = 64;
+
 /// The connections of one service, grouped by key (a stream id, a user id, ...).
 pub struct Hub<K> {
     shared: Arc<Shared<K>>,
@@ -308,6 +312,20 @@ where
     /// A hub named `name` (the `hub` label of its metrics).
     pub fn new(name: &'static str, settings: WsSettings) -> Self {
         metrics::gauge!("ws_connections", "hub" => name).set(0.0);
+        // Every socket is a file descriptor: a cap above the open-files limit is never
+        // reached, and the sockets past the limit fail at accept instead of with 503.
+        if let Some(files) = servicekit::limits::open_files_limit() {
+            let needed = settings.max_connections as u64 + RESERVED_FILES;
+            if settings.max_connections > 0 && files < needed {
+                tracing::warn!(
+                    hub = name,
+                    open_files_limit = files,
+                    ws_max_connections = settings.max_connections,
+                    "the open files limit is below WS_MAX_CONNECTIONS plus {RESERVED_FILES}: raise the hard limit \
+                     (ulimit -Hn, docker --ulimit nofile, the container runtime's default) or lower WS_MAX_CONNECTIONS"
+                );
+            }
+        }
         Self {
             shared: Arc::new(Shared {
                 name,
