@@ -94,7 +94,9 @@ spawn() {
   # In a non-interactive script a background job is not a process-group
   # leader, so setsid does not fork again and $! is the server's own pid.
   # Fds 8 and 9 hold the scripts' flock locks: the server must not keep them.
-  setsid "$@" </dev/null >>"$logfile" 2>&1 8>&- 9>&- &
+  # Every socket is a file: give the server the whole hard open-files limit
+  # (the services raise their own soft limit too; Redis and the broker do not).
+  setsid bash -c 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"' _ "$@" </dev/null >>"$logfile" 2>&1 8>&- 9>&- &
   pid=$!
   printf '%s\n' "$pid" >"$pidfile"
 }
