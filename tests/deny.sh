@@ -39,7 +39,9 @@ install() {
 check() {
   command -v cargo-deny >/dev/null || { say "cargo-deny not found (tests/deny.sh install)"; exit 1; }
   local checks=(licenses bans sources)
-  if cargo deny fetch db; then
+  # Bounded: where outbound traffic is dropped rather than refused, git would
+  # wait for its own (long) timeouts.
+  if timeout 120 cargo deny fetch db; then
     checks+=(advisories)
   elif [[ "${CARGO_DENY_ADVISORIES:-}" == require ]]; then
     say "the advisory database cannot be fetched and CARGO_DENY_ADVISORIES=require"
