@@ -3,7 +3,8 @@
 # execs it on a fresh Debian 12 clone, and a developer runs the same thing.
 # It installs the servers the integration tests need (deploy/local/install.sh:
 # redis-server, tansu, nx-27017, the SMTP sink), exports their paths, builds
-# the workspace and runs the tests. It does not start the stack: the Rust
+# the workspace and runs the tests (then the web phase: tests/web/run.sh starts
+# its own isolated stack and a browser). It does not start the stack: the Rust
 # tests spawn their own isolated servers on free ports from these binaries:
 #
 #   TANSU_BIN NX27017_BIN REDIS_SERVER_BIN SMTP_SINK PYTHON_BIN
@@ -77,3 +78,8 @@ phase clippy cargo clippy --workspace --all-targets -- -D warnings
 phase deny "$root/tests/deny.sh" check
 phase build cargo build --workspace --all-targets
 phase test "${runner[@]}" "$@"
+# The JavaScript SDK and the web app against an isolated local stack behind the
+# local edge, in Debian's chromium (installs it); CHATFLEET_WEB_TESTS=0 skips it.
+if [[ "${CHATFLEET_WEB_TESTS:-1}" != 0 ]]; then
+  phase web "$root/tests/web/run.sh"
+fi
