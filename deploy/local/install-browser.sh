@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Why this script exists: the web app's tests (tests/web) drive a real browser,
 # and a fresh CI machine has none. This installs Debian's chromium and
-# chromium-driver (the WebDriver server of the same version) when missing, as
+# chromium-driver (the WebDriver server of the same version), and fonts for
+# text and emoji (reactions) when missing, as
 # root, without recommends; it is idempotent and takes ~0.1 s when both are
 # there. Not part of install.sh: a newcomer who only runs up.sh does not need
 # a 300 MB browser.
@@ -19,7 +20,7 @@ CHATFLEET_LOG_TAG=install-browser
 # shellcheck source=lib.sh
 source "$here/lib.sh"
 
-have() { command -v chromium >/dev/null && command -v chromedriver >/dev/null && [[ -d /usr/share/fonts/truetype/dejavu ]]; }
+have() { command -v chromium >/dev/null && command -v chromedriver >/dev/null && [[ -d /usr/share/fonts/truetype/dejavu && -d /usr/share/fonts/truetype/noto ]]; }
 
 if ! have; then
   [[ $EUID -eq 0 ]] || die "chromium and chromium-driver are missing; install them (apt-get install chromium chromium-driver)"
@@ -32,7 +33,7 @@ if ! have; then
     export DEBIAN_FRONTEND=noninteractive
     log "apt-get install chromium chromium-driver"
     apt-get update -q
-    apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-dejavu-core
+    apt-get install -y -q --no-install-recommends chromium chromium-driver fonts-dejavu-core fonts-noto-color-emoji
   fi
 fi
 have || die "chromium or chromedriver still missing after the install"

@@ -34,9 +34,14 @@ for arg in "$@"; do
   esac
 done
 
+if ! command -v node >/dev/null && [[ $EUID -eq 0 ]]; then
+  say "installing nodejs (Debian)"
+  DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs
+fi
 command -v node >/dev/null || { say "node is missing (apt-get install nodejs)"; exit 1; }
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
-((node_major >= 20)) || { say "node $node_major is too old (20 or newer)"; exit 1; }
+# 20: the test runner's options and WebSocket (--experimental-websocket) in Node.
+((node_major >= 20)) || { say "node $node_major is too old (20 or newer: https://nodejs.org or NodeSource)"; exit 1; }
 
 : "${WEB_TEST_ARTIFACTS:=$root/target/web-test}"
 mkdir -p "$WEB_TEST_ARTIFACTS"
@@ -120,11 +125,11 @@ if ((stack_only)); then
 fi
 
 say "SDK tests (node --test clients/js/test)"
-node --experimental-websocket --test --test-concurrency=1 clients/js/test/
+node --experimental-websocket --test --test-concurrency=1 clients/js/test/*.test.mjs
 
 ((sdk_only)) && exit 0
 
 "$root/deploy/local/install-browser.sh"
 say "browser tests (node --test tests/web)"
-node --test --test-concurrency=1 tests/web/
+node --test --test-concurrency=1 tests/web/*.test.mjs
 say "screenshots in $WEB_TEST_ARTIFACTS"

@@ -41,7 +41,9 @@ export function uniqueUser(name) {
 
 /** Run one of deploy/local's scripts against the test's stack. */
 export async function script(name, ...args) {
-  const { stdout } = await run(path.join(ROOT, "deploy/local", name), args, { env: process.env, timeout: 120000 });
+  // Never a build here: the binaries are the ones the stack was started from.
+  const env = { ...process.env, CHATFLEET_SKIP_BUILD: "1" };
+  const { stdout } = await run(path.join(ROOT, "deploy/local", name), args, { env, timeout: 120000 });
   return stdout;
 }
 
