@@ -84,18 +84,17 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         if let Some(cache) = &cache {
             state = state.with_cache(cache.clone());
         }
-        for shard in 0..queue.shards() {
-            writers.push(write_behind::ShardWriter::new(
-                queue.clone(),
-                store.clone(),
-                conversations.clone(),
-                api_feed.clone(),
-                cache.clone(),
-                shard,
-                holder.clone(),
-                settings.write_behind.clone(),
-            ));
-        }
+        let parts = write_behind::WriterParts {
+            queue: queue.clone(),
+            store: store.clone(),
+            conversations: conversations.clone(),
+            feed: api_feed.clone(),
+            cache: cache.clone(),
+            holder,
+            settings: settings.write_behind.clone(),
+            indexes_ready: indexes_ready.clone(),
+        };
+        writers.extend((0..queue.shards()).map(|shard| write_behind::ShardWriter::new(&parts, shard)));
         state = state.with_queue(queue);
     }
     let routes = Routes::new(api::public_router(state.clone())).internal(api::internal_router(state));

@@ -477,22 +477,11 @@ fn int(doc: &Document, field: &str) -> i64 {
     }
 }
 
-/// A capped exponential backoff.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn fail(&mut self) -> Duration {
-        let wait = self.next;
-        self.next = (self.next * 2).min(self.max);
-        wait
-    }
-
-    fn reset(&mut self) {
-        self.next = FIRST_BACKOFF.min(self.max);
-    }
+/// The fleet's one retry policy (kafkawrapper::retry), doubling from
+/// [`FIRST_BACKOFF`] to `WRITE_BEHIND_MAX_BACKOFF`, without a retry limit: the entries
+/// wait in the queue, and admission is what is bounded (the high-water mark).
+fn backoff(max: Duration) -> kafkawrapper::Backoff {
+    kafkawrapper::RetrySettings::doubling(FIRST_BACKOFF, max, 0).unbounded()
 }
 
 /// One shard's writer in this replica (active while it holds the shard's lease).
@@ -507,31 +496,40 @@ pub struct ShardWriter {
     holder: String,
     settings: WriteBehindSettings,
     insert_timeout: Duration,
+    /// Set once the indexes exist (the unique `(sender, client_message_id)` index
+    /// is what refuses a retry whose Redis key expired).
+    indexes_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What every shard writer of a replica shares.
+#[derive(Clone)]
+pub struct WriterParts {
+    pub queue: Arc<Queue>,
+    pub store: Store,
+    pub conversations: Conversations,
+    pub feed: Option<Arc<RelayFeed>>,
+    pub cache: Option<Arc<RecentCache>>,
+    /// This replica's consumer name and lease holder id.
+    pub holder: String,
+    pub settings: WriteBehindSettings,
+    pub indexes_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ShardWriter {
-    pub fn new(
-        queue: Arc<Queue>,
-        store: Store,
-        conversations: Conversations,
-        feed: Option<Arc<RelayFeed>>,
-        cache: Option<Arc<RecentCache>>,
-        shard: u32,
-        holder: String,
-        settings: WriteBehindSettings,
-    ) -> Self {
-        let insert_timeout = store.timeout() * INSERT_TIMEOUTS;
+    pub fn new(parts: &WriterParts, shard: u32) -> Self {
+        let parts = parts.clone();
         Self {
-            conversation_docs: store.collection("conversations"),
-            queue,
-            store,
-            conversations,
-            feed,
-            cache,
+            conversation_docs: parts.store.collection("conversations"),
+            insert_timeout: parts.store.timeout() * INSERT_TIMEOUTS,
+            queue: parts.queue,
+            store: parts.store,
+            conversations: parts.conversations,
+            feed: parts.feed,
+            cache: parts.cache,
             shard,
-            holder,
-            settings,
-            insert_timeout,
+            holder: parts.holder,
+            settings: parts.settings,
+            indexes_ready: parts.indexes_ready,
         }
     }
 
@@ -541,8 +539,9 @@ impl ShardWriter {
         let mut held = false;
         let mut renewed: Option<Instant> = None;
         let mut own_pending_first = true;
-        let mut backoff = Backoff { next: FIRST_BACKOFF, max: self.settings.max_backoff };
-        backoff.reset();
+        let max_backoff = self.settings.max_backoff;
+        let mut backoff = backoff(max_backoff);
+        let fail = move |backoff: &mut kafkawrapper::Backoff| backoff.next().unwrap_or(max_backoff);
         let mut last_warning: Option<Instant> = None;
         let wake = &self.queue.wakes[self.shard as usize];
         while !shutdown.is_triggered() {
@@ -574,7 +573,7 @@ impl ShardWriter {
                         held = false;
                         renewed = None;
                         warn_sometimes(&mut last_warning, &err.to_string(), "write-behind queue unreachable");
-                        pause(&shutdown, backoff.fail()).await;
+                        pause(&shutdown, fail(&mut backoff)).await;
                         continue;
                     }
                 }
@@ -584,7 +583,7 @@ impl ShardWriter {
             } else {
                 0.0
             });
-            if !held {
+            if !held || !self.indexes_ready.load(std::sync::atomic::Ordering::Acquire) {
                 pause(&shutdown, ttl / 3).await;
                 continue;
             }
@@ -598,7 +597,7 @@ impl ShardWriter {
                         renewed = None;
                     }
                     warn_sometimes(&mut last_warning, &err.to_string(), "write-behind queue unreachable");
-                    pause(&shutdown, backoff.fail()).await;
+                    pause(&shutdown, fail(&mut backoff)).await;
                     continue;
                 }
             };
@@ -615,12 +614,12 @@ impl ShardWriter {
                 continue;
             }
             match self.write(entries).await {
-                Ok(()) => backoff.reset(),
+                Ok(()) => backoff = self::backoff(max_backoff),
                 Err(err) => {
                     metrics::counter!("write_behind_batch_failures_total").increment(1);
                     warn_sometimes(&mut last_warning, &err, "write-behind batch not stored yet; retrying");
                     own_pending_first = true;
-                    pause(&shutdown, backoff.fail()).await;
+                    pause(&shutdown, fail(&mut backoff)).await;
                 }
             }
         }
