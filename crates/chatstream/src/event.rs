@@ -127,6 +127,9 @@ impl ChangeEvent {
                 m.state.reactions.iter().map(|(emoji, n)| (emoji.clone(), Value::from(*n))).collect();
             doc.insert("reactions".into(), Value::Object(counts));
         }
+        if let Some(trace) = &m.state.trace {
+            doc.insert("trace".into(), Value::String(trace.clone()));
+        }
         doc.insert("__op".into(), Value::String(self.op.code().into()));
         doc.insert("__source_ts_ms".into(), Value::from(self.source_ts_ms));
         doc.insert("__deleted".into(), Value::String((self.op == ChangeOp::Delete).to_string()));
@@ -260,6 +263,9 @@ fn document_to_message(mut doc: Map<String, Value>, op: ChangeOp) -> Result<Chat
     if let Some(version) = doc.get("version").and_then(Value::as_u64) {
         fields.insert("version".into(), Value::from(version));
     }
+    if let Some(trace) = doc.get("trace").filter(|v| v.is_string()) {
+        fields.insert("trace".into(), trace.clone());
+    }
     if let Some(Value::Object(reactions)) = doc.get("reactions") {
         fields.insert("reactions".into(), Value::Object(reaction_counts(reactions)));
     }
@@ -341,6 +347,18 @@ mod tests {
             created_at: Utc.timestamp_millis_opt(1_760_000_000_123).single().expect("valid"),
             state: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_trace_travels_in_events_but_not_in_api_json() {
+        let mut traced = sample();
+        traced.state.trace = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+        let flat = ChangeEvent::new(ChangeOp::Create, traced.clone(), 1).to_flattened();
+        assert_eq!(flat["trace"], json!(traced.state.trace));
+        let back = ChangeEvent::parse(&serde_json::to_vec(&flat).expect("json")).expect("parses");
+        assert_eq!(back.message.state.trace, traced.state.trace);
+        let api = serde_json::to_value(&traced).expect("json");
+        assert!(api.get("trace").is_none(), "{api}");
     }
 
     #[test]

@@ -105,6 +105,11 @@ pub struct MessageState {
     /// event is deduplicated under its own version.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub version: u32,
+    /// The W3C `traceparent` of the request that posted the message, stored with it
+    /// so the relay (or Debezium, as a record header) carries the trace on. Read
+    /// from documents and change events; never written into API answers or frames.
+    #[serde(default, skip_serializing)]
+    pub trace: Option<String>,
 }
 
 fn is_zero(n: &u32) -> bool {

@@ -29,6 +29,16 @@ impl Record {
         self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
     }
 
+    /// The last `traceparent` header (W3C trace context), if it is valid UTF-8.
+    pub fn traceparent(&self) -> Option<&str> {
+        self.headers
+            .iter()
+            .rev()
+            .find(|(name, _)| name == servicekit::trace::TRACEPARENT)
+            .and_then(|(_, value)| value.as_deref())
+            .and_then(|value| std::str::from_utf8(value).ok())
+    }
+
     /// The payload as UTF-8, if it is present and valid.
     pub fn payload_str(&self) -> Option<&str> {
         self.payload.as_deref().and_then(|p| std::str::from_utf8(p).ok())

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::metrics as m;
 use crate::{Handler, HandlerError, Producer, Record, RetrySettings};
@@ -58,8 +59,23 @@ pub(crate) struct Processor<H> {
 }
 
 impl<H: Handler> Processor<H> {
-    /// Processes `record` to the end, or until `stop` interrupts a wait.
+    /// Processes `record` to the end, or until `stop` interrupts a wait, inside the
+    /// record's entry span: it continues the trace of the record's `traceparent`
+    /// header (written by the relay, or by Debezium from the document's `trace`).
     pub async fn process(&self, record: &Record, stop: &CancellationToken) -> Outcome {
+        let span = tracing::info_span!(
+            target: servicekit::trace::TARGET,
+            "message",
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            trace_id = tracing::field::Empty,
+        );
+        servicekit::trace::adopt(&span, record.traceparent());
+        self.process_in_span(record, stop).instrument(span).await
+    }
+
+    async fn process_in_span(&self, record: &Record, stop: &CancellationToken) -> Outcome {
         let topic = record.topic.clone();
         let mut backoff = self.retry.backoff();
         let mut attempts: u32 = 0;
@@ -77,6 +93,8 @@ impl<H: Handler> Processor<H> {
                     metrics::counter!(m::MESSAGES_TOTAL, "topic" => topic, "outcome" => outcome).increment(1);
                     if attempts > 1 {
                         tracing::info!(topic = %record.topic, partition = record.partition, offset = record.offset, attempts, "handled after retries");
+                    } else {
+                        tracing::debug!("message handled");
                     }
                     return Outcome::Finished;
                 }

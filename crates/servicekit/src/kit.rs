@@ -15,12 +15,12 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tower_http::trace::TraceLayer;
 
 use crate::config::{self, ConfigError, EnvMap};
 use crate::edge::EdgePolicy;
 use crate::health::{ops_router, Readiness};
 use crate::telemetry::{self, LogSettings};
+use crate::trace::TraceSettings;
 use crate::Shutdown;
 
 /// Listener settings shared by every service.
@@ -103,11 +103,15 @@ impl HttpSettings {
 pub struct BaseSettings {
     pub http: HttpSettings,
     pub log: LogSettings,
+    pub otel: TraceSettings,
 }
 
 impl BaseSettings {
     pub fn env_map() -> EnvMap {
-        EnvMap::new().section("http", HttpSettings::ENV).section("log", LogSettings::ENV)
+        EnvMap::new()
+            .section("http", HttpSettings::ENV)
+            .section("log", LogSettings::ENV)
+            .section("otel", TraceSettings::ENV)
     }
 }
 
@@ -136,6 +140,7 @@ pub struct Kit {
     pub shutdown: Shutdown,
     pub metrics: PrometheusHandle,
     workers: JoinSet<()>,
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
 impl Kit {
@@ -147,15 +152,28 @@ impl Kit {
     {
         let base: BaseSettings = config::load(&BaseSettings::env_map())?;
         let settings: T = config::load(env)?;
-        telemetry::init(&base.log);
+        let traces = match telemetry::init_traced(&base.log, &base.otel, name) {
+            Ok(provider) => Some(provider),
+            Err(err) => {
+                // Export is an aid, not a duty: the service runs, logging trace ids.
+                telemetry::init(&base.log);
+                tracing::error!(error = %err, "traces will not be exported");
+                None
+            }
+        };
         let metrics = crate::metrics::install();
         let shutdown = Shutdown::on_signals();
-        tracing::info!(service = name, version = env!("CARGO_PKG_VERSION"), "starting");
+        tracing::info!(
+            service = name,
+            version = env!("CARGO_PKG_VERSION"),
+            otlp_export = base.otel.exports(),
+            "starting"
+        );
         match crate::limits::raise_open_files_limit() {
             Some((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
             None => tracing::warn!("the open files limit cannot be read"),
         }
-        Ok((Self { name, base, shutdown, metrics, workers: JoinSet::new() }, settings))
+        Ok((Self { name, base, shutdown, metrics, workers: JoinSet::new(), traces }, settings))
     }
 
     /// Runs a background worker (a Kafka consumer, a relay, ...). It should watch
@@ -229,6 +247,10 @@ impl Kit {
             tracing::warn!(timeout = ?http.shutdown_timeout, "drain timed out; exiting anyway");
         }
         tracing::info!(service = self.name, "stopped");
+        if let Some(provider) = self.traces.take() {
+            let flush = tokio::task::spawn_blocking(move || crate::trace::shutdown(provider));
+            let _ = tokio::time::timeout(Duration::from_secs(5), flush).await;
+        }
         outcome
     }
 }
@@ -263,10 +285,8 @@ fn finish(router: Router, ops: Router, http: &HttpSettings, policy: &Arc<EdgePol
         .layer(DefaultBodyLimit::max(http.body_limit))
         .layer(axum::middleware::from_fn(crate::http::record_metrics))
         .layer(axum::middleware::from_fn(move |request, next| crate::edge::with_policy(policy.clone(), request, next)))
-        // Spans name the method and path only: query strings can carry tokens.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::extract::Request| {
-            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
-        }))
+        // The request's entry span (trace context in, `x-request-id` out).
+        .layer(axum::middleware::from_fn(crate::trace::middleware))
 }
 
 async fn run_listener(

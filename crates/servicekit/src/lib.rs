@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::{ConfigError, EnvMap};
 pub use edge::{AllowedOrigin, ClientIp, EdgePolicy};

@@ -415,7 +415,8 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
             content: new.content.clone(),
             // Milliseconds: what BSON dates and the change events carry.
             created_at: Utc.timestamp_millis_opt(now).single().unwrap_or_else(Utc::now),
-            state: Default::default(),
+            // The POST's trace travels with the message (relay header, Debezium field).
+            state: chatstream::MessageState { trace: servicekit::trace::traceparent(), ..Default::default() },
         };
         let outcome = store.insert(&message, new.client_message_id.as_deref(), Some(accepted.seq)).await;
         if let (Ok(Inserted::Created), Some(feed)) = (&outcome, &state.feed) {
@@ -478,7 +479,8 @@ async fn write_behind(
                 recipients: recipients.clone(),
                 content: new.content.clone(),
                 created_at: Utc.timestamp_millis_opt(Utc::now().timestamp_millis()).single().unwrap_or_else(Utc::now),
-                state: Default::default(),
+                // The POST's trace travels with the message (relay header, Debezium field).
+                state: chatstream::MessageState { trace: servicekit::trace::traceparent(), ..Default::default() },
             };
             let entry = QueuedMessage { message, client_message_id: new.client_message_id.clone() };
             match queue.accept(&entry).await {

@@ -41,6 +41,7 @@ use futures::StreamExt;
 use kafkawrapper::{Backoff, Producer, RetrySettings, Retryable};
 use servicekit::Shutdown;
 use tokio::sync::{mpsc, Notify};
+use tracing::Instrument;
 
 use crate::lease::LeaseHandle;
 use crate::settings::CaptureSettings;
@@ -467,15 +468,31 @@ impl Relay {
         let source_ts_ms = message.created_at.timestamp_millis();
         // A marked document that changed after it was sent is published as a change.
         let op = if message.state.version > 0 { ChangeOp::Update } else { ChangeOp::Create };
+        // The publish continues the POST's trace (stored with the message) and hands
+        // it on in the record's `traceparent` header.
+        let span = tracing::info_span!(
+            target: servicekit::trace::TARGET,
+            "relay publish",
+            message_id = %message.message_id,
+            trace_id = tracing::field::Empty,
+        );
+        servicekit::trace::adopt(&span, message.state.trace.as_deref());
+        let traceparent = span.in_scope(servicekit::trace::traceparent);
         let event = ChangeEvent::new(op, message, source_ts_ms);
         let key = event.key();
         let payload = event.to_flattened().to_string();
-        Box::pin(async move {
-            let started = Instant::now();
-            let result = producer.send(&topic, key.as_bytes(), payload.as_bytes(), &[]).await.map(|_| ());
-            metrics::histogram!("relay_publish_duration_seconds").record(started.elapsed().as_secs_f64());
-            (id, result)
-        })
+        Box::pin(
+            async move {
+                let started = Instant::now();
+                let headers: Vec<(&str, &[u8])> =
+                    traceparent.iter().map(|t| (servicekit::trace::TRACEPARENT, t.as_bytes())).collect();
+                let result = producer.send(&topic, key.as_bytes(), payload.as_bytes(), &headers).await.map(|_| ());
+                metrics::histogram!("relay_publish_duration_seconds").record(started.elapsed().as_secs_f64());
+                tracing::debug!(ok = result.is_ok(), "published");
+                (id, result)
+            }
+            .instrument(span),
+        )
     }
 
     /// On shutdown: waits (bounded) for deliveries in flight and clears what was

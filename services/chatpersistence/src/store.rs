@@ -75,6 +75,10 @@ pub(crate) struct MessageDoc {
     /// What the relay publishes the marked document as (`u`: a change).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     outbox_op: Option<String>,
+    /// The W3C `traceparent` of the POST (the relay's record header; with Debezium
+    /// the connector copies it into one, see debezium/README.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    trace: Option<String>,
 }
 
 impl MessageDoc {
@@ -98,6 +102,7 @@ impl MessageDoc {
             version: None,
             changed_at: None,
             outbox_op: None,
+            trace: message.state.trace.clone(),
         }
     }
 
@@ -142,6 +147,7 @@ impl MessageDoc {
                     })
                     .collect(),
                 version: self.version.unwrap_or(0).max(0) as u32,
+                trace: self.trace.clone(),
             },
         };
         Ok(message)

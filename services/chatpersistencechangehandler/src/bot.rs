@@ -258,6 +258,7 @@ impl Bots {
             let response = self
                 .internal
                 .get(&url)
+                .headers(servicekit::trace::outgoing())
                 .bearer_auth(self.token.expose())
                 .send()
                 .await
@@ -369,6 +370,7 @@ impl Bots {
         let response = self
             .internal
             .post(&url)
+            .headers(servicekit::trace::outgoing())
             .bearer_auth(self.token.expose())
             .json(&body)
             .send()

@@ -91,7 +91,14 @@ impl Forwarder {
     /// POSTs `body` to `url`; maps the outcome to the handler's error kinds.
     pub async fn post(&self, target: &'static str, url: &str, body: &serde_json::Value) -> Result<(), HandlerError> {
         let started = std::time::Instant::now();
-        let result = self.client.post(url).bearer_auth(self.token.expose()).json(body).send().await;
+        let result = self
+            .client
+            .post(url)
+            .headers(servicekit::trace::outgoing())
+            .bearer_auth(self.token.expose())
+            .json(body)
+            .send()
+            .await;
         let outcome = match &result {
             Ok(response) => response.status().as_u16().to_string(),
             Err(err) if err.is_timeout() => "timeout".to_owned(),

@@ -43,4 +43,5 @@ mod pipelines_strategies;
 mod security_matrix;
 mod services_lifecycle;
 mod token_expiry;
+mod tracing_path;
 mod write_behind;
