@@ -119,6 +119,7 @@ function start() {
   $("sign-out").hidden = false;
 
   let current = null; // { conv, view, key }
+  const deletedIds = new Set(); // deletions seen in this tab
   let notifications = null;
   const states = { conversation: "idle", notifications: "idle" };
 
@@ -157,7 +158,10 @@ function start() {
       const body = el("div", "conversation-body");
       body.append(el("div", "conversation-name", c.title ?? c.peer_id ?? others.join(", ")));
       const last = c.last_message;
-      body.append(el("div", "conversation-last", last ? `${last.sender_id === me ? "You: " : ""}${last.excerpt}` : ""));
+      // The inbox keeps a deleted last message's excerpt (docs: the server does not
+      // rewrite last_message on deletion); never show text the sender took back.
+      const excerpt = last && deletedIds.has(last.message_id) ? "message deleted" : last?.excerpt;
+      body.append(el("div", "conversation-last", last ? `${last.sender_id === me ? "You: " : ""}${excerpt}` : ""));
       li.append(dot, body);
       // The open conversation is read as it arrives: no badge for it.
       const unread = current?.conv.conversationId === c.conversation_id ? 0 : c.unread_count;
@@ -213,7 +217,9 @@ function start() {
     conv.on("delete", ({ message }) => {
       if (current?.conv !== conv) return;
       document.querySelector(`#messages li[data-id="${CSS.escape(message.message_id)}"]`)?.remove();
+      deletedIds.add(message.message_id);
       renderSeen();
+      refreshList();
     });
     conv.on("typing", ({ userId, typing }) => {
       if (current?.conv !== conv) return;

@@ -47,8 +47,9 @@ install_nginx() {
     chmod 755 "$policy"
     made=1
   fi
-  apt-get update -q && apt-get install -y -q nginx-light || apt-get install -y -q nginx
-  ((made)) && rm -f "$policy"
+  apt-get update -q
+  apt-get install -y -q nginx
+  if ((made)); then rm -f "$policy"; fi
   [[ -n "$(nginx_bin)" ]] || die "nginx did not install"
 }
 

@@ -60,6 +60,7 @@ free_port() {
   for ((i = 0; i < 200; i++)); do
     port=$((20000 + RANDOM % 12000))
     [[ "$taken" == *" $port "* ]] && continue
+    # shellcheck disable=SC2016 # $1 is expanded by the inner bash
     if ! timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"' _ "$port" 2>/dev/null; then
       taken+="$port "
       printf '%s\n' "$port"
