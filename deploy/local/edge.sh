@@ -117,8 +117,10 @@ up() {
   ensure_port_free edge "$EDGE_INTERNAL_PORT" EDGE_INTERNAL_PORT
   render "$bin"
   spawn "$pidfile" "$logfile.out" "$bin" -e "$logfile" -c "$edge_dir/nginx.conf"
-  for ((i = 0; i < 100; i++)); do
-    if [[ "$(curl -sS -o /dev/null --max-time 2 -w '%{http_code}' "http://127.0.0.1:$EDGE_HTTP_PORT/" 2>/dev/null)" == 200 ]]; then
+  local code=""
+  for ((i = 0; i < 200; i++)); do
+    code="$(curl -sS -o /dev/null --max-time 2 -w '%{http_code}' "http://127.0.0.1:$EDGE_HTTP_PORT/" 2>&1)" || true
+    if [[ "$code" == 200 ]]; then
       log "edge: nginx (pid $(read_pid "$pidfile")) on http://$HTTP_HOST:$EDGE_HTTP_PORT/ (log $logfile)"
       return 0
     fi
@@ -127,7 +129,7 @@ up() {
   done
   tail_log "$logfile" "$logfile.out"
   stop_recorded edge "$pidfile" "$marker"
-  die "edge: nginx did not serve http://127.0.0.1:$EDGE_HTTP_PORT/"
+  die "edge: nginx did not serve http://127.0.0.1:$EDGE_HTTP_PORT/ (last answer: ${code:-none})"
 }
 
 case "${1:-}" in
