@@ -312,6 +312,18 @@ pub mod client {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Sends `request`; returns the status and the JSON body. A refused or timed-out
+    /// request is status 0 (what a client sees of a crashed service).
+    pub async fn send_json(request: reqwest::RequestBuilder) -> (u16, Value) {
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                (status, response.json().await.unwrap_or(Value::Null))
+            }
+            Err(_) => (0, Value::Null),
+        }
+    }
+
     /// The stream's history as `user` sees it.
     pub async fn history(persistence: &Service, user: &str, peer: &str) -> Vec<Value> {
         let stream = stream_id(user, peer);

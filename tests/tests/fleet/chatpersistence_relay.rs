@@ -51,20 +51,12 @@ async fn wait_ready(service: &Service) {
 
 /// Posts and returns `(status, body)`; a refused connection is status 0.
 async fn try_post(http: &reqwest::Client, service_url: &str, from: &str, to: &str, content: &str) -> (u16, Value) {
-    let sent = http
+    let request = http
         .post(format!("{service_url}/chat/messages"))
         .bearer_auth(token(from))
         .json(&json!({"sender_id": from, "receiver_id": to, "content": content}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await;
-    match sent {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+        .timeout(Duration::from_secs(10));
+    chatfleet_tests::client::send_json(request).await
 }
 
 async fn post_ok(service: &Service, from: &str, to: &str, content: &str) -> Value {

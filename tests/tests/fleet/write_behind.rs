@@ -53,20 +53,9 @@ fn stream_of(a: &str, b: &str) -> String {
 /// One POST; a refused or timed-out request is status 0.
 async fn try_post(http: &reqwest::Client, url: &str, from: &str, to: &str, content: &str, cmid: &str) -> (u16, Value) {
     let body = json!({"sender_id": from, "receiver_id": to, "content": content, "client_message_id": cmid});
-    let sent = http
-        .post(format!("{url}/chat/messages"))
-        .bearer_auth(token(from))
-        .json(&body)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match sent {
-        Ok(response) => {
-            let status = response.status().as_u16();
-            (status, response.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+    let request =
+        http.post(format!("{url}/chat/messages")).bearer_auth(token(from)).json(&body).timeout(Duration::from_secs(5));
+    chatfleet_tests::client::send_json(request).await
 }
 
 /// Clients posting to every conversation, one message at a time each, retrying a
@@ -339,14 +328,8 @@ async fn two_writers_race_and_take_over() {
 
 /// `GET /chat/messages/{id}` as `user`: status code and body.
 async fn status_of(service: &Service, user: &str, id: &str) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .get(service.url(&format!("/chat/messages/{id}")))
-        .bearer_auth(token(user))
-        .send()
-        .await
-        .expect("status answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+    let request = reqwest::Client::new().get(service.url(&format!("/chat/messages/{id}"))).bearer_auth(token(user));
+    chatfleet_tests::client::send_json(request).await
 }
 
 /// A RESP command to the queue's Redis (the test holds the writers off by taking
