@@ -379,8 +379,8 @@ impl Bots {
         match response.status().as_u16() {
             // 200: this reply was already stored (a redelivery); 409: an earlier
             // attempt stored a different answer to the same message. Either way the
-            // message has its one reply.
-            200 | 201 | 409 => Ok(()),
+            // message has its one reply. 202: queued (chatpersistence in write-behind mode).
+            200..=202 | 409 => Ok(()),
             _ => {
                 let status = response.status();
                 classify("bot: reply", status, response.text().await.unwrap_or_default())
