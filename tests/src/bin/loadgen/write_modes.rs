@@ -84,7 +84,26 @@ pub fn dispatch() -> Option<i32> {
     if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
         std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
     }
-    Some(run(o))
+    // The pair benchmark's broker profile when its SQLite broker is built (never
+    // start that 11-20 min build from here); otherwise the stack's broker, with the
+    // servers' data on tmpfs all the same.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap_or(std::path::Path::new("."));
+    let scratch = if std::env::var_os("TANSU_BIN").is_some() || root.join(".local/tansu/bin/tansu").is_file() {
+        super::broker_profile()
+    } else {
+        eprintln!("note: no SQLite broker build; the Kafka hop is tansu's memory engine (docs/benchmarks.md)");
+        let dir = std::path::Path::new("/dev/shm").join(format!("chatfleet-write-modes-{}", std::process::id()));
+        let usable = std::env::var_os("TESTKIT_SCRATCH_DIR").is_none() && std::fs::create_dir_all(&dir).is_ok();
+        usable.then(|| {
+            std::env::set_var("TESTKIT_SCRATCH_DIR", &dir);
+            dir
+        })
+    };
+    let code = run(o);
+    if let Some(dir) = scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Some(code)
 }
 
 #[tokio::main(flavor = "multi_thread")]
