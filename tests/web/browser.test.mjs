@@ -30,9 +30,17 @@ test("two users chat in two browsers through the local edge", { skip, timeout: 3
   const bob = await driver.session();
   const expected = [];
 
-  const sendFrom = async (session, text) => {
-    await session.type("#composer", text);
+  // Sends and waits until the sender's own screen shows it (the POST answered): the
+  // order of `expected` is then the order the server stored them in (ids sort by
+  // creation), which is the order every screen must show.
+  const sendFrom = async (session, text, typed = text) => {
+    await session.type("#composer", typed);
     await session.click("#send");
+    await session.waitFor(
+      (want) => [...document.querySelectorAll("#messages li.mine .content")].some((n) => n.textContent === want),
+      [text],
+      { what: `the sender's screen to show ${JSON.stringify(text)}` },
+    );
     expected.push(text);
   };
   const openChatWith = async (session, peer) => {
@@ -92,9 +100,8 @@ test("two users chat in two browsers through the local edge", { skip, timeout: 3
       what: "alice sees bob typing",
     });
     assert.equal(await alice.text("#typing"), "bob is typing…");
-    await bob.type("#composer", " did. Payment went through this morning.");
-    await bob.click("#send");
-    expected.push("Yes, it did. Payment went through this morning.");
+    // (the composer already holds "Yes, it")
+    await sendFrom(bob, "Yes, it did. Payment went through this morning.", " did. Payment went through this morning.");
     await bothShow(expected, "a reply");
     await alice.waitFor(() => document.getElementById("typing").hidden, [], { what: "typing indicator gone" });
 

@@ -142,16 +142,27 @@ export class Session {
     return found[ELEMENT];
   }
 
-  async click(css) {
-    return this.cmd("POST", `/element/${await this.find(css)}/click`, {});
+  /** `action(elementId)` on a fresh look-up of `css`, again when the page redrew it in between. */
+  async withElement(css, action) {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await action(await this.find(css));
+      } catch (err) {
+        if (attempt >= 5 || !/stale element/.test(err.message)) throw err;
+      }
+    }
   }
 
-  async type(css, text) {
-    return this.cmd("POST", `/element/${await this.find(css)}/value`, { text });
+  click(css) {
+    return this.withElement(css, (id) => this.cmd("POST", `/element/${id}/click`, {}));
   }
 
-  async clear(css) {
-    return this.cmd("POST", `/element/${await this.find(css)}/clear`, {});
+  type(css, text) {
+    return this.withElement(css, (id) => this.cmd("POST", `/element/${id}/value`, { text }));
+  }
+
+  clear(css) {
+    return this.withElement(css, (id) => this.cmd("POST", `/element/${id}/clear`, {}));
   }
 
   text(css) {
