@@ -5,12 +5,20 @@
 //! format at the HTTP edge. Written five times they would drift apart; written here
 //! once, a service's `main.rs` only wires its own parts together.
 //!
-//! The usual shape of a service:
+//! Every service starts the same way — settings → telemetry (logs, trace export,
+//! metrics) → build the app → serve with shutdown — so a reader who knows one knows
+//! all five:
 //!
 //! ```ignore
-//! let (kit, settings) = Kit::init::<Settings>("chatpersistence", &env_map())?;
-//! let state = build_state(&settings).await?;
-//! kit.serve(Routes::new(public_router).internal(internal_router), readiness).await
+//! #[tokio::main]
+//! async fn main() -> std::process::ExitCode {
+//!     servicekit::run("chatpersistence", &Settings::env_map(), build).await
+//! }
+//!
+//! async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
+//!     // connect, wire, spawn nothing: hand back routes, readiness and workers
+//!     Ok(Launch::new(Routes::new(public).internal(internal)).readiness(ready).worker("relay", relay.run(ctx.shutdown)))
+//! }
 //! ```
 
 pub mod config;
