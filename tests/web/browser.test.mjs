@@ -47,7 +47,12 @@ test("two users chat in two browsers through the local edge", { skip, timeout: 3
     const css = `#conversation-list li[data-peer="${peer}"]`;
     await session.waitFor((sel) => !!document.querySelector(sel), [css], { what: `${peer} in the conversation list` });
     await session.click(css);
-    await session.waitFor(() => !document.getElementById("conversation").hidden, [], { what: "the conversation open" });
+    // Live: typing frames are only sent on an open socket (they are ephemeral).
+    await session.waitFor(
+      () => !document.getElementById("conversation").hidden && document.getElementById("conn-status").textContent === "live",
+      [],
+      { what: "the conversation open and live" },
+    );
   };
   const bothShow = async (list, what, timeoutMs = 20000) => {
     for (const [name, s] of [["alice", alice], ["bob", bob]]) {
