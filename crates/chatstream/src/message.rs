@@ -90,8 +90,9 @@ pub struct ChatMessage {
     pub state: MessageState,
 }
 
-/// What happened to a message after it was sent.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// What happened to a message after it was sent. Equality ignores `trace`: it is
+/// transport metadata (which request posted it), not part of the message.
+#[derive(Debug, Clone, Eq, Default, Serialize, Deserialize)]
 pub struct MessageState {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edited_at: Option<DateTime<Utc>>,
@@ -110,6 +111,15 @@ pub struct MessageState {
     /// from documents and change events; never written into API answers or frames.
     #[serde(default, skip_serializing)]
     pub trace: Option<String>,
+}
+
+impl PartialEq for MessageState {
+    fn eq(&self, other: &Self) -> bool {
+        self.edited_at == other.edited_at
+            && self.deleted_at == other.deleted_at
+            && self.reactions == other.reactions
+            && self.version == other.version
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
