@@ -501,9 +501,12 @@ async fn pair_and_group_main() {
     } else {
         o.sweep.clone()
     };
+    // Accepted messages over the whole run: the denominator of CPU per message.
+    let mut messages = 0u64;
     if o.group_members > 0 {
         let stages_before = scrape_stages(&fleet).await;
         let result = group::run(&fleet, &o).await;
+        messages += result.accepted;
         group::report(&result, o.duration);
         report_stages(&stages_before, &scrape_stages(&fleet).await);
     }
@@ -511,6 +514,7 @@ async fn pair_and_group_main() {
     for rate in rates {
         let stages_before = scrape_stages(&fleet).await;
         let result = run_at(&fleet, &pairs, rate, o.duration, o.drain).await;
+        messages += result.accepted;
         report(&result, o.duration);
         report_stages(&stages_before, &scrape_stages(&fleet).await);
         sweep_rows.push((
@@ -523,13 +527,32 @@ async fn pair_and_group_main() {
 
     let elapsed = wall.elapsed().as_secs_f64();
     println!("\n## Resources over the run ({elapsed:.0} s wall)");
-    println!("| process | CPU seconds | average cores | peak RSS MiB |");
-    println!("| --- | --- | --- | --- |");
+    // CPU per message: each process's CPU time over the run (from /proc/<pid>/stat)
+    // divided by the messages accepted, so runs of different rates and lengths compare.
+    println!("| process | CPU seconds | average cores | CPU µs per message | peak RSS MiB |");
+    println!("| --- | --- | --- | --- | --- |");
+    let per_message = |cpu: f64| cpu * 1e6 / messages.max(1) as f64;
+    let mut fleet_cpu = 0.0;
     for ((name, pid), before) in processes.iter().zip(before) {
         if let (Some((cpu0, _)), Some((cpu1, hwm))) = (before, proc_usage(*pid)) {
-            println!("| {name} | {:.1} | {:.2} | {:.1} |", cpu1 - cpu0, (cpu1 - cpu0) / elapsed, hwm as f64 / 1024.0);
+            let cpu = cpu1 - cpu0;
+            if services.iter().any(|s| &s.name == name) {
+                fleet_cpu += cpu;
+            }
+            println!(
+                "| {name} | {cpu:.1} | {:.2} | {:.0} | {:.1} |",
+                cpu / elapsed,
+                per_message(cpu),
+                hwm as f64 / 1024.0
+            );
         }
     }
+    println!(
+        "| **chatfleet's services together** | {fleet_cpu:.1} | {:.2} | **{:.0}** | |",
+        fleet_cpu / elapsed,
+        per_message(fleet_cpu)
+    );
+    println!("\n{messages} messages accepted over the run.");
     if let Some(dir) = scratch {
         drop(fleet);
         let _ = std::fs::remove_dir_all(dir);
@@ -588,7 +611,7 @@ mod group {
         senders: usize,
         rate: u64,
         open_time: Duration,
-        accepted: u64,
+        pub accepted: u64,
         /// Refused posts by HTTP status (0: no answer).
         rejected: std::collections::BTreeMap<u16, u64>,
         post: Vec<Duration>,
