@@ -579,6 +579,7 @@ export class Conversation extends LiveSocket {
     this.online = new Set();
     this.typingUsers = new Set();
     this.lastTypingSent = 0;
+    this.typingPending = false;
     this.typingStopTimer = null;
     this.readUpTo = null;
   }
@@ -635,6 +636,10 @@ export class Conversation extends LiveSocket {
   opened() {
     // Presence is announced again by the new socket.
     this.online.clear();
+    if (this.typingPending && this.sendFrame({ type: "typing", state: "start" })) {
+      this.typingPending = false;
+      this.lastTypingSent = Date.now();
+    }
     if (this.typingUsers.size) {
       for (const userId of this.typingUsers) this.emit("typing", { userId, typing: false });
       this.typingUsers.clear();
@@ -761,13 +766,18 @@ export class Conversation extends LiveSocket {
   /** Call on every keystroke: sends `start` at most every 2.5 s and `stop` after 3 s of quiet. */
   typing() {
     const now = Date.now();
-    if (now - this.lastTypingSent > 2500 && this.sendFrame({ type: "typing", state: "start" })) this.lastTypingSent = now;
+    if (now - this.lastTypingSent > 2500) {
+      // Not live: sent when the socket opens, if the user is still typing then.
+      if (this.sendFrame({ type: "typing", state: "start" })) this.lastTypingSent = now;
+      else this.typingPending = true;
+    }
     clearTimeout(this.typingStopTimer);
     this.typingStopTimer = setTimeout(() => this.stopTyping(), 3000);
   }
 
   stopTyping() {
     clearTimeout(this.typingStopTimer);
+    this.typingPending = false;
     if (this.lastTypingSent) {
       this.lastTypingSent = 0;
       this.sendFrame({ type: "typing", state: "stop" });

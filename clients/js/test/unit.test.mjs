@@ -195,3 +195,21 @@ test("events() yields every event in order and is bounded", async () => {
   await assert.rejects(it.next(), (e) => e.code === "event_buffer_full");
   conv.close();
 });
+
+test("typing: at most one start per 2.5 s, a start typed before the socket opened is sent on open, stop on send", async () => {
+  const c = client(scriptedFetch([]).fetch);
+  await c.token();
+  const conv = c.openConversation({ peerId: "bob" });
+  const sent = [];
+  conv.typing(); // no socket yet
+  assert.equal(sent.length, 0);
+  conv.ws = { readyState: 1, send: (text) => sent.push(JSON.parse(text)), close() {} };
+  conv.opened();
+  conv.typing();
+  conv.typing();
+  assert.deepEqual(sent, [{ type: "typing", state: "start" }]);
+  conv.stopTyping();
+  assert.deepEqual(sent.at(-1), { type: "typing", state: "stop" });
+  conv.ws = null;
+  conv.close();
+});
