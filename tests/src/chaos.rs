@@ -35,7 +35,6 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use testkit::SmtpSink;
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::{percentile, token, Service, Stack};
@@ -112,6 +111,8 @@ pub struct ChaosReport {
     pub retried_posts: u64,
     /// Messages still unanswered when the run ended (clients gave up).
     pub unresolved_posts: u64,
+    /// Posts refused with a 4xx other than 408/429 (none should be).
+    pub refused_posts: u64,
     /// Accepted messages stored exactly once in MongoDB.
     pub stored_once: u64,
     /// Messages stored more than once (by content: each message's text is unique).
@@ -155,7 +156,7 @@ impl ChaosReport {
              | messages attempted | {} |\n| accepted | {} ({:.1} msg/s) |\n\
              | accepted without client_message_id | {} |\n| found by a history lookup after a lost answer | {} |\n\
              | answers lost or of unknown outcome | {} |\n| retried POST answers | {} |\n\
-             | unresolved posts at the end | {} |\n| stored exactly once | {} |\n| **stored twice** | **{}** |\n\
+             | unresolved / refused posts at the end | {} / {} |\n| stored exactly once | {} |\n| **stored twice** | **{}** |\n\
              | accepted but not stored | {} |\n| stored but never acknowledged | {} |\n\
              | delivered to both participants | {} |\n| **lost** | **{}** |\n\
              | duplicate frames on an uninterrupted socket | {} |\n| socket reconnects / resyncs | {} / {} |\n\
@@ -172,6 +173,7 @@ impl ChaosReport {
             self.ambiguous_answers,
             self.retried_posts,
             self.unresolved_posts,
+            self.refused_posts,
             self.stored_once,
             self.stored_twice,
             self.accepted_not_stored,
@@ -475,6 +477,7 @@ struct PostStats {
     ambiguous: AtomicU64,
     found_by_lookup: AtomicU64,
     unresolved: AtomicU64,
+    refused: AtomicU64,
 }
 
 /// A UUIDv7 with the given millisecond time and nothing else: a `since` cursor that
@@ -548,17 +551,25 @@ async fn post_one(
             .timeout(Duration::from_secs(45))
             .send()
             .await;
-        let (status, answer) = match sent {
+        let (status, answer, retry_after) = match sent {
             Ok(r) => {
                 let status = r.status().as_u16();
-                (Some(status), r.json::<Value>().await.unwrap_or(Value::Null))
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(5)));
+                (Some(status), r.json::<Value>().await.unwrap_or(Value::Null), retry_after)
             }
-            Err(_) => (None, Value::Null),
+            Err(_) => (None, Value::Null, Duration::ZERO),
         };
         match status {
             Some(200 | 201) => return answer["message_id"].as_str().map(str::to_owned),
             Some(status) if (400..500).contains(&status) && status != 429 && status != 408 => {
-                panic!("{content}: answered {status} {answer}: the soak's posts are valid");
+                // The soak's posts are valid: a refusal is a finding, counted and shown.
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                eprintln!("chaos: {content}: answered {status} {answer}");
+                return None;
             }
             _ => {}
         }
@@ -587,7 +598,8 @@ async fn post_one(
             }
         }
         salt += 1;
-        tokio::time::sleep(jitter(backoff, salt)).await;
+        // As the server asks (`Retry-After`), and never faster than the backoff.
+        tokio::time::sleep(jitter(backoff.max(retry_after), salt)).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
@@ -681,48 +693,64 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     // Posting.
     let give_up = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(PostStats::default());
-    let in_flight = Arc::new(Semaphore::new(4096));
     let started = tokio::time::Instant::now();
     let posting_anchor = anchor.elapsed();
     let total = o.rate * o.duration.as_secs();
     let faults_done = Arc::new(AtomicBool::new(false));
+    // Each user posts through an outbox, one message at a time and in order, as a
+    // chat client does: a retrying client slows its own queue, never the server.
     let poster = {
         let (http, ends, pairs, give_up, stats) =
             (http.clone(), ends.clone(), pairs.clone(), give_up.clone(), stats.clone());
         let (rate, idless_every) = (o.rate.max(1), o.idless_every);
         let faults_done = faults_done.clone();
         tokio::spawn(async move {
-            let mut posts = Vec::with_capacity(total as usize);
-            // At least `duration`, and on until the last fault has recovered.
-            for seq in 0.. {
-                if seq >= total && faults_done.load(Ordering::Relaxed) {
-                    break;
+            let mut outboxes = HashMap::new();
+            let mut senders = Vec::new();
+            for (a, b) in &pairs {
+                for (from, to) in [(a, b), (b, a)] {
+                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, usize, String, Option<String>)>();
+                    let (http, ends, give_up, stats) = (http.clone(), ends.clone(), give_up.clone(), stats.clone());
+                    let outbox_of = from.clone();
+                    let (from, to) = (from.clone(), to.clone());
+                    senders.push(tokio::spawn(async move {
+                        let mut answers = Vec::new();
+                        while let Some((seq, conversation, content, id)) = rx.recv().await {
+                            let idless = id.is_none();
+                            let answer = post_one(
+                                http.clone(),
+                                ends.clone(),
+                                from.clone(),
+                                to.clone(),
+                                content,
+                                id,
+                                give_up.clone(),
+                                stats.clone(),
+                            )
+                            .await;
+                            answers.push((seq, answer.map(|message_id| Accepted { conversation, message_id, idless })));
+                        }
+                        answers
+                    }));
+                    outboxes.insert(outbox_of, tx);
                 }
+            }
+            let mut seq = 0;
+            // At least `duration`, and on until the last fault has recovered.
+            while seq < total || !faults_done.load(Ordering::Relaxed) {
                 tokio::time::sleep_until(started + Duration::from_nanos(seq * 1_000_000_000 / rate)).await;
                 let conversation = seq as usize % pairs.len();
                 let (a, b) = &pairs[conversation];
-                let (from, to) = if (seq as usize / pairs.len()).is_multiple_of(2) { (a, b) } else { (b, a) };
+                let from = if (seq as usize / pairs.len()).is_multiple_of(2) { a } else { b };
                 let idless = idless_every > 0 && conversation % idless_every == idless_every - 1;
                 let content = format!("chaos {conversation} {seq} {}", anchor.elapsed().as_nanos());
                 let id = (!idless).then(|| format!("chaos-{seq}"));
-                let permit = in_flight.clone().acquire_owned().await.expect("semaphore");
-                let task = post_one(
-                    http.clone(),
-                    ends.clone(),
-                    from.clone(),
-                    to.clone(),
-                    content,
-                    id,
-                    give_up.clone(),
-                    stats.clone(),
-                );
-                posts.push(tokio::spawn(async move {
-                    let answer = task.await;
-                    drop(permit);
-                    answer.map(|message_id| Accepted { conversation, message_id, idless })
-                }));
+                if let Some(outbox) = outboxes.get(from) {
+                    let _ = outbox.send((seq, conversation, content, id));
+                }
+                seq += 1;
             }
-            (posts, started.elapsed())
+            (senders, seq, started.elapsed())
         })
     };
 
@@ -773,12 +801,16 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
             down.as_secs_f64(),
             recovery.map(|r| r + down)
         );
+        if recovery.is_none() {
+            // The fleet did not come back: more faults would only hide why.
+            eprintln!("chaos: the fleet did not recover from {what}; no further faults");
+            break;
+        }
     }
 
     // Every post gets its answer (or the run gives up on it after the drain).
     faults_done.store(true, Ordering::Relaxed);
-    let (posts, posting) = poster.await.expect("poster");
-    let accepted_or_not = posts.len() as u64;
+    let (senders, accepted_or_not, posting) = poster.await.expect("poster");
     let posting_seconds = posting.as_secs_f64();
     let drain_until = Instant::now() + o.drain;
     {
@@ -789,9 +821,11 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
         });
     }
     let mut accepted: HashMap<u64, Accepted> = HashMap::new();
-    for (seq, post) in posts.into_iter().enumerate() {
-        if let Ok(Some(a)) = post.await {
-            accepted.insert(seq as u64, a);
+    for sender in senders {
+        for (seq, answer) in sender.await.expect("outbox") {
+            if let Some(a) = answer {
+                accepted.insert(seq, a);
+            }
         }
     }
     // Everything accepted reaches both participants, or the drain ends.
@@ -846,6 +880,7 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
         ambiguous_answers: stats.ambiguous.load(Ordering::Relaxed),
         retried_posts: stats.retried.load(Ordering::Relaxed),
         unresolved_posts: stats.unresolved.load(Ordering::Relaxed),
+        refused_posts: stats.refused.load(Ordering::Relaxed),
         faults,
         ..ChaosReport::default()
     };
