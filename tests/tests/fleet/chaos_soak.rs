@@ -32,6 +32,7 @@ async fn a_minute_of_kills_and_pauses_loses_nothing_and_stores_nothing_twice() {
     assert_eq!(r.faults.len(), 8, "every service killed and every server paused once:\n{report}");
     assert!(r.accepted >= r.attempted * 9 / 10, "most posts were answered:\n{report}");
     assert!(r.accepted_idless > 0, "some clients posted without a client_message_id:\n{report}");
+    assert_eq!(r.refused_posts, 0, "a valid post was refused:\n{report}");
     assert_eq!(r.stored_twice, 0, "stored twice:\n{report}");
     assert_eq!(r.accepted_not_stored, 0, "acknowledged but not stored:\n{report}");
     assert_eq!(r.lost, 0, "lost:\n{report}");
