@@ -21,7 +21,7 @@
 //! - Finished offsets are committed every `commit_interval` (async), and
 //!   synchronously when partitions are revoked and at shutdown.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -36,6 +36,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{client_config, forward_error, forward_log};
+use crate::flow::{Fetched, FlowState, PartitionFlow};
 use crate::metrics as m;
 use crate::processing::{DeadLetters, Outcome, Processor};
 use crate::{Error, Handler, KafkaSettings, Producer, Record, RetrySettings};
@@ -193,11 +194,8 @@ struct Slot {
     /// Disconnects when the worker task has ended.
     done: std::sync::mpsc::Receiver<()>,
     task: tokio::task::AbortHandle,
-    paused: bool,
-    /// Messages fetched while the partition was full or paused, in order.
-    pending: VecDeque<Record>,
-    /// The offset last sent in a commit (-1: none).
-    committed: i64,
+    /// Paused or flowing, the records held meanwhile, the offset last committed.
+    flow: PartitionFlow<Record>,
 }
 
 /// What the worker task and the consumer thread share about a partition.
@@ -246,10 +244,7 @@ impl<H: Handler> GroupContext<H> {
                 .spawn(partition_worker(self.processor.clone(), receiver, state.clone(), stop.clone(), done_tx))
                 .abort_handle();
             tracing::info!(group = %self.group, topic = %key.0, partition = key.1, "partition assigned");
-            slots.insert(
-                key,
-                Slot { queue, state, stop, done, task, paused: false, pending: VecDeque::new(), committed: -1 },
-            );
+            slots.insert(key, Slot { queue, state, stop, done, task, flow: PartitionFlow::default() });
         }
         self.update_share(slots.len());
     }
@@ -280,7 +275,7 @@ impl<H: Handler> GroupContext<H> {
         }
         for ((topic, partition), slot) in &slots {
             slot.stop.cancel();
-            if slot.paused {
+            if slot.flow.state() == FlowState::Paused {
                 // A partition assigned again later must not start out paused.
                 if let Err(err) = consumer.resume(&single(topic, *partition)) {
                     tracing::debug!(%topic, partition, error = %err, "resume before revocation failed");
@@ -303,8 +298,7 @@ impl<H: Handler> GroupContext<H> {
         }
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), slot) in &slots {
-            let finished = slot.state.finished.load(Ordering::SeqCst);
-            if finished >= 0 && finished != slot.committed {
+            if let Some(finished) = slot.flow.commit_due(slot.state.finished.load(Ordering::SeqCst)) {
                 if let Err(err) = tpl.add_partition_offset(topic, *partition, Offset::Offset(finished)) {
                     tracing::error!(%topic, partition, error = %err, "cannot build commit");
                 }
@@ -334,22 +328,22 @@ impl<H: Handler> GroupContext<H> {
             tracing::debug!(topic = %key.0, partition = key.1, offset = record.offset, "message for a partition not assigned; dropped");
             return Ok(());
         };
-        if slot.paused || !slot.pending.is_empty() || slot.state.in_flight.load(Ordering::SeqCst) >= share {
-            slot.pending.push_back(record);
-            if !slot.paused {
+        match slot.flow.fetched(record, slot.state.in_flight.load(Ordering::SeqCst), share) {
+            Fetched::Send(record) => send(slot, record, &key),
+            Fetched::Held { pause: false } => Ok(()),
+            Fetched::Held { pause: true } => {
                 match consumer.pause(&single(&key.0, key.1)) {
                     Ok(()) => {
-                        slot.paused = true;
+                        slot.flow.paused();
                         tracing::debug!(topic = %key.0, partition = key.1, share, "partition paused");
                     }
                     Err(err) => {
                         tracing::warn!(topic = %key.0, partition = key.1, error = %err, "pause failed")
                     }
                 }
+                Ok(())
             }
-            return Ok(());
         }
-        send(slot, record, &key)
     }
 
     /// Feeds held messages to partitions that drained and resumes them.
@@ -358,25 +352,19 @@ impl<H: Handler> GroupContext<H> {
         let mut resumed = Vec::new();
         let mut slots = self.slots();
         for (key, slot) in slots.iter_mut() {
-            if slot.pending.is_empty() && !slot.paused {
-                continue;
-            }
-            if slot.state.in_flight.load(Ordering::SeqCst) > share / 2 {
-                continue;
-            }
-            while slot.state.in_flight.load(Ordering::SeqCst) < share {
-                let Some(record) = slot.pending.pop_front() else {
-                    break;
-                };
-                if send(slot, record, key).is_err() {
+            let mut releasing = false;
+            while let Some(record) = slot.flow.release(slot.state.in_flight.load(Ordering::SeqCst), share, releasing) {
+                releasing = true;
+                if let Some(record) = send_or_return(slot, record) {
                     // The worker is gone; dispatch reports it on the next message.
+                    slot.flow.unrelease(record);
                     break;
                 }
             }
-            if slot.pending.is_empty() && slot.paused {
+            if slot.flow.wants_resume() {
                 match consumer.resume(&single(&key.0, key.1)) {
                     Ok(()) => {
-                        slot.paused = false;
+                        slot.flow.resumed();
                         tracing::debug!(topic = %key.0, partition = key.1, "partition resumed");
                         resumed.push(key.clone());
                     }
@@ -398,12 +386,10 @@ impl<H: Handler> GroupContext<H> {
         {
             let mut slots = self.slots();
             for ((topic, partition), slot) in slots.iter_mut() {
-                let finished = slot.state.finished.load(Ordering::SeqCst);
-                if finished >= 0
-                    && finished != slot.committed
-                    && tpl.add_partition_offset(topic, *partition, Offset::Offset(finished)).is_ok()
-                {
-                    slot.committed = finished;
+                if let Some(finished) = slot.flow.commit_due(slot.state.finished.load(Ordering::SeqCst)) {
+                    if tpl.add_partition_offset(topic, *partition, Offset::Offset(finished)).is_ok() {
+                        slot.flow.committed(finished);
+                    }
                 }
             }
         }
@@ -421,23 +407,32 @@ impl<H: Handler> GroupContext<H> {
     fn forget_commits(&self, tpl: &TopicPartitionList) {
         let mut slots = self.slots();
         for element in tpl.elements() {
-            if let Some(slot) = slots.get_mut(&(element.topic().to_owned(), element.partition())) {
-                if Offset::Offset(slot.committed) == element.offset() {
-                    slot.committed = -1;
-                }
+            if let (Some(slot), Offset::Offset(offset)) =
+                (slots.get_mut(&(element.topic().to_owned(), element.partition())), element.offset())
+            {
+                slot.flow.commit_failed(offset);
             }
         }
     }
 
     fn report_gauges(&self) {
         let slots = self.slots();
-        let in_flight: usize =
-            slots.values().map(|s| s.state.in_flight.load(Ordering::Relaxed) + s.pending.len()).sum();
-        let paused = slots.values().filter(|s| s.paused).count();
+        let in_flight: usize = slots.values().map(|s| s.state.in_flight.load(Ordering::Relaxed) + s.flow.held()).sum();
+        let paused = slots.values().filter(|s| s.flow.state() == FlowState::Paused).count();
         metrics::gauge!(m::IN_FLIGHT, "group" => self.group.clone()).set(in_flight as f64);
         metrics::gauge!(m::PAUSED_PARTITIONS, "group" => self.group.clone()).set(paused as f64);
         metrics::gauge!(m::ASSIGNED_PARTITIONS, "group" => self.group.clone()).set(slots.len() as f64);
     }
+}
+
+/// Hands a released record to the worker; gives it back if the worker is gone.
+fn send_or_return(slot: &mut Slot, record: Record) -> Option<Record> {
+    slot.state.in_flight.fetch_add(1, Ordering::SeqCst);
+    let returned = slot.queue.send(record).err().map(|returned| returned.0);
+    if returned.is_some() {
+        slot.state.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+    returned
 }
 
 fn send(slot: &mut Slot, record: Record, key: &TopicPartition) -> Result<(), Error> {

@@ -42,6 +42,7 @@ pub mod admin;
 mod client;
 pub mod consumer;
 pub mod error;
+mod flow;
 pub mod handler;
 pub mod metrics;
 mod processing;
