@@ -482,7 +482,8 @@ async fn write_behind(
                 // The POST's trace travels with the message (relay header, Debezium field).
                 state: chatstream::MessageState { trace: servicekit::trace::traceparent(), ..Default::default() },
             };
-            let entry = QueuedMessage { message, client_message_id: new.client_message_id.clone() };
+            let trace = message.state.trace.clone();
+            let entry = QueuedMessage { message, client_message_id: new.client_message_id.clone(), trace };
             match queue.accept(&entry).await {
                 // Another replica took this millisecond of the conversation: a new id
                 // in the next one (bounded; clocks apart by more answer 503).

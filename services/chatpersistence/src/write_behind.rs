@@ -67,6 +67,10 @@ pub struct QueuedMessage {
     pub message: ChatMessage,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_message_id: Option<String>,
+    /// The POST's W3C trace context (the message's own `trace` is not serialized),
+    /// put back on the message when it is written (docs/observability.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// Why the queue did not take or answer something.
@@ -484,6 +488,14 @@ fn backoff(max: Duration) -> kafkawrapper::Backoff {
     kafkawrapper::RetrySettings::doubling(FIRST_BACKOFF, max, 0).unbounded()
 }
 
+/// An existing conversation's update, sent with the batch's others in one command.
+struct Planned {
+    stream: StreamId,
+    filter: Document,
+    update: Document,
+    newest_entry: String,
+}
+
 /// One shard's writer in this replica (active while it holds the shard's lease).
 pub struct ShardWriter {
     queue: Arc<Queue>,
@@ -636,7 +648,10 @@ impl ShardWriter {
         let mut done_ids: Vec<String> = Vec::with_capacity(entries.len());
         for entry in entries {
             match entry.body.as_deref().map(serde_json::from_str::<QueuedMessage>) {
-                Some(Ok(queued)) => batch.push((entry.id, queued)),
+                Some(Ok(mut queued)) => {
+                    queued.message.state.trace = queued.trace.take();
+                    batch.push((entry.id, queued))
+                }
                 // Deleted already: a commit that landed before a crash.
                 None => done_ids.push(entry.id),
                 Some(Err(err)) => {
@@ -726,9 +741,56 @@ impl ShardWriter {
             .filter_map(|d| d.get_str("_id").ok().map(str::to_owned).map(|id| (id, d.clone())))
             .collect();
         let mut seqs = HashMap::with_capacity(batch.len());
-        for stream in order {
+        // First pass: existing conversations' updates are collected and sent as one
+        // `update` command (one round trip, one journal flush, instead of one per
+        // conversation); new conversations are written at once.
+        let mut bulk: Vec<Planned> = Vec::new();
+        let mut individually: Vec<&StreamId> = Vec::new();
+        for stream in &order {
+            match self.project_one(stream, &groups[*stream], current.get(stream.as_str()), Some(&mut bulk)).await? {
+                Some(done) => seqs.extend(done),
+                None => individually.push(stream),
+            }
+        }
+        if !bulk.is_empty() {
+            let statements: Vec<Document> = bulk
+                .iter()
+                .map(|p| doc! { "q": p.filter.clone(), "u": p.update.clone(), "upsert": false, "multi": false })
+                .collect();
+            let command = doc! {
+                "update": self.conversation_docs.name(),
+                "updates": statements,
+                "ordered": false,
+                "writeConcern": { "w": "majority", "j": true },
+            };
+            let db = self.conversation_docs.client().database(&self.conversation_docs.namespace().db);
+            let reply = self.store.run(db.run_command(command)).await?;
+            if int(&reply, "n") < bulk.len() as i64 {
+                // Some conversation changed meanwhile (another writer): those whose
+                // update did not land are projected again, one by one.
+                let ids: Vec<&str> = bulk.iter().map(|p| p.stream.as_str()).collect();
+                let find = async {
+                    self.conversation_docs.find(doc! { "_id": { "$in": ids } }).await?.try_collect::<Vec<Document>>().await
+                };
+                let now: HashMap<String, Document> = self
+                    .store
+                    .run(find)
+                    .await?
+                    .into_iter()
+                    .filter_map(|d| d.get_str("_id").ok().map(str::to_owned).map(|id| (id, d.clone())))
+                    .collect();
+                for planned in &bulk {
+                    let landed = now.get(planned.stream.as_str()).and_then(|d| d.get_str("wb_last").ok());
+                    if landed != Some(planned.newest_entry.as_str()) {
+                        individually.push(order.iter().copied().find(|s| **s == planned.stream).unwrap_or(&planned.stream));
+                        current.insert(planned.stream.to_string(), now.get(planned.stream.as_str()).cloned().unwrap_or_default());
+                    }
+                }
+            }
+        }
+        for stream in individually {
             let messages = &groups[stream];
-            let mut known = current.remove(stream.as_str());
+            let mut known = current.remove(stream.as_str()).filter(|d| !d.is_empty());
             let mut applied = None;
             for attempt in 0..PROJECTION_ATTEMPTS {
                 if attempt > 0 {
@@ -737,7 +799,7 @@ impl ShardWriter {
                         .run(self.conversation_docs.find_one(doc! { "_id": { "$eq": stream.as_str() } }))
                         .await?;
                 }
-                if let Some(done) = self.project_one(stream, messages, known.as_ref()).await? {
+                if let Some(done) = self.project_one(stream, messages, known.as_ref(), None).await? {
                     applied = Some(done);
                     break;
                 }
@@ -750,12 +812,15 @@ impl ShardWriter {
     }
 
     /// Applies one conversation's messages (in queue order) unless an earlier
-    /// attempt did; `None` when the conversation changed meanwhile (try again).
+    /// attempt did; `None` when the conversation changed meanwhile (try again). With
+    /// `bulk`, an existing conversation's update is collected there instead of sent
+    /// (the seqs returned hold if it lands).
     async fn project_one(
         &self,
         stream: &StreamId,
         messages: &[(&str, &QueuedMessage)],
         current: Option<&Document>,
+        bulk: Option<&mut Vec<Planned>>,
     ) -> Result<Option<Vec<(MessageId, i64)>>, StoreError> {
         let Some((_, first)) = messages.first() else { return Ok(Some(Vec::new())) };
         let pair: Option<Vec<String>> = first.message.receiver_id.as_ref().map(|receiver| {
@@ -845,6 +910,11 @@ impl ShardWriter {
                     "$set": { "last_message": last_message, "updated_at": at, "wb_last": *newest_entry },
                     "$max": reads,
                 };
+                if let Some(bulk) = bulk {
+                    bulk.push(Planned { stream: *stream, filter, update, newest_entry: (*newest_entry).to_owned() });
+                    self.conversations.touch_activity(stream, at);
+                    return Ok(Some(out));
+                }
                 let result = self.store.run(self.conversation_docs.update_one(filter, update)).await?;
                 if result.matched_count == 0 {
                     return Ok(None);
