@@ -18,7 +18,13 @@
 //! ```text
 //! loadgen --sockets 19500 --socket-service chat --rate 20 --duration 10
 //! loadgen --sockets 19500 --socket-service notifications --rate 20 --duration 10
+//! loadgen --sockets 1000 --socket-service notifications --fanout-per-user 20 --concurrency 64
 //! ```
+//!
+//! `--fanout-per-user K` measures notification fan-out instead: one socket per user held
+//! by this process, K purchase notifications per user through the internal endpoint
+//! with `--concurrency` in flight, every frame counted, and the frames per second from
+//! the first `POST` until the last frame arrived.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -71,6 +77,7 @@ struct Options {
     per_worker: usize,
     concurrency: usize,
     settle: u64,
+    fanout_per_user: usize,
 }
 
 /// The path of the upgrade of socket `i` (its user is `u{i}`; chat sockets pair
@@ -155,6 +162,7 @@ pub fn dispatch() -> Option<i32> {
         per_worker: 10_000,
         concurrency: 64,
         settle: 5,
+        fanout_per_user: 0,
     };
     let mut i = 0;
     while i < args.len() {
@@ -171,18 +179,22 @@ pub fn dispatch() -> Option<i32> {
             "--per-worker" => o.per_worker = number(o.per_worker as u64).max(1) as usize,
             "--concurrency" => o.concurrency = number(o.concurrency as u64).max(1) as usize,
             "--settle" => o.settle = number(o.settle),
+            "--fanout-per-user" => o.fanout_per_user = number(0) as usize,
             other => return Some(usage(&format!("unknown option {other}"))),
         }
         i += 2;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    if o.fanout_per_user > 0 {
+        return Some(runtime.block_on(fanout(o)));
+    }
     Some(runtime.block_on(run(o)))
 }
 
 fn usage(problem: &str) -> i32 {
     eprintln!(
         "{problem}; options: --sockets N --socket-service chat|notifications --rate R --duration S \
-         --per-worker N --concurrency N --settle S"
+         --per-worker N --concurrency N --settle S | --fanout-per-user K"
     );
     2
 }
@@ -541,6 +553,115 @@ async fn run(o: Options) -> i32 {
         "\nprobe deliveries expected {expected} · delivered {} · lost {} · duplicates {duplicates}",
         latencies.len(),
         expected.saturating_sub(latencies.len() as u64)
+    );
+    0
+}
+
+/// The notification fan-out: one socket per user (this process's own), K purchase
+/// notifications per user with `concurrency` internal `POST`s in flight, and every
+/// frame counted until all arrived.
+async fn fanout(o: Options) -> i32 {
+    if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
+        std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
+    }
+    let target = start(Kind::Notifications, o.sockets).await;
+    let pod = target.sockets();
+    let pid = pod.pid().unwrap_or(0);
+    let received = Arc::new(AtomicU64::new(0));
+    let opened: Vec<Result<tokio::task::JoinHandle<()>, String>> = futures::stream::iter(0..o.sockets)
+        .map(|i| {
+            let url = pod.ws_url(&socket_path(Kind::Notifications, i));
+            let received = received.clone();
+            async move {
+                let mut ws = open(&url).await?;
+                Ok(tokio::spawn(async move {
+                    while let Some(Ok(message)) = ws.next().await {
+                        if let Message::Text(_) = message {
+                            received.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }))
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let readers: Vec<_> = opened.into_iter().filter_map(Result::ok).collect();
+    let users = readers.len();
+    let http = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build().expect("client");
+    let base = pod.internal_url("/notifications/purchase");
+    let post_all = |round: std::ops::Range<usize>| {
+        let bodies: Vec<(usize, usize)> = round.flat_map(|n| (0..users).map(move |u| (u, n))).collect();
+        let (http, base) = (http.clone(), base.clone());
+        futures::stream::iter(bodies)
+            .map(move |(u, n)| {
+                let request = http
+                    .post(format!("{base}?user_id=u{u}"))
+                    .bearer_auth(SERVICE_TOKEN)
+                    .json(&json!({"purchase_id": format!("p{u}x{n}"), "user_id": format!("u{u}"), "status": "paid",
+                        "amount_minor": 1999, "currency": "EUR", "updated_at": "2026-01-01T00:00:00Z"}))
+                    .timeout(Duration::from_secs(30));
+                async move {
+                    let started = Instant::now();
+                    let ok = request.send().await.is_ok_and(|r| r.status().as_u16() == 200);
+                    (ok, started.elapsed())
+                }
+            })
+            .buffer_unordered(o.concurrency)
+            .collect::<Vec<(bool, Duration)>>()
+    };
+    let wait_for = |target: u64| {
+        let received = received.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while received.load(Ordering::Relaxed) < target && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            received.load(Ordering::Relaxed)
+        }
+    };
+    // Warm-up: one notification per user.
+    post_all(0..1).await;
+    wait_for(users as u64).await;
+    let cpu_before = cpu_seconds(pid);
+    let started = Instant::now();
+    let posts = post_all(1..o.fanout_per_user + 1).await;
+    let posted = started.elapsed();
+    let expected = (users * (o.fanout_per_user + 1)) as u64;
+    let got = wait_for(expected).await;
+    let took = started.elapsed();
+    let cpu = cpu_seconds(pid) - cpu_before;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let extra = received.load(Ordering::Relaxed).saturating_sub(expected);
+    for reader in readers {
+        reader.abort();
+    }
+    let failed = posts.iter().filter(|(ok, _)| !ok).count();
+    let mut latencies: Vec<Duration> = posts.iter().map(|(_, d)| *d).collect();
+    latencies.sort();
+    let frames = (users * o.fanout_per_user) as f64;
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    println!("# chatfleet loadgen: notification fan-out to {users} users ({} per user)", o.fanout_per_user);
+    println!();
+    println!("| measure | value |");
+    println!("| --- | --- |");
+    println!(
+        "| notifications (one frame each) | {frames:.0} in {:.2} s (all POSTs answered after {:.2} s) |",
+        took.as_secs_f64(),
+        posted.as_secs_f64()
+    );
+    println!("| **frames per second** | **{:.0}** |", frames / took.as_secs_f64());
+    println!(
+        "| POST p50 / p99 / max ms ({} in flight) | {} / {} / {} |",
+        o.concurrency,
+        ms(percentile(&latencies, 50.0)),
+        ms(percentile(&latencies, 99.0)),
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    println!("| pod CPU | {cpu:.2} s ({:.0} µs per frame) |", cpu * 1e6 / frames.max(1.0));
+    println!(
+        "| refused POSTs / frames missing / frames extra | {failed} / {} / {extra} |",
+        expected.saturating_sub(got)
     );
     0
 }
