@@ -766,11 +766,16 @@ impl ShardWriter {
             let db = self.conversation_docs.client().database(&self.conversation_docs.namespace().db);
             let reply = self.store.run(db.run_command(command)).await?;
             if int(&reply, "n") < bulk.len() as i64 {
+                metrics::counter!("write_behind_projection_conflicts_total").increment(1);
                 // Some conversation changed meanwhile (another writer): those whose
                 // update did not land are projected again, one by one.
                 let ids: Vec<&str> = bulk.iter().map(|p| p.stream.as_str()).collect();
                 let find = async {
-                    self.conversation_docs.find(doc! { "_id": { "$in": ids } }).await?.try_collect::<Vec<Document>>().await
+                    self.conversation_docs
+                        .find(doc! { "_id": { "$in": ids } })
+                        .await?
+                        .try_collect::<Vec<Document>>()
+                        .await
                 };
                 let now: HashMap<String, Document> = self
                     .store
@@ -782,8 +787,12 @@ impl ShardWriter {
                 for planned in &bulk {
                     let landed = now.get(planned.stream.as_str()).and_then(|d| d.get_str("wb_last").ok());
                     if landed != Some(planned.newest_entry.as_str()) {
-                        individually.push(order.iter().copied().find(|s| **s == planned.stream).unwrap_or(&planned.stream));
-                        current.insert(planned.stream.to_string(), now.get(planned.stream.as_str()).cloned().unwrap_or_default());
+                        individually
+                            .push(order.iter().copied().find(|s| **s == planned.stream).unwrap_or(&planned.stream));
+                        current.insert(
+                            planned.stream.to_string(),
+                            now.get(planned.stream.as_str()).cloned().unwrap_or_default(),
+                        );
                     }
                 }
             }
