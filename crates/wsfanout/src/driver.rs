@@ -465,7 +465,7 @@ mod tests {
     use axum::response::Response;
     use axum::routing::get;
     use axum::Router;
-    use futures::StreamExt;
+    use futures::{SinkExt, StreamExt};
     use tokio::sync::mpsc;
     use tokio_tungstenite::tungstenite::Message as ClientMessage;
     use tokio_util::sync::CancellationToken;
@@ -546,6 +546,67 @@ mod tests {
         let (mut ws, _ended) = socket(Some(Duration::ZERO)).await;
         let (_, close) = tokio::time::timeout(Duration::from_secs(2), until_close(&mut ws)).await.expect("closed");
         assert_eq!(close.map(|(code, _)| code), Some(close_code::TOKEN_EXPIRED));
+    }
+
+    /// A socket whose hub the test holds, with `on_client` answering `ping` with `pong`.
+    async fn socket_on(
+        hub: Hub<u32>,
+    ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+        let app = Router::new()
+            .route(
+                "/ws",
+                get(|State(hub): State<Hub<u32>>, upgrade: WebSocketUpgrade| async move {
+                    let registration = hub.register(7).expect("room for a socket");
+                    // Frames broadcast before the upgrade completes queue up and go out in batches.
+                    hub.settings().configure(upgrade).on_upgrade(move |socket| async move {
+                        Driver::new(socket, registration, CancellationToken::new())
+                            .on_client(|frame| match frame {
+                                Inbound::Text("ping") => Some(Utf8Bytes::from_static("pong")),
+                                _ => None,
+                            })
+                            .run()
+                            .await;
+                    })
+                }),
+            )
+            .with_state(hub);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("upgraded");
+        ws
+    }
+
+    #[tokio::test]
+    async fn queued_frames_go_out_in_order_across_batches_and_a_last_frame_closes_after_them() {
+        let hub: Hub<u32> = Hub::new("test", WsSettings::default());
+        let mut ws = socket_on(hub.clone()).await;
+        // Registered during the upgrade: wait for it, then queue more than one batch.
+        while hub.connections_of(&7) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let count = MAX_BATCH * 2 + 5;
+        for i in 0..count {
+            assert_eq!(hub.broadcast(&7, Frame::event(format!("e{i}"), format!("f{i}"))).delivered, 1);
+        }
+        let removed = Close::new(close_code::REMOVED, "removed");
+        hub.send_last(&7, Frame::event("last", "the last"), removed, |_| true);
+        let (texts, close) = tokio::time::timeout(Duration::from_secs(5), until_close(&mut ws)).await.expect("closed");
+        let mut expected: Vec<String> = (0..count).map(|i| format!("f{i}")).collect();
+        expected.push("the last".to_owned());
+        assert_eq!(texts, expected);
+        assert_eq!(close.map(|(code, _)| code), Some(close_code::REMOVED));
+    }
+
+    #[tokio::test]
+    async fn client_frames_get_their_replies() {
+        let hub: Hub<u32> = Hub::new("test", WsSettings::default());
+        let mut ws = socket_on(hub).await;
+        for _ in 0..3 {
+            ws.send(ClientMessage::text("ping")).await.expect("sent");
+            let reply = tokio::time::timeout(Duration::from_secs(2), ws.next()).await.expect("a reply");
+            assert!(matches!(reply, Some(Ok(ClientMessage::Text(text))) if text.as_str() == "pong"));
+        }
     }
 
     #[tokio::test]
