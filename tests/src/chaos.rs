@@ -37,7 +37,7 @@ use serde_json::{json, Value};
 use testkit::SmtpSink;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::{percentile, token, Service, Stack};
+use crate::{percentile, token, Pipeline, Service, Stack};
 
 /// What a soak run does.
 #[derive(Debug, Clone)]
@@ -257,15 +257,7 @@ impl ChaosFleet {
         base.push(("WS_CONNECT_RATE_PER_IP".into(), "0".into()));
         base.push(("WS_MAX_CONNECTIONS_PER_IP".into(), "0".into()));
         base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let persistence = Service::start("chatpersistence", &base);
-        let mut socket_env = base.clone();
-        socket_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), persistence.internal_url("")));
-        let sockets = Service::start("chatwebsocketshandler", &socket_env);
-        let notifications = Service::start("generalnotificationshandler", &base);
-        let mut handler_env = base.clone();
-        handler_env.push(("CHAT_WEBSOCKET_URL".into(), sockets.internal_url("")));
-        handler_env.push(("NOTIFICATIONS_URL".into(), notifications.internal_url("")));
-        let handler = Service::start("chatpersistencechangehandler", &handler_env);
+        let Pipeline { persistence, sockets, notifications, handler } = Pipeline::start(&base, &[]);
         let mut email_env = base;
         for (k, v) in [
             ("SMTP_HOST", "127.0.0.1".to_owned()),

@@ -211,6 +211,32 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
     }
 }
 
+/// chatpersistence, chatwebsocketshandler, generalnotificationshandler and
+/// chatpersistencechangehandler wired together the way the local stack wires them
+/// (each started from `base`; the change handler also gets `handler_extra`).
+pub struct Pipeline {
+    pub persistence: Service,
+    pub sockets: Service,
+    pub notifications: Service,
+    pub handler: Service,
+}
+
+impl Pipeline {
+    pub fn start(base: &[(String, String)], handler_extra: &[(String, String)]) -> Self {
+        let persistence = Service::start("chatpersistence", base);
+        let mut socket_env = base.to_vec();
+        socket_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), persistence.internal_url("")));
+        let sockets = Service::start("chatwebsocketshandler", &socket_env);
+        let notifications = Service::start("generalnotificationshandler", base);
+        let mut handler_env = base.to_vec();
+        handler_env.push(("CHAT_WEBSOCKET_URL".into(), sockets.internal_url("")));
+        handler_env.push(("NOTIFICATIONS_URL".into(), notifications.internal_url("")));
+        handler_env.extend_from_slice(handler_extra);
+        let handler = Service::start("chatpersistencechangehandler", &handler_env);
+        Self { persistence, sockets, notifications, handler }
+    }
+}
+
 /// The chat pipeline: servers plus chatpersistence, chatwebsocketshandler and
 /// chatpersistencechangehandler wired together the way the local stack wires them.
 pub struct ChatFleet {

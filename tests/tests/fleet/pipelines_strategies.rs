@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use chatfleet_tests::client::{self, ChatSocket, Seen};
-use chatfleet_tests::{token, Service, Stack};
+use chatfleet_tests::{token, Pipeline, Service, Stack};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -38,18 +38,9 @@ impl Fleet {
         let stack = Stack::start();
         let mut base = stack.pipeline_env();
         base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let persistence = Service::start("chatpersistence", &base);
-        let mut socket_env = base.clone();
-        socket_env.push(("CHATPERSISTENCE_INTERNAL_URL".into(), persistence.internal_url("")));
-        let sockets = Service::start("chatwebsocketshandler", &socket_env);
-        let notifications = Service::start("generalnotificationshandler", &base);
-        let mut handler_env = base;
-        handler_env.push(("CHAT_WEBSOCKET_URL".into(), sockets.internal_url("")));
-        handler_env.push(("NOTIFICATIONS_URL".into(), notifications.internal_url("")));
-        if let Some(path) = config {
-            handler_env.push(("CHATFLEET_CONFIG".into(), path.to_string_lossy().into_owned()));
-        }
-        let handler = Service::start("chatpersistencechangehandler", &handler_env);
+        let config: Vec<(String, String)> =
+            config.map(|path| ("CHATFLEET_CONFIG".into(), path.to_string_lossy().into_owned())).into_iter().collect();
+        let Pipeline { persistence, sockets, notifications, handler } = Pipeline::start(&base, &config);
         Self { stack, persistence, sockets, notifications, handler }
     }
 
