@@ -76,14 +76,14 @@ fn shipped_conf_is_the_template_rendered_for_compose() {
 fn both_servers_share_one_hashed_ring_and_the_public_one_has_no_internal_path() {
     let conf = compose_render();
     let chat = upstream_block(&conf, "chat_ring");
-    assert!(chat.contains("hash $arg_stream_id consistent;"), "{chat}");
+    assert!(chat.contains("hash $arg_stream_id$arg_conversation_id consistent;"), "{chat}");
     let notify = upstream_block(&conf, "notify_ring");
     assert!(notify.contains("hash $arg_user_id consistent;"), "{notify}");
     assert_eq!(chat.matches("server unix:").count(), 2, "one ring member per chat pod");
 
     let public = server_block(&conf, "8080");
     let internal = server_block(&conf, "9080");
-    for path in ["forward-to-websocket", "close-stream", "location /notifications/ "] {
+    for path in ["forward-to-websocket", "forward-event", "close-stream", "location /notifications/ "] {
         assert!(!public.contains(path), "the public server carries {path}");
     }
     assert!(public.contains("location = /chat/subscribe") && public.contains("proxy_pass http://chat_ring;"));
@@ -93,6 +93,7 @@ fn both_servers_share_one_hashed_ring_and_the_public_one_has_no_internal_path() 
     );
     assert!(internal.contains("location = /chat/forward-to-websocket"));
     assert!(internal.contains("location = /chat/close-stream"));
+    assert!(internal.contains("location = /chat/forward-event"));
     assert!(internal.contains("location /notifications/"));
     assert!(internal.contains("proxy_pass http://chat_ring;") && internal.contains("proxy_pass http://notify_ring;"));
     assert!(!internal.contains("/chat/subscribe"), "sockets are not opened on the internal server");

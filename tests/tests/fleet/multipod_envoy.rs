@@ -14,3 +14,8 @@ use crate::multipod_support::{two_pods_route_by_key_and_survive_losing_one, Prox
 async fn envoy_routes_streams_to_their_pod_and_survives_losing_one() {
     two_pods_route_by_key_and_survive_losing_one(ProxyKind::Envoy).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_routes_a_group_to_one_pod_with_its_events() {
+    crate::multipod_support::groups_reach_their_pod_through_the_proxy(ProxyKind::Envoy).await;
+}

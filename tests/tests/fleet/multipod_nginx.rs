@@ -18,3 +18,8 @@ async fn nginx_routes_streams_to_their_pod_and_survives_losing_one() {
 async fn nginx_scale_out_moves_open_sockets_to_their_new_pods() {
     crate::multipod_support::scale_out_moves_open_sockets_to_their_new_pods(ProxyKind::Nginx).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nginx_routes_a_group_to_one_pod_with_its_events() {
+    crate::multipod_support::groups_reach_their_pod_through_the_proxy(ProxyKind::Nginx).await;
+}

@@ -142,6 +142,9 @@ static_resources:
                             cluster: chatwebsocketshandler_public
                             hash_policy:
                               - query_parameter: { name: stream_id }
+                              # a group subscribes with conversation_id (never both: 400); only one
+                              # parameter is present, so the key is the same as the forwards' stream_id
+                              - query_parameter: { name: conversation_id }
                             upgrade_configs:
                               - upgrade_type: websocket
                                 enabled: true
@@ -218,6 +221,14 @@ static_resources:
                               - query_parameter: { name: stream_id }
                             timeout: 10s
                             retry_policy: *connect_retry
+                        - name: chat-forward-event
+                          match: { path: /chat/forward-event }
+                          route:
+                            cluster: chatwebsocketshandler_internal
+                            hash_policy:
+                              - query_parameter: { name: stream_id }
+                            timeout: 10s
+                            retry_policy: *connect_retry
                         - name: chat-close-stream
                           match: { path: /chat/close-stream }
                           route:
@@ -243,6 +254,20 @@ static_resources:
                             timeout: 5s
                         - name: chat-history
                           match: { path: /chat/messages }
+                          route:
+                            cluster: chatpersistence_internal
+                            timeout: 15s
+                        - name: chat-changes
+                          match: { path: /chat/messages/changes }
+                          route:
+                            cluster: chatpersistence_internal
+                            timeout: 15s
+                        - name: group-members
+                          match:
+                            safe_regex: { regex: '^/chat/conversations/[^/]+/members$' }
+                            headers:
+                              - name: ':method'
+                                string_match: { exact: GET }
                           route:
                             cluster: chatpersistence_internal
                             timeout: 15s

@@ -1068,3 +1068,73 @@ async fn edge_serves_the_whole_api(proxy: &Proxy) {
     let body: Value = reacted.json().await.unwrap_or(Value::Null);
     assert_eq!(body["error"]["message"], "no such message", "{body}");
 }
+
+/// Groups through the proxy. A group's sockets subscribe with `conversation_id`, its
+/// forwards and conversation events carry `stream_id`: both must hash to one pod.
+/// The pods' membership checks (`GET /chat/conversations/{id}/members`) and the
+/// change handler's conversation events (`/chat/forward-event`) must be routed on
+/// the internal listener. Eight groups over two pods: were the subscribe hashed on
+/// anything else, the frames of the groups whose forwards land on the other pod
+/// would never arrive.
+pub async fn groups_reach_their_pod_through_the_proxy(kind: ProxyKind) {
+    let fleet = Fleet::start(kind, 2, 1);
+    fleet.warm_up().await;
+    let client = reqwest::Client::new();
+    for i in 0..8 {
+        let (owner, member) = (format!("group-owner-{i}"), format!("group-member-{i}"));
+        let response = client
+            .post(fleet.proxy.public_http("/chat/conversations"))
+            .bearer_auth(token(&owner))
+            .json(&json!({"title": format!("route {i}"), "members": [member]}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("create a group through the proxy");
+        assert_eq!(response.status().as_u16(), 201, "create group {i}");
+        let created: Value = response.json().await.expect("json");
+        let group = created["conversation_id"].as_str().expect("conversation_id").to_owned();
+
+        let path = format!("/chat/subscribe?conversation_id={group}&access_token={}", token(&member));
+        let mut socket = Socket::connect(&fleet.proxy.public_ws(&path)).await.expect("a member subscribes");
+
+        let response = client
+            .post(fleet.proxy.public_http("/chat/messages"))
+            .bearer_auth(token(&owner))
+            .json(&json!({"sender_id": owner, "conversation_id": group, "content": format!("hello {i}")}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("post to the group");
+        assert_eq!(response.status().as_u16(), 201, "post to group {i}");
+        let posted: Value = response.json().await.expect("json");
+        let id = posted["message_id"].as_str().expect("message_id").to_owned();
+        let message = next_matching(&mut socket, |f| f["message"]["message_id"] == id.as_str()).await;
+        assert!(message.is_some(), "group {i}: the message frame never reached the member's socket");
+
+        let response = client
+            .patch(fleet.proxy.public_http(&format!("/chat/conversations/{group}")))
+            .bearer_auth(token(&owner))
+            .json(&json!({"title": format!("renamed {i}")}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .expect("rename the group");
+        assert_eq!(response.status().as_u16(), 200, "rename group {i}");
+        let renamed = next_matching(&mut socket, |f| f["type"] == "conversation_updated").await;
+        assert!(renamed.is_some(), "group {i}: conversation_updated (a /chat/forward-event) never arrived");
+        socket.close().await;
+    }
+}
+
+/// The next frame on `socket` that `wanted` accepts, within 15 s.
+async fn next_matching(socket: &mut Socket, wanted: impl Fn(&Value) -> bool) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        match socket.next(Duration::from_millis(500)).await {
+            Event::Frame(frame) if wanted(&frame) => return Some(frame),
+            Event::Closed => return None,
+            _ => {}
+        }
+    }
+    None
+}
