@@ -142,7 +142,73 @@ struct Pipeline {
 /// A scan's outcome: the pending messages found, oldest first.
 type Scan = Result<Vec<Result<ChatMessage, StoreError>>, StoreError>;
 
+/// What the relay does with fed messages on a wake-up: the run loop's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Not the lease holder: fed messages are dropped (the leader's sweeps find them).
+    Follower,
+    /// A publish, scan or clear failed: fed messages go to the sweep after the wait.
+    BackingOff,
+    /// A holding sweep runs (older messages may be pending): fed messages wait.
+    Holding,
+    /// Fed messages are published at once (fast path); sweeps start when due.
+    Flowing,
+}
+
 impl Pipeline {
+    fn new() -> Self {
+        Self {
+            in_flight: HashSet::new(),
+            deliveries: FuturesUnordered::new(),
+            acked: Vec::new(),
+            acked_since: None,
+            clearing: None,
+            queued: VecDeque::new(),
+            deferred: HashSet::new(),
+            poisoned: HashSet::new(),
+            cleared_during_scan: HashSet::new(),
+            sweeping: None,
+            sweep_limit: 0,
+            sweep_holds: false,
+            // Whatever a previous leader left is older than anything fed now.
+            hold_due: true,
+            tick_due: false,
+            count_pending: true,
+            ordered_until: None,
+            resume_at: None,
+        }
+    }
+
+    fn mode(&self, leader: bool) -> Mode {
+        if !leader {
+            Mode::Follower
+        } else if self.resume_at.is_some() {
+            Mode::BackingOff
+        } else if self.held() {
+            Mode::Holding
+        } else {
+            Mode::Flowing
+        }
+    }
+
+    /// Whether a sweep starts now, and if so whether it holds the fast path: due
+    /// (a holding or a routine one), none running, and room for what it finds. A
+    /// holding sweep takes the queued fed messages along (they were committed
+    /// before it starts, so it sees them).
+    fn start_sweep(&mut self, max_in_flight: usize) -> Option<bool> {
+        let due = self.hold_due || self.tick_due;
+        if !due || self.sweeping.is_some() || self.in_flight.len() >= max_in_flight {
+            return None;
+        }
+        self.sweep_holds = self.hold_due;
+        if self.sweep_holds {
+            self.defer_queued();
+        }
+        self.hold_due = false;
+        self.tick_due = false;
+        Some(self.sweep_holds)
+    }
+
     fn ordered(&self) -> bool {
         self.ordered_until.is_some_and(|until| Instant::now() < until)
     }
@@ -212,25 +278,7 @@ impl Relay {
 
         let batch = self.settings.batch_size as usize;
         let max_in_flight = batch.saturating_mul(4).max(1);
-        let mut pipe = Pipeline {
-            in_flight: HashSet::new(),
-            deliveries: FuturesUnordered::new(),
-            acked: Vec::new(),
-            acked_since: None,
-            clearing: None,
-            queued: VecDeque::new(),
-            deferred: HashSet::new(),
-            poisoned: HashSet::new(),
-            cleared_during_scan: HashSet::new(),
-            sweeping: None,
-            sweep_limit: 0,
-            sweep_holds: false,
-            hold_due: true,
-            tick_due: false,
-            count_pending: true,
-            ordered_until: None,
-            resume_at: None,
-        };
+        let mut pipe = Pipeline::new();
         let mut backoff = self.backoff();
         let mut next_poll = Instant::now() + self.settings.poll_interval;
         let mut was_leader = false;
@@ -249,47 +297,17 @@ impl Relay {
                 }
             }
 
-            if !leader {
-                // The leader (maybe this replica, later) finds these in its sweeps.
-                pipe.queued.clear();
-                pipe.deferred.clear();
-            } else if pipe.resume_at.is_some() {
+            match pipe.mode(leader) {
+                Mode::Follower => {
+                    // The leader (maybe this replica, later) finds these in its sweeps.
+                    pipe.queued.clear();
+                    pipe.deferred.clear();
+                }
                 // Backing off: the sweep after the backoff publishes them, in order.
-                pipe.defer_queued();
-            } else if !pipe.held() {
-                if pipe.ordered() && !pipe.queued.is_empty() {
-                    pipe.hold_due = true;
-                }
-                if !pipe.hold_due {
-                    // Fast path: this replica's own inserts, in commit order.
-                    while let Some(message) = pipe.queued.pop_front() {
-                        if pipe.in_flight.len() >= max_in_flight {
-                            pipe.queued.push_front(message);
-                            pipe.hold_due = true;
-                            break;
-                        }
-                        let id = relay_key(&message);
-                        if pipe.in_flight.insert(id.clone()) {
-                            pipe.deliveries.push(self.publish(id, message));
-                        }
-                    }
-                }
-                let due = pipe.hold_due || pipe.tick_due;
-                if due && pipe.sweeping.is_none() && pipe.in_flight.len() < max_in_flight {
-                    pipe.sweep_holds = pipe.hold_due;
-                    if pipe.sweep_holds {
-                        // Committed before the scan starts: the scan sees them.
-                        pipe.defer_queued();
-                    }
-                    pipe.hold_due = false;
-                    pipe.tick_due = false;
-                    pipe.sweep_limit = batch + pipe.in_flight.len() + pipe.poisoned.len();
-                    let store = self.store.clone();
-                    let limit = u32::try_from(pipe.sweep_limit).unwrap_or(u32::MAX);
-                    pipe.sweeping = Some(Box::pin(async move { store.pending(limit).await }));
-                }
+                Mode::BackingOff => pipe.defer_queued(),
+                Mode::Holding => {}
+                Mode::Flowing => self.flow(&mut pipe, batch, max_in_flight),
             }
-
             let clear_at =
                 pipe.acked_since.map(|since| if pipe.acked.len() >= batch { since } else { since + CLEAR_DELAY });
             if pipe.clearing.is_none() && pipe.resume_at.is_none() && clear_at.is_some_and(|at| at <= Instant::now()) {
@@ -385,6 +403,35 @@ impl Relay {
 
         self.drain(&mut pipe).await;
         Ok(())
+    }
+
+    /// The fast path and the sweeps of [`Mode::Flowing`]: fed messages are published
+    /// in commit order unless older ones may be pending (ordered mode, a full
+    /// pipeline), in which case a holding sweep is due; a due sweep starts.
+    fn flow(&self, pipe: &mut Pipeline, batch: usize, max_in_flight: usize) {
+        if pipe.ordered() && !pipe.queued.is_empty() {
+            pipe.hold_due = true;
+        }
+        if !pipe.hold_due {
+            // Fast path: this replica's own inserts, in commit order.
+            while let Some(message) = pipe.queued.pop_front() {
+                if pipe.in_flight.len() >= max_in_flight {
+                    pipe.queued.push_front(message);
+                    pipe.hold_due = true;
+                    break;
+                }
+                let id = relay_key(&message);
+                if pipe.in_flight.insert(id.clone()) {
+                    pipe.deliveries.push(self.publish(id, message));
+                }
+            }
+        }
+        if pipe.start_sweep(max_in_flight).is_some() {
+            pipe.sweep_limit = batch + pipe.in_flight.len() + pipe.poisoned.len();
+            let store = self.store.clone();
+            let limit = u32::try_from(pipe.sweep_limit).unwrap_or(u32::MAX);
+            pipe.sweeping = Some(Box::pin(async move { store.pending(limit).await }));
+        }
     }
 
     /// Publishes what a scan found that is not in flight yet, oldest first, and
@@ -538,6 +585,60 @@ async fn sleep_until_opt(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn scanning() -> Option<BoxFuture<'static, Scan>> {
+        Some(Box::pin(async { Ok(Vec::new()) }))
+    }
+
+    #[test]
+    fn the_mode_follows_leadership_backoff_and_holding_sweeps() {
+        let mut pipe = Pipeline::new();
+        assert_eq!(pipe.mode(false), Mode::Follower);
+        assert_eq!(pipe.mode(true), Mode::Flowing);
+        pipe.sweeping = scanning();
+        pipe.sweep_holds = false;
+        assert_eq!(pipe.mode(true), Mode::Flowing, "a routine sweep runs beside the fast path");
+        pipe.sweep_holds = true;
+        assert_eq!(pipe.mode(true), Mode::Holding);
+        pipe.resume_at = Some(Instant::now());
+        assert_eq!(pipe.mode(true), Mode::BackingOff, "a failure wins over a running sweep");
+        assert_eq!(pipe.mode(false), Mode::Follower, "and losing the lease over everything");
+    }
+
+    #[test]
+    fn a_new_leader_starts_with_a_holding_sweep_that_takes_the_fed_messages() {
+        let mut pipe = Pipeline::new();
+        pipe.queued.push_back(message());
+        assert_eq!(pipe.start_sweep(10), Some(true), "holding: a previous leader may have left some");
+        assert!(pipe.queued.is_empty() && pipe.deferred.len() == 1, "fed messages go to the sweep");
+        assert!(!pipe.hold_due && !pipe.tick_due);
+        pipe.sweeping = scanning();
+        pipe.tick_due = true;
+        assert_eq!(pipe.start_sweep(10), None, "one sweep at a time");
+        pipe.sweeping = None;
+        assert_eq!(pipe.start_sweep(10), Some(false), "a routine sweep does not hold the fast path");
+        assert_eq!(pipe.start_sweep(10), None, "nothing due");
+        pipe.hold_due = true;
+        pipe.in_flight.insert("x".into());
+        assert_eq!(pipe.start_sweep(1), None, "no room for what it would find");
+    }
+
+    #[test]
+    fn the_feed_is_read_unless_a_holding_sweep_must_come_first() {
+        let mut pipe = Pipeline::new();
+        assert!(pipe.takes_feed(false, 10), "a follower drops what it is fed");
+        assert!(pipe.takes_feed(true, 10), "a due sweep can start: fed messages go to it");
+        pipe.sweeping = scanning();
+        pipe.sweep_holds = true;
+        assert!(!pipe.takes_feed(true, 10), "holding: the feed waits");
+        pipe.resume_at = Some(Instant::now());
+        assert!(pipe.takes_feed(true, 10), "backing off: fed messages are deferred");
+        let mut pipe = Pipeline::new();
+        pipe.in_flight.insert("x".into());
+        assert!(!pipe.takes_feed(true, 1), "a due holding sweep that cannot start yet");
+        pipe.hold_due = false;
+        assert!(pipe.takes_feed(true, 1), "fast path");
+    }
 
     fn message() -> ChatMessage {
         let a = chatstream::UserId::parse("alice").expect("valid");
