@@ -53,6 +53,9 @@ pub struct LastMessage {
     pub excerpt: String,
     /// Epoch milliseconds.
     pub created_at: i64,
+    /// Epoch milliseconds; set when the message was deleted (its excerpt is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<i64>,
 }
 
 /// A conversation document.
@@ -524,6 +527,32 @@ impl Conversations {
         Ok(updated)
     }
 
+    /// Keeps the inbox honest after an edit or a deletion: while `message` is still
+    /// its conversation's last message, the list shows the edited excerpt, or an
+    /// empty one with `deleted_at` for a deletion. When a later message has replaced
+    /// it, the filter matches nothing and nothing changes. Called under the
+    /// conversation's write lock.
+    pub async fn revise_last_message(
+        &self,
+        message: &chatstream::ChatMessage,
+        deleted_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let last = LastMessage {
+            message_id: message.message_id.to_string(),
+            sender_id: message.sender_id.to_string(),
+            excerpt: if deleted_at.is_some() { String::new() } else { crate::api::excerpt(&message.content) },
+            created_at: message.created_at.timestamp_millis(),
+            deleted_at,
+        };
+        let last = mongodb::bson::to_bson(&last).map_err(|e| StoreError::Other(e.to_string()))?;
+        let filter = doc! {
+            "_id": { "$eq": message.stream_id.as_str() },
+            "last_message.message_id": { "$eq": message.message_id.to_string() },
+        };
+        self.store.run(self.conversations.update_one(filter, doc! { "$set": { "last_message": last } })).await?;
+        Ok(())
+    }
+
     /// Records an accepted message: the conversation's counter and last message,
     /// every member's inbox activity, and the sender's own read marker. For a pair
     /// the conversation and both memberships are created on its first message.
@@ -542,6 +571,7 @@ impl Conversations {
             sender_id: sender.to_string(),
             excerpt: excerpt.to_owned(),
             created_at: at,
+            deleted_at: None,
         };
         let last = mongodb::bson::to_bson(&last).map_err(|e| StoreError::Other(e.to_string()))?;
         let mut set = doc! { "last_message": last, "updated_at": at };

@@ -79,12 +79,18 @@ async fn apply(
     let _serial = state.lock_stream(&message.stream_id).await?;
     state.uncache(&message.stream_id, true).await?;
     let now = Utc::now().timestamp_millis();
+    let deleted_at = matches!(change, MessageChange::Delete).then_some(now);
     let changed = state.store().change(&message.message_id, change, now).await.map_err(store_error);
     state.uncache(&message.stream_id, false).await?;
     if !changed? {
         return Ok(None);
     }
     let changed = state.store().message(&message.message_id).await.map_err(store_error)?.ok_or_else(not_found)?;
+    // The inbox's last message follows; a failure here leaves only a stale
+    // excerpt (the next message replaces it), never a lost change.
+    if let Err(err) = state.conversations.revise_last_message(&changed, deleted_at).await {
+        tracing::warn!(error = %err, "could not revise the conversation's last message");
+    }
     state.offer(&changed);
     Ok(Some(changed))
 }

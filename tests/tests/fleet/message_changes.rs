@@ -206,3 +206,46 @@ async fn in_a_group_the_owner_may_delete_any_message_and_members_only_their_own(
         page["messages"].as_array().expect("messages").iter().map(|m| m["content"].as_str().unwrap_or("?")).collect();
     assert_eq!(contents, ["", ""], "{page}");
 }
+
+/// The inbox entry of the conversation with `peer`, as `user`'s list shows it.
+async fn inbox_last(fleet: &ChatFleet, user: &str, peer: &str) -> Value {
+    let (status, body) = call(fleet, Method::GET, "/chat/conversations", user, None).await;
+    assert_eq!(status, 200, "{body}");
+    let entry = body["conversations"]
+        .as_array()
+        .and_then(|list| list.iter().find(|c| c["peer_id"] == peer))
+        .unwrap_or_else(|| panic!("{user}'s list has the conversation with {peer}: {body}"));
+    entry["last_message"].clone()
+}
+
+#[tokio::test]
+async fn the_inbox_shows_an_edit_and_never_a_deleted_message_s_text() {
+    let fleet = start();
+    fleet.warm_up().await;
+    let first = send(&fleet, ALICE, BOB, "first words").await;
+    let last = send(&fleet, ALICE, BOB, "my card number is 1234").await;
+    let path = format!("/chat/messages/{last}");
+    let (status, _) =
+        call(&fleet, Method::PATCH, &path, ALICE, Some(json!({"content": "my card number is ***"}))).await;
+    assert_eq!(status, 200);
+    let shown = inbox_last(&fleet, BOB, ALICE).await;
+    assert_eq!(
+        (shown["message_id"].as_str(), shown["excerpt"].as_str()),
+        (Some(last.as_str()), Some("my card number is ***"))
+    );
+
+    let (status, _) = call(&fleet, Method::DELETE, &path, ALICE, None).await;
+    assert_eq!(status, 204);
+    for user in [ALICE, BOB] {
+        let peer = if user == ALICE { BOB } else { ALICE };
+        let shown = inbox_last(&fleet, user, peer).await;
+        assert_eq!(shown["excerpt"], "", "{user}'s inbox still shows the deleted text: {shown}");
+        assert!(shown["deleted_at"].is_i64(), "{shown}");
+    }
+    // Deleting an older message leaves the newer last message alone.
+    let newest = send(&fleet, BOB, ALICE, "still here").await;
+    let (status, _) = call(&fleet, Method::DELETE, &format!("/chat/messages/{first}"), ALICE, None).await;
+    assert_eq!(status, 204);
+    let shown = inbox_last(&fleet, ALICE, BOB).await;
+    assert_eq!((shown["message_id"].as_str(), shown["excerpt"].as_str()), (Some(newest.as_str()), Some("still here")));
+}
