@@ -85,7 +85,7 @@ struct Options {
 fn socket_path(kind: Kind, i: usize) -> String {
     match kind {
         Kind::Chat => {
-            let (me, peer) = if i % 2 == 0 { (i, i + 1) } else { (i, i - 1) };
+            let (me, peer) = if i.is_multiple_of(2) { (i, i + 1) } else { (i, i - 1) };
             let (me, peer) = (format!("u{me}"), format!("u{peer}"));
             let stream = client::stream_id(&me, &peer);
             format!("/chat/subscribe?stream_id={stream}&sender_id={me}&receiver_id={peer}&access_token={}", token(&me))
@@ -270,7 +270,7 @@ fn worker(args: &[String]) -> i32 {
 /// What the stack started for the measured service holds on to.
 enum Target {
     Chat(Box<ChatFleet>),
-    Notifications { _redis: testkit::Redis, service: Service },
+    Notifications { _redis: Box<testkit::Redis>, service: Box<Service> },
 }
 
 impl Target {
@@ -311,7 +311,7 @@ async fn start(kind: Kind, sockets: usize) -> Target {
             ];
             all.extend(env.into_iter().map(|(k, v)| (k.to_owned(), v)));
             let service = Service::start("generalnotificationshandler", &all);
-            Target::Notifications { _redis: redis, service }
+            Target::Notifications { _redis: Box::new(redis), service: Box::new(service) }
         }
     }
 }
