@@ -715,6 +715,15 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Conversation documents by id.
+    async fn read_conversations(&self, ids: Vec<&str>) -> Result<HashMap<String, Document>, StoreError> {
+        let find = async {
+            self.conversation_docs.find(doc! { "_id": { "$in": ids } }).await?.try_collect::<Vec<Document>>().await
+        };
+        let found = self.store.run(find).await?;
+        Ok(found.into_iter().filter_map(|d| d.get_str("_id").ok().map(str::to_owned).map(|id| (id, d))).collect())
+    }
+
     /// The conversations' share of a batch: each message's sequence number.
     async fn project(&self, batch: &[(String, QueuedMessage)]) -> Result<HashMap<MessageId, i64>, StoreError> {
         let mut order: Vec<&StreamId> = Vec::new();
@@ -729,17 +738,7 @@ impl ShardWriter {
                 })
                 .push((entry.as_str(), queued));
         }
-        let ids: Vec<&str> = order.iter().map(|s| s.as_str()).collect();
-        let find = async {
-            self.conversation_docs.find(doc! { "_id": { "$in": ids } }).await?.try_collect::<Vec<Document>>().await
-        };
-        let mut current: HashMap<String, Document> = self
-            .store
-            .run(find)
-            .await?
-            .into_iter()
-            .filter_map(|d| d.get_str("_id").ok().map(str::to_owned).map(|id| (id, d.clone())))
-            .collect();
+        let mut current = self.read_conversations(order.iter().map(|s| s.as_str()).collect()).await?;
         let mut seqs = HashMap::with_capacity(batch.len());
         // First pass: existing conversations' updates are collected and sent as one
         // `update` command (one round trip, one journal flush, instead of one per
@@ -769,21 +768,7 @@ impl ShardWriter {
                 metrics::counter!("write_behind_projection_conflicts_total").increment(1);
                 // Some conversation changed meanwhile (another writer): those whose
                 // update did not land are projected again, one by one.
-                let ids: Vec<&str> = bulk.iter().map(|p| p.stream.as_str()).collect();
-                let find = async {
-                    self.conversation_docs
-                        .find(doc! { "_id": { "$in": ids } })
-                        .await?
-                        .try_collect::<Vec<Document>>()
-                        .await
-                };
-                let now: HashMap<String, Document> = self
-                    .store
-                    .run(find)
-                    .await?
-                    .into_iter()
-                    .filter_map(|d| d.get_str("_id").ok().map(str::to_owned).map(|id| (id, d.clone())))
-                    .collect();
+                let now = self.read_conversations(bulk.iter().map(|p| p.stream.as_str()).collect()).await?;
                 for planned in &bulk {
                     let landed = now.get(planned.stream.as_str()).and_then(|d| d.get_str("wb_last").ok());
                     if landed != Some(planned.newest_entry.as_str()) {
