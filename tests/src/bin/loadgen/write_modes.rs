@@ -134,7 +134,7 @@ async fn run(o: Options) -> i32 {
         }
     }
     println!();
-    println!("| mode | offered msg/s | accepted msg/s | refused | POST p50 / p99 ms | stored msg/s | stored / raw | delivery p50 / p99 ms | lost | duplicates | raw bulk insert docs/s |");
+    println!("| mode | offered msg/s | accepted msg/s | refused | POST p50 / p99 ms | stored msg/s | stored / raw | delivery p50 / p99 ms | not delivered at drain end | duplicates | raw bulk insert docs/s |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for row in &rows {
         println!(
@@ -244,7 +244,7 @@ struct Row {
 impl Row {
     fn print_progress(&self) {
         eprintln!(
-            "{} @ {}/s: accepted {:.0}/s, POST p99 {} ms, stored {:.0}/s, delivery p99 {} ms, lost {}, dup {}",
+            "{} @ {}/s: accepted {:.0}/s, POST p99 {} ms, stored {:.0}/s, delivery p99 {} ms, not delivered {}, dup {}",
             self.mode,
             self.rate,
             self.accepted_rate,
