@@ -53,6 +53,8 @@ pub struct ChaosOptions {
     pub rounds: usize,
     /// How long a server stays paused.
     pub pause: Duration,
+    /// Which of `redis-server`, `tansu` and `nx-27017` are paused.
+    pub paused_servers: Vec<&'static str>,
     /// Every n-th conversation's clients post without a `client_message_id` (0: none).
     pub idless_every: usize,
     /// Seeds the fault schedule (printed, so a run can be repeated).
@@ -69,6 +71,7 @@ impl Default for ChaosOptions {
             conversations: 120,
             rounds: 3,
             pause: Duration::from_secs(5),
+            paused_servers: SERVERS.to_vec(),
             idless_every: 4,
             seed: 0x5eed,
             drain: Duration::from_secs(120),
@@ -232,7 +235,8 @@ const SERVICES: [&str; 5] = [
     "chatpersistencechangehandler",
     "emailhandler",
 ];
-const SERVERS: [&str; 3] = ["redis-server", "tansu", "nx-27017"];
+/// The servers that can be paused.
+pub const SERVERS: [&str; 3] = ["redis-server", "tansu", "nx-27017"];
 
 /// Every part of the fleet, started the way the local stack wires it.
 pub struct ChaosFleet {
@@ -751,7 +755,7 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     let mut plan: Vec<String> = Vec::new();
     for _ in 0..o.rounds {
         plan.extend(SERVICES.iter().map(|s| format!("SIGKILL {s}")));
-        plan.extend(SERVERS.iter().map(|s| format!("SIGSTOP {s}")));
+        plan.extend(o.paused_servers.iter().map(|s| format!("SIGSTOP {s}")));
     }
     for i in (1..plan.len()).rev() {
         plan.swap(i, rng.below(i as u64 + 1) as usize);
