@@ -59,7 +59,7 @@ async fn a_minute_of_kills_and_pauses_loses_nothing_and_stores_nothing_twice() {
 /// from MongoDB again (every operation "no answer within 2s", the relay loses its lease
 /// and publishes nothing; a fresh client's ping is answered in milliseconds), so
 /// accepted messages stay undelivered (docs/benchmarks.md, chaos soak). Did not recover
-/// in 2 of the 4 one-minute runs here that paused MongoDB; run it with `--ignored`
+/// in 2 of the 5 one-minute runs here that paused MongoDB; run it with `--ignored`
 /// while fixing that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "open: the fleet sometimes does not recover from a MongoDB pause (docs/benchmarks.md, chaos soak)"]
