@@ -534,6 +534,13 @@ impl<H: Handler> ConsumerContext for GroupContext<H> {
                 let slots = self.take(tpl);
                 for ((topic, partition), _) in &slots {
                     tracing::info!(group = %self.group, %topic, partition, "partition revoked");
+                    // This pod no longer consumes it: its lag is the new owner's to
+                    // report. Left alone, the gauge would keep its last value forever.
+                    metrics::gauge!(
+                        m::CONSUMER_LAG,
+                        "group" => self.group.clone(), "topic" => topic.clone(), "partition" => partition.to_string()
+                    )
+                    .set(0.0);
                 }
                 // After a lost assignment (session timeout) the group has moved on and a
                 // commit would be refused; the next owner redoes the unfinished work.
