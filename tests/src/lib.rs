@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use testkit::{free_port, scratch, workspace_root, Broker, Mongo, Redis, ServerProcess};
+use testkit::{scratch, workspace_root, Broker, Mongo, Redis, ServerProcess};
 
 pub mod chaos;
 
@@ -116,23 +116,54 @@ pub struct Service {
     pub name: String,
     pub public_port: u16,
     pub internal_port: u16,
+    addresses: PathBuf,
     process: ServerProcess,
 }
 
 impl Service {
-    /// Starts `name` with `env` (plus ports) and waits until `/healthz` answers.
+    /// Starts `name` with `env` and waits until `/healthz` answers. The service binds
+    /// port 0 for both listeners and publishes what it got (`LISTEN_ADDRESSES_FILE`),
+    /// so no test races another for a port it picked beforehand.
     pub fn start(name: &str, env: &[(String, String)]) -> Self {
-        let public_port = free_port();
-        let internal_port = free_port();
+        let dir = scratch(name);
+        let addresses = dir.join(format!("{name}.addresses"));
         let mut envs = env.to_vec();
         envs.push(("HTTP_HOST".into(), "127.0.0.1".into()));
-        envs.push(("HTTP_PORT".into(), public_port.to_string()));
-        envs.push(("INTERNAL_HTTP_PORT".into(), internal_port.to_string()));
-        let dir = scratch(name);
+        envs.push(("HTTP_PORT".into(), "0".into()));
+        envs.push(("INTERNAL_HTTP_PORT".into(), "0".into()));
+        envs.push(("LISTEN_ADDRESSES_FILE".into(), addresses.display().to_string()));
         let process = ServerProcess::start_with_env(name, &binary(name), &[], &envs, &dir.join(format!("{name}.log")));
-        let mut service = Self { name: name.to_owned(), public_port, internal_port, process };
+        let mut service = Self { name: name.to_owned(), public_port: 0, internal_port: 0, addresses, process };
+        service.read_ports();
+        // A restart binds the same ports again: peers and proxies were told them.
+        service.process.set_env("HTTP_PORT", &service.public_port.to_string());
+        service.process.set_env("INTERNAL_HTTP_PORT", &service.internal_port.to_string());
         service.wait_healthy();
         service
+    }
+
+    /// Waits for the service to publish its bound addresses, and takes the ports.
+    fn read_ports(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(text) = std::fs::read_to_string(&self.addresses) {
+                let port = |which: &str| {
+                    text.lines()
+                        .find_map(|line| line.strip_prefix(which))
+                        .and_then(|addr| addr.rsplit(':').next())
+                        .and_then(|port| port.parse().ok())
+                        .unwrap_or(0)
+                };
+                self.public_port = port("public=");
+                self.internal_port = port("internal=");
+                return;
+            }
+            if !self.process.is_running() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("{} did not publish its addresses; log:\n{}", self.name, self.process.log_tail(40));
     }
 
     fn wait_healthy(&mut self) {

@@ -55,6 +55,11 @@ pub struct HttpSettings {
     /// `CLIENT_IP_HEADER`: header the edge proxy writes the client address into
     /// (`x-forwarded-for` behind the shipped Envoy and nginx). Empty: the TCP peer.
     pub client_ip_header: String,
+    /// `LISTEN_ADDRESSES_FILE`: once both listeners are bound, their addresses are
+    /// written here (`public=…` and `internal=…` lines, replaced atomically). With
+    /// `HTTP_PORT=0` / `INTERNAL_HTTP_PORT=0` the system picks free ports, and a
+    /// supervisor (or a test) reads them back instead of guessing a free port.
+    pub addresses_file: String,
 }
 
 impl Default for HttpSettings {
@@ -70,6 +75,7 @@ impl Default for HttpSettings {
             header_read_timeout: Duration::from_secs(10),
             allowed_origins: String::new(),
             client_ip_header: String::new(),
+            addresses_file: String::new(),
         }
     }
 }
@@ -86,6 +92,7 @@ impl HttpSettings {
         ("HTTP_HEADER_READ_TIMEOUT", "header_read_timeout"),
         ("ALLOWED_ORIGINS", "allowed_origins"),
         ("CLIENT_IP_HEADER", "client_ip_header"),
+        ("LISTEN_ADDRESSES_FILE", "addresses_file"),
     ];
 
     /// The edge policy these settings describe.
@@ -207,22 +214,24 @@ impl Kit {
         let policy =
             Arc::new(http.edge_policy().map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidInput, err))?);
         let mut servers = JoinSet::new();
-        let public_addr = bind_addr(&http.host, http.port)?;
+        // Both listeners are bound before either serves, so their addresses (ports
+        // the system chose, with port 0) can be published at once.
+        let public_listener = bind("public", bind_addr(&http.host, http.port)?).await?;
+        let internal_listener = match routes.internal {
+            Some(_) => Some(bind("internal", bind_addr(&http.host, http.internal_port)?).await?),
+            None => None,
+        };
+        if !http.addresses_file.is_empty() {
+            write_addresses(&http.addresses_file, &public_listener, internal_listener.as_ref())?;
+        }
         // CORS only where browsers call: the public API.
         let public =
             routes.public.layer(policy.cors()).layer(axum::middleware::from_fn(crate::edge::refuse_foreign_origin));
         let public = finish(public, ops.clone(), &http, &policy);
-        servers.spawn(run_listener("public", public_addr, public, http.header_read_timeout, self.shutdown.clone()));
-        if let Some(internal) = routes.internal {
-            let internal_addr = bind_addr(&http.host, http.internal_port)?;
+        servers.spawn(crate::serve::serve(public_listener, public, http.header_read_timeout, self.shutdown.clone()));
+        if let (Some(internal), Some(listener)) = (routes.internal, internal_listener) {
             let internal = finish(internal, ops, &http, &policy);
-            servers.spawn(run_listener(
-                "internal",
-                internal_addr,
-                internal,
-                http.header_read_timeout,
-                self.shutdown.clone(),
-            ));
+            servers.spawn(crate::serve::serve(listener, internal, http.header_read_timeout, self.shutdown.clone()));
         }
 
         // Either a signal, a failed listener or a failed worker ends the run.
@@ -289,18 +298,25 @@ fn finish(router: Router, ops: Router, http: &HttpSettings, policy: &Arc<EdgePol
         .layer(axum::middleware::from_fn(crate::trace::middleware))
 }
 
-async fn run_listener(
-    which: &'static str,
-    addr: SocketAddr,
-    router: Router,
-    header_read_timeout: Duration,
-    shutdown: Shutdown,
-) -> std::io::Result<()> {
+async fn bind(which: &'static str, addr: SocketAddr) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|err| std::io::Error::new(err.kind(), format!("cannot listen on {addr} ({which}): {err}")))?;
     tracing::info!(listener = which, addr = %listener.local_addr()?, "listening");
-    crate::serve::serve(listener, router, header_read_timeout, shutdown).await
+    Ok(listener)
+}
+
+/// Writes the bound addresses to `path` (through a temporary file and a rename,
+/// so a reader never sees half of it).
+fn write_addresses(path: &str, public: &TcpListener, internal: Option<&TcpListener>) -> std::io::Result<()> {
+    let mut text = format!("public={}\n", public.local_addr()?);
+    if let Some(internal) = internal {
+        text.push_str(&format!("internal={}\n", internal.local_addr()?));
+    }
+    let partial = format!("{path}.partial");
+    std::fs::write(&partial, text)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|err| std::io::Error::new(err.kind(), format!("LISTEN_ADDRESSES_FILE {path}: {err}")))
 }
 
 /// What a service's build step hands back: its routes, readiness checks and
@@ -371,5 +387,30 @@ where
             tracing::error!(error = %err, "service failed");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_addresses_file_names_the_ports_the_system_picked() {
+        let public = bind("public", bind_addr("127.0.0.1", 0).expect("addr")).await.expect("bind");
+        let internal = bind("internal", bind_addr("127.0.0.1", 0).expect("addr")).await.expect("bind");
+        let dir = std::env::temp_dir().join(format!("servicekit-addresses-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("addresses");
+        write_addresses(path.to_str().expect("utf-8"), &public, Some(&internal)).expect("written");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let expected = format!(
+            "public={}\ninternal={}\n",
+            public.local_addr().expect("addr"),
+            internal.local_addr().expect("addr")
+        );
+        assert_eq!(text, expected);
+        assert_ne!(public.local_addr().expect("addr").port(), 0);
+        assert!(!dir.join("addresses.partial").exists(), "the partial file is renamed, not left behind");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

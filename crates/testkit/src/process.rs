@@ -188,6 +188,12 @@ impl ServerProcess {
         None
     }
 
+    /// Sets (or replaces) an environment variable for the next `restart`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the same command again (after `kill`).
     pub fn restart(&mut self) {
         self.kill();

@@ -17,8 +17,8 @@ fn start_with(config: &str, extra: &[(&str, &str)]) -> (bool, String) {
     command
         .env("CHATFLEET_CONFIG", &path)
         .env("HTTP_HOST", "127.0.0.1")
-        .env("HTTP_PORT", testkit::free_port().to_string())
-        .env("INTERNAL_HTTP_PORT", testkit::free_port().to_string())
+        .env("HTTP_PORT", "0")
+        .env("INTERNAL_HTTP_PORT", "0")
         // Nothing listens here: a configuration error must be reported before any connection.
         .env("KAFKA_BROKERS", format!("127.0.0.1:{}", testkit::free_port()))
         .env("REDIS_URL", format!("redis://127.0.0.1:{}", testkit::free_port()))
