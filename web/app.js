@@ -158,9 +158,10 @@ function start() {
       const body = el("div", "conversation-body");
       body.append(el("div", "conversation-name", c.title ?? c.peer_id ?? others.join(", ")));
       const last = c.last_message;
-      // The inbox keeps a deleted last message's excerpt (docs: the server does not
-      // rewrite last_message on deletion); never show text the sender took back.
-      const excerpt = last && deletedIds.has(last.message_id) ? "message deleted" : last?.excerpt;
+      // A deleted last message comes with deleted_at and an empty excerpt; one
+      // deleted while this page is open is known from its frame first.
+      const deleted = last && (last.deleted_at != null || deletedIds.has(last.message_id));
+      const excerpt = deleted ? "message deleted" : last?.excerpt;
       body.append(el("div", "conversation-last", last ? `${last.sender_id === me ? "You: " : ""}${excerpt}` : ""));
       li.append(dot, body);
       // The open conversation is read as it arrives: no badge for it.
