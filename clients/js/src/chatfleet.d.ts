@@ -38,8 +38,11 @@ export interface HistoryPage {
 export interface LastMessage {
   message_id: string;
   sender_id: string;
+  /** Empty when the message was deleted. */
   excerpt: string;
   created_at: number;
+  /** Epoch ms, set when the message was deleted. */
+  deleted_at?: number;
 }
 
 export interface ConversationView {
