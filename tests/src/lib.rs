@@ -656,6 +656,19 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// One Markdown row of the benchmarks' latency tables: `| name | p50 | p95 | p99 | max |`
+/// in milliseconds, from samples sorted ascending.
+pub fn latency_row(name: &str, sorted: &[Duration]) -> String {
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    format!(
+        "| {name} | {} | {} | {} | {} |",
+        ms(percentile(sorted, 50.0)),
+        ms(percentile(sorted, 95.0)),
+        ms(percentile(sorted, 99.0)),
+        ms(sorted.last().copied().unwrap_or_default())
+    )
+}
+
 impl Service {
     /// The Prometheus counter `name` summed over the series whose labels include all
     /// of `labels`.
@@ -668,6 +681,28 @@ impl Service {
             .filter_map(|line| line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
             .sum()
     }
+}
+
+/// The change handler's binary with nothing it could connect to: port-0 listeners,
+/// a broker and a Redis address where nothing listens, unreachable targets, text
+/// logs, output piped. For start-up refusal tests (with [`run_to_exit`]): a
+/// configuration error must be reported before any connection.
+pub fn unconnected_handler() -> std::process::Command {
+    let mut command = std::process::Command::new(binary("chatpersistencechangehandler"));
+    command
+        .env_remove("INTERNAL_SERVICE_TOKEN")
+        .env_remove("CHATFLEET_CONFIG")
+        .env("HTTP_HOST", "127.0.0.1")
+        .env("HTTP_PORT", "0")
+        .env("INTERNAL_HTTP_PORT", "0")
+        .env("KAFKA_BROKERS", format!("127.0.0.1:{}", testkit::free_port()))
+        .env("REDIS_URL", format!("redis://127.0.0.1:{}", testkit::free_port()))
+        .env("CHAT_WEBSOCKET_URL", "http://127.0.0.1:9")
+        .env("NOTIFICATIONS_URL", "http://127.0.0.1:9")
+        .env("LOG_FORMAT", "text")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    command
 }
 
 /// Runs `command` (stdout and stderr piped) until it exits, at most 20 s; returns

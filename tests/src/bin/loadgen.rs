@@ -339,13 +339,7 @@ fn report(r: &RunResult, seconds: u64) {
     println!("| measure | p50 ms | p95 ms | p99 ms | max ms |");
     println!("| --- | --- | --- | --- | --- |");
     for (name, v) in [("POST", &r.post), ("POST→WebSocket delivery", &r.delivery)] {
-        println!(
-            "| {name} | {} | {} | {} | {} |",
-            ms(percentile(v, 50.0)),
-            ms(percentile(v, 95.0)),
-            ms(percentile(v, 99.0)),
-            ms(v.last().copied().unwrap_or_default())
-        );
+        println!("{}", chatfleet_tests::latency_row(name, v));
     }
     println!(
         "\naccepted {} · rejected {} · deliveries expected {} (2 sockets per message) · delivered {} · lost {} · duplicates {}",
@@ -920,13 +914,7 @@ mod group {
             ("POST answered → last socket (per message)", &r.after_post),
             ("POST start → a socket (per delivery)", &r.delivery),
         ] {
-            println!(
-                "| {name} | {} | {} | {} | {} |",
-                ms(percentile(v, 50.0)),
-                ms(percentile(v, 95.0)),
-                ms(percentile(v, 99.0)),
-                ms(v.last().copied().unwrap_or_default())
-            );
+            println!("{}", chatfleet_tests::latency_row(name, v));
         }
         println!(
             "\nsockets opened in {:.1} s · accepted {} · rejected {:?} (by status) · deliveries expected {} ({} sockets per message) · \

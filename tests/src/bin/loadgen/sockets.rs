@@ -537,18 +537,11 @@ async fn run(o: Options) -> i32 {
         o.rate, o.duration
     );
     println!("| --- | --- | --- | --- | --- |");
-    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
-    println!(
-        "| {} | {} | {} | {} | {} |",
-        match o.kind {
-            Kind::Chat => "POST → chat socket (both participants)",
-            Kind::Notifications => "internal POST → notification socket",
-        },
-        ms(percentile(&latencies, 50.0)),
-        ms(percentile(&latencies, 95.0)),
-        ms(percentile(&latencies, 99.0)),
-        ms(latencies.last().copied().unwrap_or_default())
-    );
+    let name = match o.kind {
+        Kind::Chat => "POST → chat socket (both participants)",
+        Kind::Notifications => "internal POST → notification socket",
+    };
+    println!("{}", chatfleet_tests::latency_row(name, &latencies));
     println!(
         "\nprobe deliveries expected {expected} · delivered {} · lost {} · duplicates {duplicates}",
         latencies.len(),
