@@ -8,7 +8,6 @@
 //! Redis, broker and MongoDB wire server. The notification service is a stand-in that
 //! answers every call with a chosen status, so its failure is certain and repeatable.
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use axum::Router;
 use chatfleet_tests::client::{self, ChatSocket, Seen};
-use chatfleet_tests::{binary, Service, Stack};
+use chatfleet_tests::{Service, Stack};
 
 const A: &str = "alice";
 const B: &str = "bob";
@@ -259,19 +258,7 @@ async fn an_exhausted_chat_target_still_fails_over_with_resync() {
 /// Runs the handler binary with `token` as `INTERNAL_SERVICE_TOKEN` (nothing else it
 /// could connect to); returns exit success and everything it printed.
 fn start_with_token(token: Option<&str>) -> (bool, String) {
-    let mut command = Command::new(binary("chatpersistencechangehandler"));
-    command
-        .env_remove("INTERNAL_SERVICE_TOKEN")
-        .env_remove("CHATFLEET_CONFIG")
-        .env("HTTP_HOST", "127.0.0.1")
-        .env("HTTP_PORT", "0")
-        .env("INTERNAL_HTTP_PORT", "0")
-        .env("KAFKA_BROKERS", format!("127.0.0.1:{}", testkit::free_port()))
-        .env("REDIS_URL", format!("redis://127.0.0.1:{}", testkit::free_port()))
-        .env("CHAT_WEBSOCKET_URL", "http://127.0.0.1:9")
-        .env("LOG_FORMAT", "text")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = chatfleet_tests::unconnected_handler();
     if let Some(token) = token {
         command.env("INTERNAL_SERVICE_TOKEN", token);
     }

@@ -3,30 +3,14 @@
 //! anything. (The rules themselves are unit-tested in the service's `pipeline.rs`;
 //! this checks the real binary refuses to start and says why.)
 
-use std::process::{Command, Stdio};
-
-use chatfleet_tests::binary;
-
 /// Runs the handler with `config` as its `CHATFLEET_CONFIG`; returns exit success and
 /// everything it printed. Fails the test if it is still running after 20 s.
 fn start_with(config: &str, extra: &[(&str, &str)]) -> (bool, String) {
     let dir = testkit::scratch("pipelines-config");
     let path = dir.join("pipelines.toml");
     std::fs::write(&path, config).expect("write config");
-    let mut command = Command::new(binary("chatpersistencechangehandler"));
-    command
-        .env("CHATFLEET_CONFIG", &path)
-        .env("HTTP_HOST", "127.0.0.1")
-        .env("HTTP_PORT", "0")
-        .env("INTERNAL_HTTP_PORT", "0")
-        // Nothing listens here: a configuration error must be reported before any connection.
-        .env("KAFKA_BROKERS", format!("127.0.0.1:{}", testkit::free_port()))
-        .env("REDIS_URL", format!("redis://127.0.0.1:{}", testkit::free_port()))
-        .env("CHAT_WEBSOCKET_URL", "http://127.0.0.1:9")
-        .env("NOTIFICATIONS_URL", "http://127.0.0.1:9")
-        .env("LOG_FORMAT", "text")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = chatfleet_tests::unconnected_handler();
+    command.env("CHATFLEET_CONFIG", &path);
     for (k, v) in extra {
         command.env(k, v);
     }
