@@ -140,7 +140,7 @@ fn public_listener_serves_only_public_paths_and_hashes_sockets() {
     expect("^/", "(direct)", None, false);
     for (path, cluster, _, _) in &table {
         assert!(!cluster.ends_with("_internal"), "public route {path} reaches an internal cluster {cluster}");
-        for internal in ["forward-to-websocket", "close-stream"] {
+        for internal in ["forward-to-websocket", "forward-event", "close-stream", "members", "changes"] {
             assert!(!path.contains(internal), "public listener exposes {path}");
         }
     }
@@ -174,6 +174,8 @@ fn internal_listener_hashes_forwards_with_the_same_keys() {
         ("notifications", "^/notifications/", "generalnotificationshandler_internal", Some("user_id")),
         ("presence", "=/presence", "generalnotificationshandler_internal", Some("user_id")),
         ("chat-history", "=/chat/messages", "chatpersistence_internal", None),
+        ("chat-forward-event", "=/chat/forward-event", "chatwebsocketshandler_internal", Some("stream_id")),
+        ("chat-changes", "=/chat/messages/changes", "chatpersistence_internal", None),
     ] {
         let route = get(name);
         assert_eq!(matcher(route), path, "{name}");

@@ -115,6 +115,7 @@ async fn running_nginx_refuses_internal_paths_publicly_and_public_paths_internal
     for path in [
         "/chat/forward-to-websocket?stream_id=0123456789abcdef",
         "/chat/close-stream?stream_id=0123456789abcdef",
+        "/chat/forward-event?stream_id=0123456789abcdef",
         "/notifications/chat?user_id=bob",
     ] {
         let status = client.post(proxy.public_http(path)).send().await.expect("nginx answers").status();
