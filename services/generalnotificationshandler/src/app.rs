@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRef, State};
+use axum::extract::{DefaultBodyLimit, FromRef, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chatauth::{Authenticator, ServiceCaller};
@@ -18,8 +18,8 @@ use servicekit::{ApiError, ApiQuery, Context, Launch, Readiness, Routes, Shutdow
 use wsfanout::{close_code, Close, Hub, OwnerAnswer, OwnershipCheck, PodIdentity};
 
 use crate::presence::Presence;
-use crate::settings::Settings;
-use crate::{notify, online, subscribe};
+use crate::settings::{BatchSettings, Settings};
+use crate::{batch, notify, online, subscribe};
 
 /// The name of the socket hub (the `hub` label of the `ws_*` metrics).
 pub const HUB_NAME: &str = "notifications";
@@ -33,6 +33,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// This process's name in ownership answers (`GET /notifications/owner`).
     pub identity: PodIdentity,
+    /// The bounds of `POST /notifications/batch`.
+    pub batch: BatchSettings,
 }
 
 impl FromRef<AppState> for Authenticator {
@@ -57,12 +59,10 @@ impl UserQuery {
     }
 }
 
-/// The public listener: the socket endpoint and presence look-ups for users.
+/// The public listener: the socket endpoint. (Users ask about presence through
+/// chatpersistence's `GET /presence`, which knows who shares a conversation.)
 pub fn public_router(state: AppState) -> Router {
-    Router::new()
-        .route("/notifications/subscribe", get(subscribe::subscribe))
-        .route("/presence", get(online::for_user))
-        .with_state(state)
+    Router::new().route("/notifications/subscribe", get(subscribe::subscribe)).with_state(state)
 }
 
 /// The internal listener (service token): the notification endpoints and presence
@@ -71,6 +71,7 @@ pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/notifications/chat", post(notify::chat))
         .route("/notifications/conversation", post(notify::conversation))
+        .route("/notifications/batch", post(batch::batch).layer(DefaultBodyLimit::max(state.batch.max_bytes)))
         .route(DomainKind::Purchase.endpoint(), notify::domain_route(DomainKind::Purchase))
         .route(DomainKind::PaymentReminder.endpoint(), notify::domain_route(DomainKind::PaymentReminder))
         .route(DomainKind::Shipping.endpoint(), notify::domain_route(DomainKind::Shipping))
@@ -108,8 +109,14 @@ pub async fn launch(context: Context, settings: Settings) -> Result<Launch, Stri
         auth.service_token(),
         Close::new(close_code::GOING_AWAY, "moved to another pod"),
     );
-    let state =
-        AppState { hub: hub.clone(), auth, presence: presence.clone(), shutdown: context.shutdown.clone(), identity };
+    let state = AppState {
+        hub: hub.clone(),
+        auth,
+        presence: presence.clone(),
+        shutdown: context.shutdown.clone(),
+        identity,
+        batch: settings.batch.clone(),
+    };
     let routes = Routes::new(public_router(state.clone())).internal(internal_router(state));
 
     // No readiness dependency: presence is best effort, and sockets and notifications

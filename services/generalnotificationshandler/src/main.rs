@@ -4,11 +4,13 @@
 //! Clients subscribe on the public port (`GET /notifications/subscribe?user_id=…`) and
 //! may ask whether someone is online (`GET /presence`); the change handler and the
 //! domain pipelines post notifications to the internal port
-//! (`POST /notifications/{chat,purchase,payment-reminder,shipping}?user_id=…`), which
-//! an L7 proxy routes to the pod holding the user's sockets by hashing on `user_id`.
+//! (`POST /notifications/{chat,purchase,payment-reminder,shipping}?user_id=…`, or many
+//! users' at once with `POST /notifications/batch`), which an L7 proxy routes to the
+//! pod holding the user's sockets by hashing on `user_id`.
 //! The socket plumbing is the shared `wsfanout` crate. `main` only wires.
 
 mod app;
+mod batch;
 mod notify;
 mod online;
 mod presence;

@@ -32,7 +32,7 @@ pub const METRIC_NOTIFICATIONS: &str = "notifications_total";
 /// ignored, so the caller may add some).
 #[derive(Debug, Deserialize)]
 pub struct ChatBody {
-    message: ChatMessage,
+    pub(crate) message: ChatMessage,
 }
 
 /// What a notification achieved on this pod.
@@ -45,13 +45,13 @@ pub struct NotifyReport {
     failed: usize,
 }
 
-fn invalid(kind: Kind, err: ApiError) -> ApiError {
+pub(crate) fn invalid(kind: Kind, err: ApiError) -> ApiError {
     metrics::counter!(METRIC_NOTIFICATIONS, "kind" => kind.as_str(), "outcome" => "invalid").increment(1);
     tracing::debug!(kind = kind.as_str(), error = %err, "notification refused");
     err
 }
 
-fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
+pub(crate) fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
     if !message.addressees().any(|addressee| addressee == user) {
         return Err(ApiError::bad_request(
             "the message is not addressed to the user_id query parameter (its receiver_id, or for a group one of \
@@ -65,12 +65,12 @@ fn check_chat(user: &UserId, message: &ChatMessage) -> Result<(), ApiError> {
 /// `POST /notifications/conversation` body, as the change handler sends it.
 #[derive(Debug, Deserialize)]
 pub struct ConversationBody {
-    event: ConversationEvent,
+    pub(crate) event: ConversationEvent,
 }
 
 /// A conversation event goes only to the users it concerns (the members after the
 /// change and its subject); a read marker only to the reader (their other devices).
-fn check_conversation(user: &UserId, event: &ConversationEvent) -> Result<(), ApiError> {
+pub(crate) fn check_conversation(user: &UserId, event: &ConversationEvent) -> Result<(), ApiError> {
     let concerned = match event.kind {
         ConversationEventKind::Read => &event.user_id == user,
         _ => event.audience().contains(user),
@@ -81,7 +81,7 @@ fn check_conversation(user: &UserId, event: &ConversationEvent) -> Result<(), Ap
     Ok(())
 }
 
-fn parse_domain(kind: DomainKind, user: &UserId, body: Value) -> Result<DomainDocument, ApiError> {
+pub(crate) fn parse_domain(kind: DomainKind, user: &UserId, body: Value) -> Result<DomainDocument, ApiError> {
     let document = DomainDocument::from_value(kind, body).map_err(|err| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_body", format!("{} document: {err}", kind.name()))
     })?;

@@ -1,15 +1,17 @@
-//! `GET /presence?user_id=…`: is a user online (has a notification socket on any pod).
+//! `GET /presence?user_id=…` on the internal listener: is a user online (has a
+//! notification socket on any pod).
 //!
-//! Why this module exists: clients (a "last seen" dot) and services alike ask the same
-//! question, and the answer must be the one other services get from Redis directly
-//! (`EXISTS presence:{user_id}`), so it is read from Redis here too, never from this
-//! pod's own sockets alone.
+//! Why this module exists: services ask it, and the answer must be the one other
+//! services get from Redis directly (`EXISTS presence:{user_id}`), so it is read from
+//! Redis here too, never from this pod's own sockets alone. Users do not reach it:
+//! their look-up is chatpersistence's public `GET /presence`, which answers only
+//! about people who share a conversation with the caller (this pod cannot know that).
 
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::Json;
-use chatauth::{AuthUser, ServiceCaller};
+use chatauth::ServiceCaller;
 use chatstream::UserId;
 use serde::Serialize;
 use servicekit::{ApiError, ApiQuery};
@@ -29,15 +31,6 @@ async fn look_up(state: &AppState, query: &UserQuery) -> Result<Json<Online>, Ap
         Ok(online) => Ok(Json(Online { user_id: user, online })),
         Err(err) => Err(ApiError::unavailable(format!("presence is unavailable: {err}"), Duration::from_secs(2))),
     }
-}
-
-/// Public: any authenticated user may ask about any user.
-pub async fn for_user(
-    State(state): State<AppState>,
-    _caller: AuthUser,
-    ApiQuery(query): ApiQuery<UserQuery>,
-) -> Result<Json<Online>, ApiError> {
-    look_up(&state, &query).await
 }
 
 /// Internal: services with the service token.

@@ -254,6 +254,33 @@ impl Presence {
         result
     }
 
+    /// This process's instance id (the value it writes to its users' keys).
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
+    }
+
+    /// Who holds each user's presence key: `MGET` of their keys in one round trip,
+    /// `None` for a user without one (offline). The batch endpoint asks this about
+    /// the users it has no socket for, to tell "offline" from "on another pod".
+    pub async fn owners(&self, users: &[&UserId]) -> Result<Vec<Option<String>>, PresenceError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = users.iter().map(|user| self.key(user)).collect();
+        let result = self
+            .inner
+            .link
+            .run(|mut connection| async move {
+                redis::cmd("MGET").arg(&keys).query_async::<Vec<Option<String>>>(&mut connection).await
+            })
+            .await;
+        match &result {
+            Ok(_) => self.inner.health.success(),
+            Err(err) => self.inner.health.failure("lookup", err),
+        }
+        result
+    }
+
     /// The worker: applies changes as they come and refreshes every `PRESENCE_REFRESH`
     /// until shutdown; then waits (up to `drain_for`) for the sockets to close and
     /// deletes this pod's keys.

@@ -8,11 +8,11 @@
 use axum::extract::ws::Utf8Bytes;
 use chatstream::domain::DomainDocument;
 use chatstream::{ChatMessage, ConversationEvent};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use wsfanout::{EventId, Frame, Inbound};
 
 /// The kind of a notification (the `kind` of its frame and the metrics label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Chat,

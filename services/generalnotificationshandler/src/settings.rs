@@ -71,6 +71,38 @@ impl PresenceSettings {
     }
 }
 
+/// The bounds of `POST /notifications/batch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BatchSettings {
+    /// `NOTIFICATIONS_BATCH_MAX_ITEMS`: items one batch may hold (more: `413`).
+    pub max_items: usize,
+    /// `NOTIFICATIONS_BATCH_MAX_BYTES`: the largest batch body (more: `413`); the
+    /// batch route's own limit in place of `HTTP_BODY_LIMIT`.
+    pub max_bytes: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self { max_items: 1000, max_bytes: 1024 * 1024 }
+    }
+}
+
+impl BatchSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] =
+        &[("NOTIFICATIONS_BATCH_MAX_ITEMS", "max_items"), ("NOTIFICATIONS_BATCH_MAX_BYTES", "max_bytes")];
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=100_000).contains(&self.max_items) {
+            return Err("NOTIFICATIONS_BATCH_MAX_ITEMS must be between 1 and 100000".into());
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_bytes) {
+            return Err("NOTIFICATIONS_BATCH_MAX_BYTES must be between 1024 and 67108864".into());
+        }
+        Ok(())
+    }
+}
+
 /// Everything generalnotificationshandler reads besides the base settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
@@ -78,6 +110,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ws: WsSettings,
     pub presence: PresenceSettings,
+    pub batch: BatchSettings,
 }
 
 impl Settings {
@@ -86,10 +119,12 @@ impl Settings {
             .section("auth", AuthSettings::ENV)
             .section("ws", WsSettings::ENV)
             .section("presence", PresenceSettings::ENV)
+            .section("batch", BatchSettings::ENV)
     }
 
     pub fn validate(&self) -> Result<(), String> {
         self.ws.validate()?;
+        self.batch.validate()?;
         self.presence.validate()
     }
 }
@@ -112,6 +147,7 @@ mod tests {
         assert_eq!(settings.presence.refresh, Duration::from_secs(10));
         assert_eq!(settings.presence.key_prefix, "presence");
         assert_eq!(settings.presence.redis_timeout, Duration::from_millis(500));
+        assert_eq!(settings.batch, BatchSettings { max_items: 1000, max_bytes: 1024 * 1024 });
         assert!(settings.validate().is_ok());
     }
 
@@ -124,6 +160,8 @@ mod tests {
             ("PRESENCE_REFRESH", "300ms"),
             ("PRESENCE_KEY_PREFIX", "online"),
             ("WS_OUTBOUND_QUEUE", "4"),
+            ("NOTIFICATIONS_BATCH_MAX_ITEMS", "50"),
+            ("NOTIFICATIONS_BATCH_MAX_BYTES", "200000"),
         ])
         .expect("loads");
         assert_eq!(settings.presence.redis_url, "redis://cache:6380/2");
@@ -132,6 +170,7 @@ mod tests {
         assert_eq!(settings.presence.refresh, Duration::from_millis(300));
         assert_eq!(settings.presence.key_prefix, "online");
         assert_eq!(settings.ws.outbound_queue, 4);
+        assert_eq!(settings.batch, BatchSettings { max_items: 50, max_bytes: 200_000 });
         assert!(settings.validate().is_ok());
     }
 
