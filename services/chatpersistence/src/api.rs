@@ -159,6 +159,11 @@ impl AppState {
         }
     }
 
+    /// The pair id format new messages get (`STREAM_ID_FORMAT`).
+    pub(crate) fn format(&self) -> StreamIdFormat {
+        self.format
+    }
+
     pub(crate) fn edit_window(&self) -> Duration {
         self.edit_window
     }

@@ -651,6 +651,30 @@ impl Conversations {
         Ok(Accepted { seq, recipients })
     }
 
+    /// Whether `a` and `b` are members of one conversation: a pair conversation
+    /// between them (its document exists once either wrote to the other) or a group
+    /// both are current members of. What presence look-ups are allowed on.
+    pub async fn share_a_conversation(
+        &self,
+        format: chatstream::StreamIdFormat,
+        a: &UserId,
+        b: &UserId,
+    ) -> Result<bool, StoreError> {
+        if a == b {
+            return Ok(true);
+        }
+        let mut pair = [a.as_str(), b.as_str()];
+        pair.sort_unstable();
+        let pair_id = StreamId::for_pair_as(format, a, b);
+        let direct = doc! { "_id": { "$eq": pair_id.as_str() }, "pair_key": { "$eq": pair.join(" ") } };
+        if self.store.run(self.conversations.count_documents(direct)).await? > 0 {
+            return Ok(true);
+        }
+        let group =
+            doc! { "kind": { "$eq": "group" }, "$and": [ { "members": a.as_str() }, { "members": b.as_str() } ] };
+        Ok(self.store.run(self.conversations.count_documents(group)).await? > 0)
+    }
+
     /// Moves `user`'s read marker forward to the message at `seq` (never back).
     /// Returns whether it moved (and then emits a `read` event).
     pub async fn mark_read(

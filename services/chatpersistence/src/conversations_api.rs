@@ -35,6 +35,7 @@ pub fn public_routes() -> Router<AppState> {
         .route("/chat/conversations/{id}/members", post(add_member))
         .route("/chat/conversations/{id}/members/{user_id}", delete(remove_member))
         .route("/chat/conversations/{id}/read", post(read))
+        .route("/presence", get(presence_of))
 }
 
 pub fn internal_routes() -> Router<AppState> {
@@ -43,6 +44,50 @@ pub fn internal_routes() -> Router<AppState> {
 
 fn invalid(field: &str, err: impl std::fmt::Display) -> ApiError {
     ApiError::bad_request(format!("{field}: {err}"))
+}
+
+/// `GET /presence?user_id=…`.
+#[derive(Debug, Deserialize)]
+struct PresenceQuery {
+    user_id: Option<String>,
+}
+
+/// The answer: is the user online (a notification socket open on any pod).
+#[derive(Debug, Serialize)]
+struct PresenceView {
+    user_id: UserId,
+    online: bool,
+}
+
+/// Public presence look-up, private by rule: the caller may ask about themselves
+/// and about people they share a conversation with (a pair that exchanged a
+/// message, or a group both are current members of). Anyone else gets `403
+/// not_a_contact`, whether online or not, so presence tells a stranger nothing.
+async fn presence_of(
+    State(state): State<AppState>,
+    AuthUser(caller): AuthUser,
+    ApiQuery(query): ApiQuery<PresenceQuery>,
+) -> Result<Json<PresenceView>, ApiError> {
+    let raw = query.user_id.ok_or_else(|| ApiError::bad_request("user_id: required"))?;
+    let user = UserId::parse(&raw).map_err(|e| invalid("user_id", e))?;
+    let shared = state
+        .conversations
+        .share_a_conversation(state.format(), &caller, &user)
+        .await
+        .map_err(crate::api::store_error)?;
+    if !shared {
+        metrics::counter!("presence_lookups_refused_total").increment(1);
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_a_contact",
+            "presence is shown only for people you share a conversation with",
+        ));
+    }
+    let Some(presence) = &state.presence else {
+        return Err(ApiError::unavailable("presence is not configured", std::time::Duration::from_secs(30)));
+    };
+    let online = presence.is_online(user.as_str()).await;
+    Ok(Json(PresenceView { user_id: user, online }))
 }
 
 /// The most members whose presence one answer looks up.

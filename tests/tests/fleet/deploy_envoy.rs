@@ -136,7 +136,7 @@ fn public_listener_serves_only_public_paths_and_hashes_sockets() {
     expect("=/chat/messages", "chatpersistence_public", None, false);
     expect("=/chat/subscribe", "chatwebsocketshandler_public", Some("stream_id"), true);
     expect("=/notifications/subscribe", "generalnotificationshandler_public", Some("user_id"), true);
-    expect("=/presence", "generalnotificationshandler_public", Some("user_id"), false);
+    expect("=/presence", "chatpersistence_public", None, false);
     expect("^/", "(direct)", None, false);
     for (path, cluster, _, _) in &table {
         assert!(!cluster.ends_with("_internal"), "public route {path} reaches an internal cluster {cluster}");

@@ -293,3 +293,68 @@ async fn presence_reaches_only_people_who_share_the_conversation_and_does_not_fl
     let nothing = frames_of(&mut stranger, &["presence", "typing"], Duration::from_millis(300)).await;
     assert!(nothing.is_empty(), "{nothing:?}");
 }
+
+/// `GET /presence` (chatpersistence, the public look-up) with a real notification
+/// pod keeping the presence keys: a user learns whether the people they share a
+/// conversation with are online; a stranger gets the same `403 not_a_contact`
+/// whether the victim is online or not, and a removed member loses the answer.
+#[tokio::test]
+async fn presence_look_ups_answer_only_about_people_who_share_a_conversation() {
+    let fleet = start();
+    let notifications = chatfleet_tests::Service::start("generalnotificationshandler", &fleet.stack.env());
+    let (alice, bob, carol, mallory) = ("look-alice", "look-bob", "look-carol", "look-mallory");
+    let ask = |asker: &'static str, about: &'static str| {
+        let fleet = &fleet;
+        async move { call(fleet, Method::GET, &format!("/presence?user_id={about}"), asker, None).await }
+    };
+
+    // Bob opens a notification socket: he is online.
+    let path = format!("/notifications/subscribe?user_id={bob}&access_token={}", token(bob));
+    let (socket, _) = tokio_tungstenite::connect_async(notifications.ws_url(&path)).await.expect("bob subscribes");
+    let deadline = Instant::now() + WAIT;
+    // Alice and bob exchanged a message: she may ask.
+    send(&fleet, alice, bob, "hi bob").await;
+    loop {
+        let (status, body) = ask(alice, bob).await;
+        assert_eq!(status, 200, "{body}");
+        if body == json!({"user_id": bob, "online": true}) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never showed online: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anyone may ask about themselves; carol (no conversation with bob yet) may not.
+    assert_eq!(ask(carol, carol).await, (200, json!({"user_id": carol, "online": false})));
+    let (status, body) = ask(carol, bob).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("not_a_contact")), "{body}");
+
+    // A group makes carol and bob share a conversation; mallory stays a stranger.
+    let members = json!({"title": "lookups", "members": [bob, carol, mallory]});
+    let (status, body) = call(&fleet, Method::POST, "/chat/conversations", alice, Some(members)).await;
+    assert_eq!(status, 201, "{body}");
+    let conversation = body["conversation_id"].as_str().expect("conversation_id").to_owned();
+    assert_eq!(ask(carol, bob).await, (200, json!({"user_id": bob, "online": true})));
+    assert_eq!(ask(mallory, bob).await.0, 200, "a member, for now");
+
+    // Removed from the group, mallory gets the stranger's answer again: the same one
+    // while bob is online and after he went offline.
+    let path = format!("/chat/conversations/{conversation}/members/{mallory}");
+    let (status, body) = call(&fleet, Method::DELETE, &path, alice, None).await;
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let online_answer = ask(mallory, bob).await;
+    assert_eq!((online_answer.0, online_answer.1["error"]["code"].as_str()), (403, Some("not_a_contact")));
+    drop(socket);
+    let deadline = Instant::now() + WAIT;
+    while ask(alice, bob).await.1["online"] != json!(false) {
+        assert!(Instant::now() < deadline, "bob never went offline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let offline_answer = ask(mallory, bob).await;
+    assert_eq!(online_answer, offline_answer, "no oracle: the stranger's answer does not change");
+
+    // Bad requests.
+    let (status, body) = ask(alice, "a%20b").await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_request")), "{body}");
+    let response = reqwest::Client::new().get(fleet.persistence.url("/presence?user_id=x")).send().await.expect("ok");
+    assert_eq!(response.status().as_u16(), 401);
+}

@@ -176,8 +176,9 @@ async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// `GET /presence?user_id=…` on the public port as `asker`, or on the internal port
-/// with the service token when `asker` is `None`.
+/// `GET /presence?user_id=…` on the public port as `asker` (users have no presence
+/// route here: chatpersistence answers them), or on the internal port with the
+/// service token when `asker` is `None`.
 async fn presence(service: &Service, asker: Option<&str>, who: &str) -> (u16, Value) {
     let path = format!("/presence?user_id={who}");
     let request = match asker {
@@ -566,7 +567,7 @@ async fn presence_follows_the_users_sockets() {
     let redis = Redis::start();
     let service = start(&redis, &[("PRESENCE_TTL", "2s"), ("PRESENCE_REFRESH", "300ms")]);
     assert_eq!(redis_get(&redis, "presence:alice"), None);
-    assert_eq!(presence(&service, Some("bob"), "alice").await, (200, json!({"user_id": "alice", "online": false})));
+    assert_eq!(presence(&service, None, "alice").await, (200, json!({"user_id": "alice", "online": false})));
 
     let tab = connect(&service, "alice").await;
     let phone = connect(&service, "alice").await;
@@ -580,8 +581,9 @@ async fn presence_follows_the_users_sockets() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(redis_get(&redis, "presence:alice").as_deref(), Some(value.as_str()), "refreshed");
     assert_eq!(redis_cmd(&redis, "EXISTS presence:alice").trim(), ":1", "the contract other services use");
-    assert_eq!(presence(&service, Some("bob"), "alice").await, (200, json!({"user_id": "alice", "online": true})));
     assert_eq!(presence(&service, None, "alice").await, (200, json!({"user_id": "alice", "online": true})));
+    // Not on the public port: a user asking about anyone would be a presence oracle.
+    assert_eq!(presence(&service, Some("bob"), "alice").await.0, 404);
     assert_eq!(presence(&service, None, "bob").await, (200, json!({"user_id": "bob", "online": false})));
 
     // One socket closing is not going offline; the last one is.
@@ -595,17 +597,16 @@ async fn presence_follows_the_users_sockets() {
     assert!(closed.elapsed() < Duration::from_secs(1), "deleted at once, not by expiry: {:?}", closed.elapsed());
     assert_eq!(presence(&service, None, "alice").await, (200, json!({"user_id": "alice", "online": false})));
 
-    // Presence look-ups need a token and a valid user id.
-    let response = http().get(service.url("/presence?user_id=alice")).send().await.expect("answered");
-    assert_eq!(response.status().as_u16(), 401);
+    // Presence look-ups need the service token and a valid user id.
     let response = http().get(service.internal_url("/presence?user_id=alice")).send().await.expect("answered");
     assert_eq!(response.status().as_u16(), 401);
     let response =
         http().get(service.internal_url("/presence?user_id=alice")).bearer_auth(token("bob")).send().await.expect("ok");
     assert_eq!(response.status().as_u16(), 403, "a user token is not the service token");
-    let (status, body) = presence(&service, Some("bob"), "a%20b").await;
+    let (status, body) = presence(&service, None, "a%20b").await;
     assert_eq!((status, error_code(&body).as_str()), (400, "invalid_request"));
-    let response = http().get(service.url("/presence")).bearer_auth(token("bob")).send().await.expect("answered");
+    let response =
+        http().get(service.internal_url("/presence")).bearer_auth(SERVICE_TOKEN).send().await.expect("answered");
     assert_eq!(response.status().as_u16(), 400, "user_id is required");
 }
 
@@ -675,7 +676,7 @@ async fn with_redis_down_sockets_and_notifications_keep_working() {
     expect_notification(&mut bob, "chat", &data).await;
 
     // Presence cannot answer, and says so; the pod stays ready and says why in metrics.
-    let (status, body) = presence(&service, Some("bob"), "alice").await;
+    let (status, body) = presence(&service, None, "alice").await;
     assert_eq!((status, error_code(&body).as_str()), (503, "unavailable"), "{body}");
     assert_eq!(chatfleet_tests::http_status(service.public_port, "/readyz"), Some(200));
     assert!(metric(&service, "presence_refresh_failures_total ").await >= Some(2.0));

@@ -614,7 +614,7 @@ async fn attempt(c: &Ctx, f: &Fx, surface: Surface, auth: Auth) -> Reply {
             send(with_headers(c.http.post(c.persistence.url(&path))).json(&body)).await
         }
         Surface::History => send(with_headers(c.http.get(c.persistence.url(&path)))).await,
-        Surface::Presence => send(with_headers(c.http.get(c.notifications.url(&path)))).await,
+        Surface::Presence => send(with_headers(c.http.get(c.persistence.url(&path)))).await,
         Surface::ChatSubscribe => match upgrade(&c.sockets.ws_url(&path), &headers).await {
             Ok(mut ws) => {
                 let _ = ws.close(None).await;
@@ -1041,7 +1041,20 @@ async fn notifications_from_a_foreign_origin(c: &Ctx, f: &Fx) -> Outcome {
 }
 
 async fn presence(c: &Ctx, f: &Fx, query: &str) -> Reply {
-    send(c.http.get(c.notifications.url(&format!("/presence?{query}"))).bearer_auth(token(&f.m))).await
+    send(c.http.get(c.persistence.url(&format!("/presence?{query}"))).bearer_auth(token(&f.m))).await
+}
+
+/// The attacker shares no conversation with the victims: presence says nothing
+/// about them, online (they are: their sockets are open) or not.
+async fn presence_of_a_stranger(c: &Ctx, f: &Fx) -> Outcome {
+    refused(&presence(c, f, &format!("user_id={}", f.a)).await, 403, "not_a_contact")?;
+    refused(&presence(c, f, &format!("user_id={}", f.b)).await, 403, "not_a_contact").map(|()| 0)
+}
+
+/// The notification pods' presence is internal: the public port has no such route.
+async fn presence_on_the_notification_port(c: &Ctx, f: &Fx) -> Outcome {
+    let reply = send(c.http.get(c.notifications.url(&format!("/presence?user_id={}", f.a))).bearer_auth(token(&f.m)));
+    refused(&reply.await, 404, "not_found").map(|()| 0)
 }
 
 async fn presence_without_user(c: &Ctx, f: &Fx) -> Outcome {
@@ -1476,6 +1489,8 @@ fn matrix() -> Vec<Case> {
         "notifications from a foreign Origin" => notifications_from_a_foreign_origin,
         "presence without user_id" => presence_without_user,
         "presence of a malformed user_id" => presence_of_a_malformed_user,
+        "presence of a stranger" => presence_of_a_stranger,
+        "presence on the notification pod's public port" => presence_on_the_notification_port,
         "chat socket: oversize frame" => chat_oversize_frame,
         "notification socket: oversize frame" => notification_oversize_frame,
         "chat socket: frame flood" => chat_frame_flood,

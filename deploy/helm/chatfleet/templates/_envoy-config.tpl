@@ -173,9 +173,7 @@ static_resources:
                         - name: presence
                           match: { path: /presence }
                           route:
-                            cluster: generalnotificationshandler_public
-                            hash_policy:
-                              - query_parameter: { name: user_id }
+                            cluster: chatpersistence_public
                             timeout: 5s
                         - name: not-found
                           match: { prefix: / }
