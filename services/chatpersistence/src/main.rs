@@ -135,6 +135,7 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         }
         let producer = kafkawrapper::Producer::new(&kafka).map_err(|e| e.to_string())?;
         let (lease, handle) = lease::Lease::new(store.clone(), &settings.capture.topic, settings.capture.lease_ttl);
+        let lease = lease.reported_as("relay_is_leader");
         tracing::info!(holder = lease.holder(), "outbox relay enabled");
         let lease_shutdown = ctx.shutdown.clone();
         let (domain_lease, domain_handle) =

@@ -426,6 +426,67 @@ async fn a_dead_leader_is_replaced_within_the_lease_ttl() {
     assert!(second.log_tail(200).contains("relay became leader"), "leadership changes are logged");
 }
 
+/// Regression test of the lease bug behind the flaky
+/// `write_behind::two_writers_race_and_take_over`: the acquire-or-renew upsert
+/// `{_id: <lease>, $or: [holder == me, expires_at < now]}` matched *any* expired lease
+/// document on the MongoDB stand-in (its SQL came out as `_id = ? AND a OR b`), so
+/// the relay's task took another lease's document and published although a live
+/// holder had `chat.changes`, and the leases' documents moved between tasks until
+/// the relay's one was held by nobody. Here: expired documents of other leases, a
+/// live foreign holder of `chat.changes`. The replica must leave every other
+/// lease's document alone, not lead (nor publish) while the foreign lease lives,
+/// and take over once it lapses.
+#[tokio::test]
+async fn a_lease_task_only_ever_takes_its_own_lease_document() {
+    let stack = Stack::start();
+    let client = mongodb::Client::with_uri_str(stack.mongo.uri()).await.expect("mongo client");
+    let leases = client.database("chat").collection::<mongodb::bson::Document>("relay_leases");
+    let now_ms =
+        || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    for i in 0..4 {
+        let stale = doc! { "_id": format!("stale-{i}"), "holder": format!("gone-{i}"), "expires_at": 1_i64 };
+        leases.insert_one(stale).await.expect("insert a stale lease");
+    }
+    let foreign = doc! { "_id": TOPIC, "holder": "the-test", "expires_at": now_ms() + 60_000 };
+    leases.insert_one(foreign).await.expect("insert the foreign lease");
+
+    let service = Service::start("chatpersistence", &env(&stack, &[("RELAY_LEASE_TTL", "1s")]));
+    wait_ready(&service).await;
+    let body = post_ok(&service, "alice", "bob", "waits for the lease").await;
+    let id = id_of(&body);
+    // Six renewal rounds of each of the three lease tasks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    for i in 0..4 {
+        let stale = leases.find_one(doc! { "_id": format!("stale-{i}") }).await.expect("read").expect("still there");
+        assert_eq!(
+            stale.get_str("holder"),
+            Ok(format!("gone-{i}").as_str()),
+            "another lease's document was taken: {stale}"
+        );
+    }
+    let held = leases.find_one(doc! { "_id": TOPIC }).await.expect("read").expect("there");
+    assert_eq!(held.get_str("holder"), Ok("the-test"), "the live foreign lease was taken: {held}");
+    assert_eq!(metric(&service, "relay_is_leader").await, 0.0, "leads while another holder's lease lives");
+    assert_eq!(metric(&service, "relay_published_total").await, 0.0, "published without the lease");
+    // The replica's own leases for the other captures: one document each, distinct holders.
+    let mut holders = HashSet::new();
+    for name in ["conversation-events", "domain-collections"] {
+        let own = leases.find_one(doc! { "_id": name }).await.expect("read").expect("created");
+        holders.insert(own.get_str("holder").expect("holder").to_owned());
+    }
+    assert_eq!(holders.len(), 2, "two lease tasks share one holder document");
+
+    // The foreign holder goes away: the replica takes over and publishes.
+    leases.update_one(doc! { "_id": TOPIC }, doc! { "$set": { "expires_at": 0_i64 } }).await.expect("expire");
+    let mut changes = Changes::new(&stack);
+    let missing = changes.until_all(std::slice::from_ref(&id), Duration::from_secs(20)).await;
+    assert!(missing.is_empty(), "never published after the lease lapsed; log:\n{}", service.log_tail(30));
+    assert_eq!(metric(&service, "relay_is_leader").await, 1.0);
+    let held = leases.find_one(doc! { "_id": TOPIC }).await.expect("read").expect("there");
+    assert_ne!(held.get_str("holder"), Ok("the-test"), "{held}");
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
