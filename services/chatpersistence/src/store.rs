@@ -308,6 +308,20 @@ impl Store {
                         .build(),
                 )
                 .build(),
+            // What a retry's look-up (`sender_id` and `client_message_id`) is answered
+            // from. The compound unique index above is enough for MongoDB; the local
+            // stand-in plans with single-field indexes only and scanned the whole
+            // collection for every POST that carried a client_message_id (46 ms at
+            // 10,000 messages, growing with the collection). Costs one small index.
+            IndexModel::builder()
+                .keys(doc! { "client_message_id": 1 })
+                .options(
+                    IndexOptions::builder()
+                        .name("client_message_id".to_owned())
+                        .partial_filter_expression(doc! { "client_message_id": { "$exists": true } })
+                        .build(),
+                )
+                .build(),
             IndexModel::builder()
                 .keys(doc! { "outbox_pending": 1, "message_id": 1 })
                 .options(
