@@ -90,6 +90,35 @@ impl Forwarder {
 
     /// POSTs `body` to `url`; maps the outcome to the handler's error kinds.
     pub async fn post(&self, target: &'static str, url: &str, body: &serde_json::Value) -> Result<(), HandlerError> {
+        match self.send(target, url, body).await {
+            Ok(response) => classify(target, response.status(), response.text().await.unwrap_or_default()),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// POSTs `body` to `url` and reads the answer's status and JSON body (`Null` when
+    /// it has none); only a request that got no answer at all is an error (retryable).
+    pub async fn post_for_json(
+        &self,
+        target: &'static str,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> Result<(StatusCode, serde_json::Value), HandlerError> {
+        let response = self.send(target, url, body).await?;
+        let status = response.status();
+        match response.bytes().await {
+            Ok(bytes) => Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))),
+            Err(err) => Err(HandlerError::retryable(format!("{target}: reading the answer: {err}"))),
+        }
+    }
+
+    /// One POST with the token and trace headers, counted and timed by target.
+    async fn send(
+        &self,
+        target: &'static str,
+        url: &str,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, HandlerError> {
         let started = std::time::Instant::now();
         let result = self
             .client
@@ -109,10 +138,7 @@ impl Forwarder {
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("forward_requests_total", "pipeline" => pipeline, "target" => target, "outcome" => outcome)
             .increment(1);
-        match result {
-            Ok(response) => classify(target, response.status(), response.text().await.unwrap_or_default()),
-            Err(err) => Err(HandlerError::retryable(format!("{target}: {err}"))),
-        }
+        result.map_err(|err| HandlerError::retryable(format!("{target}: {err}")))
     }
 }
 

@@ -27,7 +27,7 @@
 //! partition hands over one record at a time, so one entry per partition suffices).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chatstream::domain::{DomainEvent, DomainKind};
@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 
 use crate::bot::Bots;
 use crate::forward::Forwarder;
+use crate::notify_batch::{Batcher, Item};
 use crate::pipeline::{domain_kind, DedupBy, OnExhausted, Pipeline, Target};
 
 /// How often a consumer waiting on another's lease asks again.
@@ -61,7 +62,18 @@ enum Change {
 struct Call {
     target: Target,
     url: String,
-    body: Value,
+    /// Shared by the calls of one change that send the same body (a group message's
+    /// notifications), so a batch sends it once.
+    body: Arc<Value>,
+    /// For a per-user notification: the user and the batch item's kind; such calls may
+    /// go together in `POST /notifications/batch` (`crate::notify_batch`).
+    notify: Option<(String, &'static str)>,
+}
+
+impl Call {
+    fn new(target: Target, url: String, body: Value) -> Self {
+        Self { target, url, body: Arc::new(body), notify: None }
+    }
 }
 
 /// The base URLs of the targets.
@@ -70,6 +82,9 @@ pub struct Endpoints {
     pub chat_websocket_url: String,
     pub notifications_url: String,
     pub failover_timeout: Duration,
+    /// `NOTIFICATIONS_BATCH_SIZE`: per-user notifications per batch request (below 2: one
+    /// request each).
+    pub notifications_batch: usize,
 }
 
 /// The targets whose calls failed on the last attempt at one record.
@@ -77,6 +92,8 @@ pub struct Endpoints {
 struct LastAttempt {
     offset: i64,
     failed: Vec<(Target, HandlerError)>,
+    /// Which of the record's calls succeeded: a retry makes only the others.
+    done: Vec<bool>,
 }
 
 pub struct PipelineHandler {
@@ -97,15 +114,20 @@ pub struct PipelineHandler {
     failover_timeout: Duration,
     /// The `bot` target's adapter (set when `BOTS` is; `with_bots`).
     bots: Option<Bots>,
+    /// Per-user notifications in batches (`None`: one request each).
+    batcher: Option<Batcher>,
 }
 
 impl PipelineHandler {
     pub fn new(pipeline: &Pipeline, store: RedisEventStore, forwarder: &Forwarder, endpoints: &Endpoints) -> Self {
         let trim = |url: &str| url.trim().trim_end_matches('/').to_owned();
+        let forwarder = forwarder.for_pipeline(&pipeline.name);
+        let batcher =
+            Batcher::new(forwarder.clone(), &trim(&endpoints.notifications_url), endpoints.notifications_batch);
         Self {
             name: pipeline.name.clone(),
             store,
-            forwarder: forwarder.for_pipeline(&pipeline.name),
+            forwarder,
             targets: pipeline.targets.clone(),
             dedup_by: pipeline.dedup_by,
             actions: pipeline.actions(),
@@ -115,6 +137,7 @@ impl PipelineHandler {
             notifications_url: trim(&endpoints.notifications_url),
             failover_timeout: endpoints.failover_timeout,
             bots: None,
+            batcher,
         }
     }
 
@@ -163,41 +186,40 @@ impl PipelineHandler {
                         ChangeOp::Update => "message_updated",
                         ChangeOp::Delete => "message_deleted",
                     };
-                    calls.push(Call {
-                        target: *target,
-                        url: format!(
+                    calls.push(Call::new(
+                        *target,
+                        format!(
                             "{}/chat/forward-to-websocket?stream_id={}",
                             self.chat_websocket_url,
                             event.stream_id()
                         ),
-                        body: if kind == "message" {
+                        if kind == "message" {
                             json!({ "type": kind, "message": event.message })
                         } else {
                             // Each edit or deletion is its own event on the socket.
                             json!({ "type": kind, "message": event.message, "event_id": event.dedup_id() })
                         },
-                    });
+                    ));
                 }
                 // Every addressee but the sender: the receiver, or each group recipient.
                 (Target::ChatNotification, Change::Chat(event)) if event.op == ChangeOp::Create => {
+                    let body = Arc::new(json!({ "message": event.message }));
                     for user in event.message.addressees() {
                         calls.push(Call {
                             target: *target,
                             url: format!("{}/notifications/chat?user_id={user}", self.notifications_url),
-                            body: json!({ "message": event.message }),
+                            body: body.clone(),
+                            notify: Some((user.to_string(), "chat")),
                         });
                     }
                 }
                 // Once per conversation: the socket pod holds all of its sockets.
                 (Target::ChatWebsocket, Change::Conversation(event)) => {
-                    calls.push(Call {
-                        target: *target,
-                        url: format!(
-                            "{}/chat/forward-event?stream_id={}",
-                            self.chat_websocket_url, event.conversation_id
-                        ),
-                        body: serde_json::to_value(event).unwrap_or(Value::Null),
-                    });
+                    calls.push(Call::new(
+                        *target,
+                        format!("{}/chat/forward-event?stream_id={}", self.chat_websocket_url, event.conversation_id),
+                        serde_json::to_value(event).unwrap_or(Value::Null),
+                    ));
                 }
                 // Each user the change concerns, so their inbox updates; a read marker
                 // only concerns the reader (the other members see it on the chat socket).
@@ -208,36 +230,38 @@ impl PipelineHandler {
                         kind if kind.is_reaction() => Vec::new(),
                         _ => event.audience(),
                     };
+                    let body = Arc::new(json!({ "event": event }));
                     for user in users {
                         calls.push(Call {
                             target: *target,
                             url: format!("{}/notifications/conversation?user_id={user}", self.notifications_url),
-                            body: json!({ "event": event }),
+                            body: body.clone(),
+                            notify: Some((user.to_string(), "conversation")),
                         });
                     }
                 }
                 // A message a bot answers: the call is made by `crate::bot`, not posted.
                 (Target::Bot, Change::Chat(event)) => {
                     if let Some(bot) = self.bots.as_ref().and_then(|bots| bots.trigger(event)) {
-                        calls.push(Call {
-                            target: *target,
-                            url: format!("bot:{bot}"),
-                            body: json!({ "bot": bot, "message": event.message }),
-                        });
+                        calls.push(Call::new(
+                            *target,
+                            format!("bot:{bot}"),
+                            json!({ "bot": bot, "message": event.message }),
+                        ));
                     }
                 }
                 (Target::DomainNotification, Change::Domain(event)) => {
                     let document = &event.document;
-                    calls.push(Call {
-                        target: *target,
-                        url: format!(
+                    calls.push(Call::new(
+                        *target,
+                        format!(
                             "{}{}?user_id={}",
                             self.notifications_url,
                             document.kind().endpoint(),
                             document.user_id()
                         ),
-                        body: serde_json::to_value(document).unwrap_or(Value::Null),
-                    });
+                        serde_json::to_value(document).unwrap_or(Value::Null),
+                    ));
                 }
                 _ => {}
             }
@@ -278,16 +302,62 @@ impl PipelineHandler {
         }
     }
 
-    /// Makes the calls concurrently; returns the targets whose call failed.
-    async fn forward(&self, calls: &[Call]) -> Vec<(Target, HandlerError)> {
-        let posts = calls.iter().map(|call| async move {
+    /// Makes the calls concurrently, except those `done` says an earlier attempt at the
+    /// same record made already; returns the targets whose call failed and, per call,
+    /// whether it has succeeded now (or before). Per-user notifications of one target
+    /// go in batches when there are at least two of them (`crate::notify_batch`), each
+    /// user's result its own.
+    async fn forward(&self, calls: &[Call], done: &[bool]) -> (Vec<(Target, HandlerError)>, Vec<bool>) {
+        let already = |index: usize| done.get(index).copied().unwrap_or(false);
+        let mut batched: Vec<Vec<usize>> = Vec::new();
+        let mut single: Vec<usize> = Vec::new();
+        for (index, call) in calls.iter().enumerate() {
+            if already(index) {
+                continue;
+            }
+            let batchable = self.batcher.is_some() && call.notify.is_some();
+            match batched.iter_mut().find(|group| calls[group[0]].target == call.target) {
+                Some(group) if batchable => group.push(index),
+                None if batchable => batched.push(vec![index]),
+                _ => single.push(index),
+            }
+        }
+        // A lone notification gains nothing from a batch.
+        for group in batched.iter_mut().filter(|group| group.len() < 2) {
+            single.append(group);
+        }
+        batched.retain(|group| !group.is_empty());
+        let singles = join_all(single.iter().map(|&index| async move {
+            let call = &calls[index];
             let result = match (call.target, &self.bots) {
                 (Target::Bot, Some(bots)) => Self::answer(bots, &call.body).await,
                 _ => self.forwarder.post(call.target.name(), &call.url, &call.body).await,
             };
-            result.err().map(|err| (call.target, err))
-        });
-        join_all(posts).await.into_iter().flatten().collect()
+            vec![(index, result)]
+        }));
+        let batches = join_all(batched.iter().map(|group| async move {
+            let Some(batcher) = &self.batcher else { return Vec::new() };
+            let items: Vec<Item> = group
+                .iter()
+                .map(|&index| {
+                    let call = &calls[index];
+                    let (user, kind) = call.notify.clone().unwrap_or_default();
+                    Item { user, kind, body: call.body.clone(), single_url: call.url.clone() }
+                })
+                .collect();
+            let target = calls[group[0]].target;
+            group.iter().copied().zip(batcher.deliver(target.name(), &items).await).collect()
+        }));
+        let (singles, batches) = futures::join!(singles, batches);
+        let mut now_done: Vec<bool> = (0..calls.len()).map(already).collect();
+        let mut failed = Vec::new();
+        for (index, result) in singles.into_iter().chain(batches).flatten() {
+            match result {
+                Ok(()) => now_done[index] = true,
+                Err(err) => failed.push((calls[index].target, err)),
+            }
+        }
+        (failed, now_done)
     }
 
     /// A `bot` call: the bot answers the message in its body.
@@ -312,13 +382,27 @@ impl PipelineHandler {
 
     /// Remembers which targets failed on this attempt at `record` (replacing whatever
     /// an earlier record of its partition left behind).
+    #[cfg(test)]
     fn remember(&self, record: &Record, failed: Vec<(Target, HandlerError)>) {
+        self.remember_attempt(record, failed, Vec::new());
+    }
+
+    /// Remembers which targets failed on this attempt at `record`, and which of its
+    /// calls succeeded (a retry of the same record makes only the others).
+    fn remember_attempt(&self, record: &Record, failed: Vec<(Target, HandlerError)>, done: Vec<bool>) {
         let key = (record.topic.clone(), record.partition);
         if failed.is_empty() {
             self.last_attempts().remove(&key);
         } else {
-            self.last_attempts().insert(key, LastAttempt { offset: record.offset, failed });
+            self.last_attempts().insert(key, LastAttempt { offset: record.offset, failed, done });
         }
+    }
+
+    /// The calls an earlier attempt at this same record made successfully (forgetting
+    /// whatever an earlier record of the partition left behind).
+    fn done_before(&self, record: &Record) -> Vec<bool> {
+        let earlier = self.last_attempts().remove(&(record.topic.clone(), record.partition));
+        earlier.filter(|last| last.offset == record.offset).map(|last| last.done).unwrap_or_default()
     }
 
     /// The targets that failed on the last attempt at `record`. When it is not known
@@ -392,8 +476,9 @@ impl PipelineHandler {
 
 impl Handler for PipelineHandler {
     async fn handle(&self, record: &Record) -> Result<(), HandlerError> {
-        // Whatever an earlier attempt left behind is stale now.
-        self.remember(record, Vec::new());
+        // What an earlier attempt at this record delivered is not sent again; anything
+        // else an earlier attempt left behind is stale now.
+        let done_before = self.done_before(record);
         let change = Self::parse(record)?;
         let calls = self.calls(&change);
         let pipeline = self.name.clone();
@@ -405,9 +490,9 @@ impl Handler for PipelineHandler {
             metrics::counter!("changes_skipped_duplicate_total", "pipeline" => pipeline).increment(1);
             return Ok(());
         };
-        let failed = self.forward(&calls).await;
+        let (failed, done) = self.forward(&calls, &done_before).await;
         let result = Self::combined(&failed).map_or(Ok(()), Err);
-        self.remember(record, failed);
+        self.remember_attempt(record, failed, done);
         match result {
             Ok(()) => {
                 if let Some(token) = token {
@@ -507,6 +592,7 @@ mod tests {
             chat_websocket_url: "http://ws:8".into(),
             notifications_url: settings.forward.notifications_url.clone(),
             failover_timeout: Duration::from_secs(1),
+            notifications_batch: 500,
         };
         PipelineHandler::new(&pipeline, store, &forwarder, &endpoints)
     }

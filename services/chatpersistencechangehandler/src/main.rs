@@ -8,6 +8,7 @@
 mod bot;
 mod forward;
 mod handler;
+mod notify_batch;
 mod pipeline;
 mod runner;
 mod settings;
@@ -50,6 +51,7 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         chat_websocket_url: settings.forward.chat_websocket_url.clone(),
         notifications_url: settings.forward.notifications_url.clone(),
         failover_timeout: settings.forward.failover_timeout,
+        notifications_batch: settings.forward.notifications_batch,
     };
     // The bot adapter, when a pipeline has the bot target (its settings were
     // checked with the pipelines).

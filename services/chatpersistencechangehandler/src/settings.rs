@@ -57,6 +57,10 @@ pub struct ForwardSettings {
     /// `INTERNAL_SERVICE_TOKEN`: presented to the internal endpoints. Required, at least
     /// 32 bytes: the handler refuses to start without it (`forward::ServiceToken`).
     pub service_token: String,
+    /// `NOTIFICATIONS_BATCH_SIZE`: a change's per-user notifications (a group message's
+    /// members) go this many per `POST /notifications/batch`; 0 or 1 sends each on its
+    /// own (`crate::notify_batch`). At most the pods' `NOTIFICATIONS_BATCH_MAX_ITEMS`.
+    pub notifications_batch: usize,
 }
 
 impl Default for ForwardSettings {
@@ -67,6 +71,7 @@ impl Default for ForwardSettings {
             timeout: Duration::from_secs(2),
             failover_timeout: Duration::from_secs(30),
             service_token: String::new(),
+            notifications_batch: 500,
         }
     }
 }
@@ -78,6 +83,7 @@ impl ForwardSettings {
         ("FORWARD_TIMEOUT", "timeout"),
         ("FAILOVER_TIMEOUT", "failover_timeout"),
         ("INTERNAL_SERVICE_TOKEN", "service_token"),
+        ("NOTIFICATIONS_BATCH_SIZE", "notifications_batch"),
     ];
 }
 
