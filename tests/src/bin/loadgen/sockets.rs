@@ -19,12 +19,16 @@
 //! loadgen --sockets 19500 --socket-service chat --rate 20 --duration 10
 //! loadgen --sockets 19500 --socket-service notifications --rate 20 --duration 10
 //! loadgen --sockets 1000 --socket-service notifications --fanout-per-user 20 --concurrency 64
+//! loadgen --sockets 1000 --socket-service notifications --fanout-per-user 20 --concurrency 64 --notify-batch 1
 //! ```
 //!
 //! `--fanout-per-user K` measures notification fan-out instead: one socket per user held
 //! by this process, K purchase notifications per user through the internal endpoint
 //! with `--concurrency` in flight, every frame counted, and the frames per second from
-//! the first `POST` until the last frame arrived.
+//! the first `POST` until the last frame arrived. The notifications go `--notify-batch N`
+//! (default 100) to a `POST /notifications/batch`, so the run measures the pod rather
+//! than the load generator's HTTP requests; `--notify-batch 1` posts each one to its
+//! single endpoint (the measurement before the batch endpoint existed).
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
@@ -34,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use chatfleet_tests::{client, percentile, token, ChatFleet, Service, JWT_SECRET, SERVICE_TOKEN};
 use futures::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -78,6 +82,9 @@ struct Options {
     concurrency: usize,
     settle: u64,
     fanout_per_user: usize,
+    /// Notifications per internal `POST` in the fan-out (`/notifications/batch`); 1 posts
+    /// each to its single endpoint.
+    notify_batch: usize,
 }
 
 /// The path of the upgrade of socket `i` (its user is `u{i}`; chat sockets pair
@@ -163,6 +170,7 @@ pub fn dispatch() -> Option<i32> {
         concurrency: 64,
         settle: 5,
         fanout_per_user: 0,
+        notify_batch: 100,
     };
     let mut i = 0;
     while i < args.len() {
@@ -180,6 +188,7 @@ pub fn dispatch() -> Option<i32> {
             "--concurrency" => o.concurrency = number(o.concurrency as u64).max(1) as usize,
             "--settle" => o.settle = number(o.settle),
             "--fanout-per-user" => o.fanout_per_user = number(0) as usize,
+            "--notify-batch" => o.notify_batch = number(o.notify_batch as u64).max(1) as usize,
             other => return Some(usage(&format!("unknown option {other}"))),
         }
         i += 2;
@@ -194,7 +203,7 @@ pub fn dispatch() -> Option<i32> {
 fn usage(problem: &str) -> i32 {
     eprintln!(
         "{problem}; options: --sockets N --socket-service chat|notifications --rate R --duration S \
-         --per-worker N --concurrency N --settle S | --fanout-per-user K"
+         --per-worker N --concurrency N --settle S | --fanout-per-user K [--notify-batch N]"
     );
     2
 }
@@ -583,25 +592,51 @@ async fn fanout(o: Options) -> i32 {
     let users = readers.len();
     let http = reqwest::Client::builder().pool_max_idle_per_host(o.concurrency).build().expect("client");
     let base = pod.internal_url("/notifications/purchase");
+    let batch_url = pod.internal_url("/notifications/batch");
+    let per_post = o.notify_batch;
+    let purchase = |u: usize, n: usize| {
+        json!({"purchase_id": format!("p{u}x{n}"), "user_id": format!("u{u}"), "status": "paid",
+            "amount_minor": 1999, "currency": "EUR", "updated_at": "2026-01-01T00:00:00Z"})
+    };
+    // Each POST: (ok, its latency, notifications it carried that were not delivered).
     let post_all = |round: std::ops::Range<usize>| {
         let bodies: Vec<(usize, usize)> = round.flat_map(|n| (0..users).map(move |u| (u, n))).collect();
-        let (http, base) = (http.clone(), base.clone());
-        futures::stream::iter(bodies)
-            .map(move |(u, n)| {
-                let request = http
-                    .post(format!("{base}?user_id=u{u}"))
-                    .bearer_auth(SERVICE_TOKEN)
-                    .json(&json!({"purchase_id": format!("p{u}x{n}"), "user_id": format!("u{u}"), "status": "paid",
-                        "amount_minor": 1999, "currency": "EUR", "updated_at": "2026-01-01T00:00:00Z"}))
-                    .timeout(Duration::from_secs(30));
+        let chunks: Vec<Vec<(usize, usize)>> = bodies.chunks(per_post).map(<[(usize, usize)]>::to_vec).collect();
+        let (http, base, batch_url) = (http.clone(), base.clone(), batch_url.clone());
+        futures::stream::iter(chunks)
+            .map(move |chunk| {
+                let request = if per_post == 1 {
+                    let (u, n) = chunk[0];
+                    http.post(format!("{base}?user_id=u{u}")).json(&purchase(u, n))
+                } else {
+                    let items: Vec<Value> = chunk
+                        .iter()
+                        .map(|&(u, n)| json!({"user_id": format!("u{u}"), "kind": "purchase", "body": purchase(u, n)}))
+                        .collect();
+                    http.post(batch_url.as_str()).json(&json!({ "items": items }))
+                };
+                let request = request.bearer_auth(SERVICE_TOKEN).timeout(Duration::from_secs(30));
+                let carried = chunk.len();
                 async move {
                     let started = Instant::now();
-                    let ok = request.send().await.is_ok_and(|r| r.status().as_u16() == 200);
-                    (ok, started.elapsed())
+                    let answer = request.send().await;
+                    let (ok, undelivered) = match answer {
+                        Ok(r) if r.status().as_u16() == 200 && per_post == 1 => (true, 0),
+                        Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>().await {
+                            Ok(body) => {
+                                let results = body["results"].as_array().cloned().unwrap_or_default();
+                                let done = results.iter().filter(|r| r["outcome"] == "ok").count();
+                                (results.len() == carried, carried - done.min(carried))
+                            }
+                            Err(_) => (false, carried),
+                        },
+                        _ => (false, carried),
+                    };
+                    (ok && undelivered == 0, started.elapsed(), undelivered)
                 }
             })
             .buffer_unordered(o.concurrency)
-            .collect::<Vec<(bool, Duration)>>()
+            .collect::<Vec<(bool, Duration, usize)>>()
     };
     let wait_for = |target: u64| {
         let received = received.clone();
@@ -629,12 +664,18 @@ async fn fanout(o: Options) -> i32 {
     for reader in readers {
         reader.abort();
     }
-    let failed = posts.iter().filter(|(ok, _)| !ok).count();
-    let mut latencies: Vec<Duration> = posts.iter().map(|(_, d)| *d).collect();
+    let failed = posts.iter().filter(|(ok, _, _)| !ok).count();
+    let undelivered: usize = posts.iter().map(|(_, _, n)| n).sum();
+    let mut latencies: Vec<Duration> = posts.iter().map(|(_, d, _)| *d).collect();
     latencies.sort();
     let frames = (users * o.fanout_per_user) as f64;
     let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
-    println!("# chatfleet loadgen: notification fan-out to {users} users ({} per user)", o.fanout_per_user);
+    let how = if per_post == 1 {
+        "one internal POST per notification".to_owned()
+    } else {
+        format!("{per_post} per POST /notifications/batch")
+    };
+    println!("# chatfleet loadgen: notification fan-out to {users} users ({} per user, {how})", o.fanout_per_user);
     println!();
     println!("| measure | value |");
     println!("| --- | --- |");
@@ -645,7 +686,8 @@ async fn fanout(o: Options) -> i32 {
     );
     println!("| **frames per second** | **{:.0}** |", frames / took.as_secs_f64());
     println!(
-        "| POST p50 / p99 / max ms ({} in flight) | {} / {} / {} |",
+        "| POST p50 / p99 / max ms ({} POSTs, {} in flight) | {} / {} / {} |",
+        posts.len(),
         o.concurrency,
         ms(percentile(&latencies, 50.0)),
         ms(percentile(&latencies, 99.0)),
@@ -653,7 +695,7 @@ async fn fanout(o: Options) -> i32 {
     );
     println!("| pod CPU | {cpu:.2} s ({:.0} µs per frame) |", cpu * 1e6 / frames.max(1.0));
     println!(
-        "| refused POSTs / frames missing / frames extra | {failed} / {} / {extra} |",
+        "| refused POSTs / items not delivered / frames missing / frames extra | {failed} / {undelivered} / {} / {extra} |",
         expected.saturating_sub(got)
     );
     0
