@@ -26,7 +26,7 @@
 //! Dates are stored as epoch milliseconds (integers): they sort the same on every
 //! server, including the local stand-in, which stores dates set by updates as text.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chatstream::{
     ConversationEvent, ConversationEventKind, MessageId, StreamId, UserId, CONVERSATION_EVENTS_COLLECTION,
@@ -189,58 +189,150 @@ impl SeqCache {
     }
 }
 
-/// Inbox activity (`memberships.activity_at`) is written in batches: one
-/// `update_many` per flush for the conversations that had messages since the last,
-/// instead of one per message. The inbox order lags by at most [`ACTIVITY_FLUSH`]
-/// (a list request flushes first, so a process's own writes show at once), and a
-/// crash loses at most that much ordering (the next message repairs it).
+/// Inbox activity (`memberships.activity_at`) is written in batches: one `update`
+/// command per flush for the conversations that had messages since the last,
+/// instead of one write per message. The inbox order lags by at most
+/// [`ACTIVITY_FLUSH`] (a list request flushes first, so a process's own writes show
+/// at once), and a crash loses at most that much ordering (the next message
+/// repairs it).
 ///
-/// A busy conversation's memberships are written at most once per
-/// [`ACTIVITY_MIN_INTERVAL`]: a large group's `update_many` touches every member's
-/// row, and doing that 20 times a second would keep the database busy for nothing
-/// (its order in every inbox is already at the top).
+/// What a flush costs is the membership rows it rewrites, so it is kept small and
+/// sliced:
+/// - rows are addressed by `_id` (`"<conversation> <user>"`, from the member list
+///   the message write already read), never by a scan of `conversation_id`;
+/// - one command rewrites at most [`ACTIVITY_ROWS_PER_COMMAND`] rows, so a large
+///   group's flush is several short commands other requests interleave with, not
+///   one long one that stalls a single-threaded server (measured on the local
+///   stand-in: 1,000 rows in one `update_many` held it for 140 ms);
+/// - a busy conversation is written at most once per [`ACTIVITY_MIN_INTERVAL`], and
+///   a large group less often (one more interval per [`ACTIVITY_ROWS_PER_COMMAND`]
+///   members, at most [`ACTIVITY_MAX_INTERVAL`]): its rows are already at the top
+///   of its members' inboxes, and rewriting 1,000 rows 20 times a second would keep
+///   the database busy for nothing.
 #[derive(Default)]
 struct Activity(std::sync::Mutex<ActivityState>);
 
+/// A conversation's activity waiting to be written.
+#[derive(Clone)]
+struct PendingActivity {
+    at: i64,
+    /// The members whose rows move (`None`: not known; then all of the
+    /// conversation's active rows, found by `conversation_id`).
+    members: Option<std::sync::Arc<[String]>>,
+}
+
 #[derive(Default)]
 struct ActivityState {
-    pending: HashMap<String, i64>,
-    /// When each recently flushed conversation was last written.
-    flushed: HashMap<String, std::time::Instant>,
+    pending: HashMap<String, PendingActivity>,
+    /// When each recently flushed conversation may be written again.
+    next_allowed: HashMap<String, std::time::Instant>,
 }
 
 /// How often pending inbox activity is written.
 pub const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 /// The least time between two activity writes of one conversation.
 pub const ACTIVITY_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest a large group's activity waits (a list request flushes it sooner).
+pub const ACTIVITY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Membership rows one flush command rewrites at most.
+pub const ACTIVITY_ROWS_PER_COMMAND: usize = 100;
+
+impl PendingActivity {
+    fn rows(&self) -> usize {
+        self.members.as_ref().map_or(ACTIVITY_ROWS_PER_COMMAND, |m| m.len())
+    }
+
+    /// How long until this conversation's rows may be written again.
+    fn interval(&self) -> std::time::Duration {
+        let slices = self.rows().div_ceil(ACTIVITY_ROWS_PER_COMMAND).max(1) as u32;
+        (ACTIVITY_MIN_INTERVAL * slices).min(ACTIVITY_MAX_INTERVAL)
+    }
+}
 
 impl Activity {
-    fn touch(&self, id: &StreamId, at: i64) {
-        self.put(id.to_string(), at);
+    fn touch(&self, id: &StreamId, at: i64, members: Option<std::sync::Arc<[String]>>) {
+        self.put(id.to_string(), PendingActivity { at, members });
     }
 
-    fn put(&self, id: String, at: i64) {
+    fn put(&self, id: String, activity: PendingActivity) {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = state.pending.entry(id).or_insert(at);
-        *entry = (*entry).max(at);
+        match state.pending.get_mut(&id) {
+            Some(entry) => {
+                entry.at = entry.at.max(activity.at);
+                // The newest member list wins (a member added since moves up too).
+                if activity.members.is_some() {
+                    entry.members = activity.members;
+                }
+            }
+            None => {
+                state.pending.insert(id, activity);
+            }
+        }
     }
 
-    /// The pending activity to write now: all of it when `all`, else what was not
-    /// written within the last [`ACTIVITY_MIN_INTERVAL`].
-    fn take(&self, all: bool) -> HashMap<String, i64> {
+    /// The pending activity to write now: all of it when `all`, else what is not
+    /// within its conversation's interval since the last write.
+    fn take(&self, all: bool) -> Vec<(String, PendingActivity)> {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        state.flushed.retain(|_, at| now.duration_since(*at) < ACTIVITY_MIN_INTERVAL);
-        let ActivityState { pending, flushed } = &mut *state;
-        let due: Vec<String> = pending.keys().filter(|id| all || !flushed.contains_key(id.as_str())).cloned().collect();
-        let mut out = HashMap::with_capacity(due.len());
+        state.next_allowed.retain(|_, at| *at > now);
+        let ActivityState { pending, next_allowed } = &mut *state;
+        let due: Vec<String> =
+            pending.keys().filter(|id| all || !next_allowed.contains_key(id.as_str())).cloned().collect();
+        let mut out = Vec::with_capacity(due.len());
         for id in due {
-            if let Some(at) = pending.remove(&id) {
-                flushed.insert(id.clone(), now);
-                out.insert(id, at);
+            if let Some(activity) = pending.remove(&id) {
+                next_allowed.insert(id.clone(), now + activity.interval());
+                out.push((id, activity));
             }
         }
         out
+    }
+}
+
+/// The `update` commands of one flush: whole conversations share a command while
+/// it stays within [`ACTIVITY_ROWS_PER_COMMAND`] rows, a large group's slices go
+/// one per command. Each command comes with the indexes (in `pending`) of the
+/// conversations it writes, to put back if it fails.
+fn pack_activity(pending: &[(String, PendingActivity)]) -> Vec<(Vec<Document>, Vec<usize>)> {
+    let mut commands: Vec<(Vec<Document>, Vec<usize>)> = Vec::new();
+    let mut rows_in_last = 0;
+    for (index, (id, activity)) in pending.iter().enumerate() {
+        for (statement, rows) in activity_statements(id, activity) {
+            if commands.is_empty() || rows_in_last + rows > ACTIVITY_ROWS_PER_COMMAND {
+                commands.push((Vec::new(), Vec::new()));
+                rows_in_last = 0;
+            }
+            if let Some((statements, owners)) = commands.last_mut() {
+                statements.push(statement);
+                if owners.last() != Some(&index) {
+                    owners.push(index);
+                }
+            }
+            rows_in_last += rows;
+        }
+    }
+    commands
+}
+
+/// One `update` statement of an activity flush and the rows it may rewrite.
+fn activity_statements(id: &str, activity: &PendingActivity) -> Vec<(Document, usize)> {
+    let update = doc! { "$max": { "activity_at": activity.at } };
+    match &activity.members {
+        None => {
+            let q = doc! { "conversation_id": { "$eq": id }, "active": { "$eq": true } };
+            vec![(doc! { "q": q, "u": update, "multi": true, "upsert": false }, ACTIVITY_ROWS_PER_COMMAND)]
+        }
+        Some(members) => members
+            .chunks(ACTIVITY_ROWS_PER_COMMAND)
+            .map(|chunk| {
+                let ids: Vec<String> = chunk.iter().map(|m| format!("{id} {m}")).collect();
+                // Rows already at this time or later are matched but not rewritten.
+                let q =
+                    doc! { "_id": { "$in": ids }, "active": { "$eq": true }, "activity_at": { "$lt": activity.at } };
+                (doc! { "q": q, "u": update.clone(), "multi": true, "upsert": false }, chunk.len())
+            })
+            .collect(),
     }
 }
 
@@ -266,33 +358,35 @@ impl Conversations {
         }
     }
 
-    /// Writes the pending inbox activity: one `update_many` per distinct time (a
-    /// flush holds one or a few; with many, all get the newest). Failed writes are
-    /// put back for the next flush.
+    /// Writes the pending inbox activity in `update` commands of at most
+    /// [`ACTIVITY_ROWS_PER_COMMAND`] rows each. What was not written is put back
+    /// for the next flush.
     pub async fn flush_activity(&self, all: bool) -> Result<(), StoreError> {
         let pending = self.activity.take(all);
         if pending.is_empty() {
             return Ok(());
         }
-        let mut by_time: HashMap<i64, Vec<String>> = HashMap::new();
-        for (id, at) in &pending {
-            by_time.entry(*at).or_default().push(id.clone());
-        }
-        if by_time.len() > 8 {
-            let newest = pending.values().copied().max().unwrap_or(0);
-            by_time = HashMap::from([(newest, pending.keys().cloned().collect())]);
-        }
-        for (at, ids) in by_time {
-            let filter = doc! { "conversation_id": { "$in": &ids }, "active": { "$eq": true } };
-            let write = self.memberships.update_many(filter, doc! { "$max": { "activity_at": at } });
-            if let Err(err) = self.store.run(write).await {
-                for id in ids {
-                    self.activity.put(id, at);
-                }
-                return Err(err);
+        let commands = pack_activity(&pending);
+        let db = self.memberships.client().database(&self.memberships.namespace().db);
+        let mut failed: Option<StoreError> = None;
+        let mut unwritten: HashSet<usize> = HashSet::new();
+        for (statements, owners) in commands {
+            if failed.is_some() {
+                unwritten.extend(owners);
+                continue;
+            }
+            let command = doc! { "update": self.memberships.name(), "updates": statements, "ordered": false };
+            if let Err(err) = self.store.run(db.run_command(command)).await {
+                unwritten.extend(owners);
+                failed = Some(err);
             }
         }
-        Ok(())
+        for (index, (id, activity)) in pending.into_iter().enumerate() {
+            if unwritten.contains(&index) {
+                self.activity.put(id, activity);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Flushes inbox activity every [`ACTIVITY_FLUSH`] until shutdown (and once more then).
@@ -314,7 +408,7 @@ impl Conversations {
     /// Moves conversation `id` up in its members' inboxes (batched; the write-behind
     /// writer's share of [`Conversations::accept_message`]).
     pub(crate) fn touch_activity(&self, id: &StreamId, at: i64) {
-        self.activity.touch(id, at);
+        self.activity.touch(id, at, None);
     }
 
     /// Notified whenever an event was written (the relay's fast path).
@@ -642,7 +736,7 @@ impl Conversations {
             }
         }
         // Every member's inbox moves this conversation up: batched in the background.
-        self.activity.touch(id, at);
+        self.activity.touch(id, at, Some(updated.members.iter().cloned().collect()));
         let recipients = if pair_peer.is_some() {
             Vec::new()
         } else {
@@ -768,5 +862,73 @@ impl Conversations {
             self.store.run(find).await?.into_iter().map(|c| (c.id.clone(), c)).collect();
         let rows = rows.into_iter().filter_map(|row| by_id.remove(&row.conversation_id).map(|c| (row, c))).collect();
         Ok(InboxPage { rows, has_more })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize) -> std::sync::Arc<[String]> {
+        (0..n).map(|i| format!("user{i}")).collect()
+    }
+
+    #[test]
+    fn large_groups_are_written_less_often_within_a_bound() {
+        let pending = |n| PendingActivity { at: 1, members: Some(members(n)) };
+        assert_eq!(pending(2).interval(), ACTIVITY_MIN_INTERVAL);
+        assert_eq!(pending(100).interval(), ACTIVITY_MIN_INTERVAL);
+        assert_eq!(pending(101).interval(), ACTIVITY_MIN_INTERVAL * 2);
+        assert_eq!(pending(1000).interval(), ACTIVITY_MAX_INTERVAL);
+        assert_eq!(pending(50_000).interval(), ACTIVITY_MAX_INTERVAL);
+        assert_eq!(PendingActivity { at: 1, members: None }.interval(), ACTIVITY_MIN_INTERVAL);
+    }
+
+    #[test]
+    fn a_large_group_is_written_in_slices_addressed_by_row_id() {
+        let activity = PendingActivity { at: 7, members: Some(members(250)) };
+        let statements = activity_statements("g_1", &activity);
+        let rows: Vec<usize> = statements.iter().map(|(_, rows)| *rows).collect();
+        assert_eq!(rows, vec![100, 100, 50]);
+        let q = statements[2].0.get_document("q").expect("q");
+        let ids = q.get_document("_id").and_then(|d| d.get_array("$in")).expect("ids");
+        assert_eq!(ids.len(), 50);
+        assert_eq!(ids[0].as_str(), Some("g_1 user200"));
+        assert_eq!(q.get_document("activity_at").and_then(|d| d.get_i64("$lt")), Ok(7));
+        // Unknown members: every active row of the conversation, by its id.
+        let unknown = activity_statements("g_1", &PendingActivity { at: 7, members: None });
+        assert_eq!(unknown.len(), 1);
+        assert!(unknown[0].0.get_document("q").expect("q").contains_key("conversation_id"));
+    }
+
+    #[test]
+    fn pairs_share_a_command_and_a_large_group_gets_its_own_slices() {
+        let pair = |at| PendingActivity { at, members: Some(members(2)) };
+        let mut pending: Vec<(String, PendingActivity)> = (0..60).map(|i| (format!("p{i}"), pair(i))).collect();
+        pending.push(("g".into(), PendingActivity { at: 1, members: Some(members(150)) }));
+        let commands = pack_activity(&pending);
+        let sizes: Vec<usize> = commands.iter().map(|(statements, _)| statements.len()).collect();
+        // 50 pairs (100 rows) fill a command; 10 pairs and the group's first 100 rows
+        // do not fit together; the group's last 50 rows go alone.
+        assert_eq!(sizes, vec![50, 10, 1, 1]);
+        assert_eq!(commands[0].1, (0..50).collect::<Vec<_>>());
+        assert_eq!(commands[2].1, vec![60]);
+        assert_eq!(commands[3].1, vec![60]);
+        assert!(pack_activity(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_flushed_conversation_waits_its_interval_unless_all_is_asked() {
+        let activity = Activity::default();
+        let id = StreamId::new_group();
+        activity.touch(&id, 1, Some(members(2)));
+        assert_eq!(activity.take(false).len(), 1);
+        activity.touch(&id, 2, Some(members(2)));
+        activity.touch(&id, 3, None);
+        assert!(activity.take(false).is_empty(), "within its interval");
+        let taken = activity.take(true);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].1.at, 3, "the newest time");
+        assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(2), "the known members are kept");
     }
 }
