@@ -36,6 +36,7 @@ mod message_changes;
 mod multipod_envoy;
 mod multipod_nginx;
 mod new_routes_hostile;
+mod notifications_batch;
 mod notifications_handler;
 mod notifications_throughput;
 mod pipelines_config;

@@ -1,0 +1,281 @@
+//! `POST /notifications/batch`, black-box: the real generalnotificationshandler against
+//! a real Redis with real WebSocket clients, and the change handler's use of it for a
+//! group message (chatpersistence, the outbox relay, the broker, the change handler and
+//! the notification pod, all real).
+//!
+//! What it shows: a batch delivers each item to each online user's sockets exactly
+//! once and reports per item who was offline, who is on another pod (from presence)
+//! and which items were refused; a replayed batch shows nothing twice; the bounds
+//! (items, bytes) are refused with a clear `413`; the public port does not serve the
+//! route and the internal one wants the service token; and a group message to many
+//! members arrives once on every member's notification socket in ceil(N / batch)
+//! requests.
+
+use std::time::{Duration, Instant};
+
+use chatfleet_tests::ws::{expect_quiet, http, next_json, Ws};
+use chatfleet_tests::{token, Pipeline, Service, Stack, JWT_SECRET, SERVICE_TOKEN};
+use chatstream::{MessageId, StreamId};
+use serde_json::{json, Value};
+use testkit::Redis;
+
+const QUIET: Duration = Duration::from_millis(400);
+
+fn start_pod(redis: &Redis, extra: &[(&str, &str)]) -> Service {
+    let mut env: Vec<(String, String)> = vec![
+        ("JWT_SECRET".into(), JWT_SECRET.into()),
+        ("INTERNAL_SERVICE_TOKEN".into(), SERVICE_TOKEN.into()),
+        ("REDIS_URL".into(), redis.url()),
+        ("LOG_LEVEL".into(), "info,generalnotificationshandler=debug".into()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    Service::start("generalnotificationshandler", &env)
+}
+
+async fn connect(service: &Service, me: &str) -> Ws {
+    let path = format!("/notifications/subscribe?user_id={me}&access_token={}", token(me));
+    match tokio_tungstenite::connect_async(service.ws_url(&path)).await {
+        Ok((ws, _)) => ws,
+        Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
+    }
+}
+
+/// `POST {url}` with `auth` (a bearer token, or none) and `body` sent as it is.
+async fn post_raw(url: String, auth: Option<&str>, body: String) -> (u16, Value) {
+    let mut request = http().post(url).header("content-type", "application/json").body(body);
+    if let Some(auth) = auth {
+        request = request.bearer_auth(auth);
+    }
+    let response = request.send().await.expect("answered");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn batch(service: &Service, body: &Value) -> (u16, Value) {
+    post_raw(service.internal_url("/notifications/batch"), Some(SERVICE_TOKEN), body.to_string()).await
+}
+
+fn purchase(user: &str, id: &str) -> Value {
+    json!({"purchase_id": id, "user_id": user, "status": "paid", "amount_minor": 1999, "currency": "EUR",
+        "updated_at": "2026-01-01T00:00:00Z"})
+}
+
+/// A stored group message from `sender` to `recipients`.
+fn group_message(sender: &str, recipients: &[&str]) -> Value {
+    json!({"message_id": MessageId::new().to_string(), "stream_id": StreamId::new_group().to_string(),
+        "sender_id": sender, "recipients": recipients, "content": "hello all",
+        "created_at": "2026-01-01T12:00:00Z"})
+}
+
+/// The next frame is the notification of `kind` whose data is `data`.
+async fn expect_frame(ws: &mut Ws, who: &str, kind: &str, data: &Value) {
+    let frame = next_json(ws).await;
+    assert_eq!(frame["type"], "notification", "{who}: {frame}");
+    assert_eq!(frame["kind"], kind, "{who}: {frame}");
+    assert_eq!(frame["data"], *data, "{who}: {frame}");
+}
+
+/// An inline Redis command (`testkit::probe`): the raw reply.
+fn redis_cmd(redis: &Redis, command: &str) -> String {
+    testkit::probe(redis.port(), format!("{command}\r\n").as_bytes()).unwrap_or_default()
+}
+
+/// Waits until the pod has written `user`'s presence key (the batch reads it for
+/// users it has no socket for; here it only matters that it is there).
+async fn presence_written(redis: &Redis, user: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis_cmd(redis, &format!("EXISTS presence:{user}")).trim() != ":1" {
+        assert!(Instant::now() < deadline, "presence:{user} never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One batch, many users and kinds: each online user's sockets get their items once;
+/// an offline user, a user on another pod and refused items are reported per item;
+/// replaying the batch answers the same and shows nothing twice.
+#[tokio::test]
+async fn a_batch_delivers_once_per_user_reports_each_item_and_a_replay_shows_nothing_twice() {
+    let redis = Redis::start();
+    let pod = start_pod(&redis, &[]);
+    let mut alice = [connect(&pod, "alice").await, connect(&pod, "alice").await];
+    let mut bob = connect(&pod, "bob").await;
+    presence_written(&redis, "alice").await;
+    presence_written(&redis, "bob").await;
+    // dave's sockets are on another pod: his presence key holds that pod's instance id.
+    assert!(redis_cmd(&redis, "SET presence:dave notifications-2/0123 PX 60000").starts_with("+OK"));
+
+    let message = group_message("zoe", &["alice", "bob", "carol", "dave"]);
+    let alice_purchase = purchase("alice", "p-1");
+    let body = json!({
+        "shared": [{"message": message}],
+        "items": [
+            {"user_id": "alice", "kind": "chat", "shared": 0},
+            {"user_id": "bob", "kind": "chat", "shared": 0},
+            {"user_id": "carol", "kind": "chat", "shared": 0},
+            {"user_id": "dave", "kind": "chat", "shared": 0},
+            {"user_id": "alice", "kind": "purchase", "body": alice_purchase},
+            // Refused item by item, as the single endpoints refuse them:
+            {"user_id": "erin", "kind": "chat", "shared": 0},
+            {"user_id": "bob", "kind": "purchase", "body": purchase("alice", "p-2")},
+            {"user_id": "bob", "kind": "shipping", "body": {"shipment_id": "s-1"}},
+            {"user_id": "bob", "kind": "chat", "shared": 7},
+            {"user_id": "not a user", "kind": "purchase", "body": purchase("alice", "p-3")},
+        ]
+    });
+    let (status, answer) = batch(&pod, &body).await;
+    assert_eq!(status, 200, "{answer}; log:\n{}", pod.log_tail(20));
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 10, "one result per item: {answer}");
+    let outcome = |i: usize| results[i]["outcome"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(
+        (outcome(0).as_str(), results[0]["connections"].as_u64(), results[0]["delivered"].as_u64()),
+        ("ok", Some(2), Some(2)),
+        "alice: {}",
+        results[0]
+    );
+    assert_eq!(outcome(1), "ok", "bob: {}", results[1]);
+    assert_eq!((outcome(2).as_str(), results[2]["status"].as_u64()), ("no_connections", Some(200)), "carol is offline");
+    assert_eq!(outcome(3), "elsewhere", "dave: {}", results[3]);
+    assert_eq!(results[3]["owner"], "notifications-2/0123");
+    assert_eq!(outcome(4), "ok");
+    for (i, status) in [(5, 400), (6, 400), (7, 422), (8, 400), (9, 400)] {
+        assert_eq!(outcome(i), "invalid", "item {i}: {}", results[i]);
+        assert_eq!(results[i]["status"], status, "item {i}: {}", results[i]);
+        assert!(results[i]["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", results[i]);
+    }
+
+    for (n, ws) in alice.iter_mut().enumerate() {
+        expect_frame(ws, &format!("alice #{n}"), "chat", &message).await;
+        expect_frame(ws, &format!("alice #{n}"), "purchase", &alice_purchase).await;
+        expect_quiet(ws, QUIET).await;
+    }
+    expect_frame(&mut bob, "bob", "chat", &message).await;
+    expect_quiet(&mut bob, QUIET).await;
+
+    // The same batch again (a retry): every item counts as delivered, no frame is shown.
+    let (status, again) = batch(&pod, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["results"][0]["outcome"], "ok");
+    assert_eq!(again["results"][0]["delivered"], 2);
+    for ws in alice.iter_mut() {
+        expect_quiet(ws, QUIET).await;
+    }
+    expect_quiet(&mut bob, QUIET).await;
+    assert!(pod.counter("notification_batches_total", &[("outcome", "accepted")]).await >= 2.0);
+}
+
+/// The bounds and the doors: too many items and too large a body are `413`, a body
+/// that is not a batch `400`/`422`; without the service token `401`, with a user's
+/// token `403`; the public port does not have the route.
+#[tokio::test]
+async fn oversized_unauthenticated_and_public_batches_are_refused() {
+    let redis = Redis::start();
+    let pod = start_pod(&redis, &[("NOTIFICATIONS_BATCH_MAX_ITEMS", "3"), ("NOTIFICATIONS_BATCH_MAX_BYTES", "4096")]);
+    let mut alice = connect(&pod, "alice").await;
+    let item = |n: usize| json!({"user_id": "alice", "kind": "purchase", "body": purchase("alice", &format!("p-{n}"))});
+
+    let four = json!({"items": [item(1), item(2), item(3), item(4)]});
+    let (status, body) = batch(&pod, &four).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("batch_too_large")), "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("NOTIFICATIONS_BATCH_MAX_ITEMS")), "{body}");
+
+    let mut big = purchase("alice", "p-big");
+    big["note"] = json!("x".repeat(5000));
+    let (status, body) = batch(&pod, &json!({"items": [{"user_id": "alice", "kind": "purchase", "body": big}]})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("payload_too_large")), "{body}");
+
+    let url = pod.internal_url("/notifications/batch");
+    let (status, body) = post_raw(url.clone(), Some(SERVICE_TOKEN), "{\"items\": [".into()).await;
+    assert_eq!(status, 400, "not JSON: {body}");
+    let (status, body) = post_raw(url.clone(), Some(SERVICE_TOKEN), "{\"users\": []}".into()).await;
+    assert_eq!(status, 422, "not a batch: {body}");
+    let (status, body) = post_raw(url.clone(), Some(SERVICE_TOKEN), "{\"items\": []}".into()).await;
+    assert_eq!(status, 400, "no items: {body}");
+    let (status, _) = post_raw(url.clone(), Some(SERVICE_TOKEN), json!({"items": [item(9)]}).to_string()).await;
+    assert_eq!(status, 200, "a batch within the bounds");
+
+    let three = json!({"items": [item(1), item(2), item(3)]}).to_string();
+    let (status, body) = post_raw(url.clone(), None, three.clone()).await;
+    assert_eq!(status, 401, "no token: {body}");
+    let (status, body) = post_raw(url, Some(&token("alice")), three.clone()).await;
+    assert_eq!(status, 403, "a user's token: {body}");
+    let (status, _) = post_raw(pod.url("/notifications/batch"), Some(SERVICE_TOKEN), three.clone()).await;
+    assert_eq!(status, 404, "the public port has no batch route");
+
+    // Only the one batch within the bounds reached alice.
+    let frame = next_json(&mut alice).await;
+    assert_eq!(frame["data"]["purchase_id"], "p-9", "{frame}");
+    expect_quiet(&mut alice, QUIET).await;
+}
+
+/// Through the whole pipeline: a group of 25 (the sender and 24 members, one of them
+/// offline). One message reaches the 23 online members' notification sockets once
+/// each, in ceil(24 / 10) = 3 batch requests instead of 24 `POST`s.
+#[tokio::test]
+async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests() {
+    let stack = Stack::start();
+    let mut base = stack.pipeline_env();
+    base.push(("KAFKA_GROUP_ID".into(), testkit::unique("notify-batch")));
+    let fleet = Pipeline::start(&base, &[("NOTIFICATIONS_BATCH_SIZE".into(), "10".into())]);
+    let members: Vec<String> = (0..24).map(|i| format!("member{i:02}")).collect();
+    let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    let create = json!({"title": "batch", "members": member_refs});
+    let (status, body) = chatfleet_tests::client::send_json(
+        http().post(fleet.persistence.url("/chat/conversations")).bearer_auth(token("owner")).json(&create),
+    )
+    .await;
+    assert_eq!(status, 201, "create group: {body}");
+    let group = body["conversation_id"].as_str().expect("conversation_id").to_owned();
+    // Every member but the last has a notification socket.
+    let mut sockets = Vec::new();
+    for member in &members[..23] {
+        sockets.push((member.clone(), connect(&fleet.notifications, member).await));
+    }
+    // Wait for the pipeline: the creation's member_joined events reach the sockets.
+    for (member, ws) in sockets.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(60), next_json(ws)).await.expect("a frame");
+            if frame["type"] == "conversation_event" && frame["event"]["conversation_id"] == group.as_str() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{member}: no member_joined");
+        }
+    }
+    // Let the creation's other events drain, then count only the message's requests.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (_, ws) in sockets.iter_mut() {
+        while tokio::time::timeout(Duration::from_millis(50), next_json(ws)).await.is_ok() {}
+    }
+    let batches_before = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
+    let singles_before = fleet.notifications.counter("notifications_total", &[("kind", "chat")]).await;
+
+    let post = json!({"sender_id": "owner", "conversation_id": group, "content": "to everyone"});
+    let (status, body) = chatfleet_tests::client::send_json(
+        http().post(fleet.persistence.url("/chat/messages")).bearer_auth(token("owner")).json(&post),
+    )
+    .await;
+    assert!(status == 201 || status == 202, "post: {body}");
+    let id = body["message_id"].as_str().expect("message_id").to_owned();
+    for (member, ws) in sockets.iter_mut() {
+        let frame = next_json(ws).await;
+        assert_eq!(
+            (frame["type"].as_str(), frame["kind"].as_str()),
+            (Some("notification"), Some("chat")),
+            "{member}: {frame}"
+        );
+        assert_eq!(frame["data"]["message_id"], id.as_str(), "{member}: {frame}");
+        assert_eq!(frame["id"], format!("chat:{id}"), "{member}");
+    }
+    for (_, ws) in sockets.iter_mut() {
+        expect_quiet(ws, QUIET).await;
+    }
+    let batches = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
+    assert_eq!(batches - batches_before, 3.0, "24 members, 10 per batch; handler log:\n{}", fleet.handler.log_tail(20));
+    // Every member counted once by the pod: 23 delivered, the offline one no_connections.
+    let notified = fleet.notifications.counter("notifications_total", &[("kind", "chat")]).await;
+    assert_eq!(notified - singles_before, 24.0);
+    let offline =
+        fleet.notifications.counter("notifications_total", &[("kind", "chat"), ("outcome", "no_connections")]).await;
+    assert_eq!(offline, 1.0, "member23 has no socket");
+}
