@@ -9,7 +9,8 @@
 //! (items, bytes) are refused with a clear `413`; the public port does not serve the
 //! route and the internal one wants the service token; and a group message to many
 //! members arrives once on every member's notification socket in ceil(N / batch)
-//! requests.
+//! requests, also with two pods behind the real nginx or Envoy, where the members the
+//! first batch's pod does not hold are re-sent to the other one.
 
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,8 @@ use chatfleet_tests::{token, Pipeline, Service, Stack, JWT_SECRET, SERVICE_TOKEN
 use chatstream::{MessageId, StreamId};
 use serde_json::{json, Value};
 use testkit::Redis;
+
+use crate::multipod_support::{notify_path, Event, Fleet as ProxyFleet, ProxyKind, Socket};
 
 const QUIET: Duration = Duration::from_millis(400);
 
@@ -231,21 +234,18 @@ async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests
     for member in &members[..23] {
         sockets.push((member.clone(), connect(&fleet.notifications, member).await));
     }
-    // Wait for the pipeline: the creation's member_joined events reach the sockets.
+    // Wait for the pipeline and for the creation's events to be delivered: one
+    // member_joined per member, the owner included, to every member (themselves batched).
     for (member, ws) in sockets.iter_mut() {
+        let mut joined = std::collections::HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        while joined.len() < members.len() + 1 {
+            assert!(Instant::now() < deadline, "{member}: {} of {} member_joined", joined.len(), members.len() + 1);
             let frame = tokio::time::timeout(Duration::from_secs(60), next_json(ws)).await.expect("a frame");
             if frame["type"] == "conversation_event" && frame["event"]["conversation_id"] == group.as_str() {
-                break;
+                assert!(joined.insert(frame["event"]["user_id"].to_string()), "{member}: a repeat: {frame}");
             }
-            assert!(Instant::now() < deadline, "{member}: no member_joined");
         }
-    }
-    // Let the creation's other events drain, then count only the message's requests.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for (_, ws) in sockets.iter_mut() {
-        while tokio::time::timeout(Duration::from_millis(50), next_json(ws)).await.is_ok() {}
     }
     let batches_before = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
     let singles_before = fleet.notifications.counter("notifications_total", &[("kind", "chat")]).await;
@@ -278,4 +278,88 @@ async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests
     let offline =
         fleet.notifications.counter("notifications_total", &[("kind", "chat"), ("outcome", "no_connections")]).await;
     assert_eq!(offline, 1.0, "member23 has no socket");
+}
+
+/// Two notification pods behind the real proxy (nginx or Envoy), the change handler
+/// reaching them only through it: a group message to 20 members whose sockets the
+/// proxy spread over both pods reaches every member's notification socket once. The
+/// first batch lands on one pod; the members it holds no socket for are answered
+/// `elsewhere` (from presence) and re-sent routed to the other pod, so nothing goes
+/// one by one.
+async fn a_group_message_reaches_members_on_both_pods_through_the_proxy(kind: ProxyKind) {
+    let mut fleet = ProxyFleet::start(kind, 1, 2);
+    fleet.warm_up().await;
+    let client = reqwest::Client::new();
+    let members: Vec<String> = (0..20).map(|i| format!("spread{i:02}")).collect();
+    let response = client
+        .post(fleet.proxy.public_http("/chat/conversations"))
+        .bearer_auth(token("spread-owner"))
+        .json(&json!({"title": "spread", "members": members}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("create a group through the proxy");
+    assert_eq!(response.status().as_u16(), 201, "create the group");
+    let created: Value = response.json().await.expect("json");
+    let group = created["conversation_id"].as_str().expect("conversation_id").to_owned();
+    let mut sockets = Vec::new();
+    for member in &members {
+        let socket = Socket::connect(&fleet.proxy.public_ws(&notify_path(member))).await.expect("subscribe");
+        sockets.push((member.clone(), socket));
+    }
+    let per_pod = ProxyFleet::connections(&mut fleet.notify, "notifications");
+    assert!(per_pod.iter().all(|n| *n > 0.0), "the proxy spreads 20 users over both pods: {per_pod:?}");
+    // Every pod has written its users' presence (the batch reads it).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while members.iter().any(|m| !redis_cmd(&fleet.stack.redis, &format!("EXISTS presence:{m}")).starts_with(":1")) {
+        assert!(Instant::now() < deadline, "presence never written for every member");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rerouted_before = fleet.handler.counter("notification_batch_rerouted_total", &[]).await;
+
+    let response = client
+        .post(fleet.proxy.public_http("/chat/messages"))
+        .bearer_auth(token("spread-owner"))
+        .json(&json!({"sender_id": "spread-owner", "conversation_id": group, "content": "to both pods"}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("post to the group");
+    assert_eq!(response.status().as_u16(), 201, "post to the group");
+    let posted: Value = response.json().await.expect("json");
+    let id = posted["message_id"].as_str().expect("message_id").to_owned();
+    for (member, socket) in sockets.iter_mut() {
+        let mut got = 0;
+        let until = Instant::now() + Duration::from_secs(15);
+        // Membership events come first; count the message's notification until quiet.
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let wait = if got > 0 { QUIET.min(left) } else { left };
+            match socket.next(wait).await {
+                Event::Frame(frame)
+                    if frame["type"] == "notification" && frame["data"]["message_id"] == id.as_str() =>
+                {
+                    got += 1
+                }
+                Event::Frame(_) => {}
+                Event::Closed => panic!("{member}: socket closed"),
+                Event::Nothing => break,
+            }
+        }
+        assert_eq!(got, 1, "{member} got the notification {got} times; handler log:\n{}", fleet.handler.log_tail(20));
+    }
+    let rerouted = fleet.handler.counter("notification_batch_rerouted_total", &[]).await - rerouted_before;
+    assert!(rerouted > 0.0 && rerouted < 20.0, "the other pod's members were re-sent to it: {rerouted}");
+    let singles = fleet.handler.counter("notification_batch_singles_total", &[]).await;
+    assert_eq!(singles, 0.0, "none went one by one (the ring is stable)");
+}
+
+#[tokio::test]
+async fn a_group_message_reaches_members_on_both_pods_through_nginx() {
+    a_group_message_reaches_members_on_both_pods_through_the_proxy(ProxyKind::Nginx).await;
+}
+
+#[tokio::test]
+async fn a_group_message_reaches_members_on_both_pods_through_envoy() {
+    a_group_message_reaches_members_on_both_pods_through_the_proxy(ProxyKind::Envoy).await;
 }
