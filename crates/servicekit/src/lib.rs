@@ -21,6 +21,7 @@
 //! }
 //! ```
 
+mod alloc;
 pub mod config;
 pub mod edge;
 pub mod health;
