@@ -646,6 +646,16 @@ pub fn topic_reader(brokers: &str, topic: &str) -> rdkafka::consumer::StreamCons
     consumer
 }
 
+/// CPU seconds (user + system) a process has used so far (`/proc/<pid>/stat`; 0 when
+/// it cannot be read). Shared by the load generator and the ignored measurements.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let Some((_, after)) = stat.rsplit_once(')') else { return 0.0 };
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (tick(11) + tick(12)) as f64 / 100.0
+}
+
 /// The `p`-th percentile (nearest rank) of `sorted` durations; zero when empty.
 /// Shared by the load generator and the inbox benchmark.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {

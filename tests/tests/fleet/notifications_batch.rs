@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use chatfleet_tests::ws::{expect_quiet, http, next_json, Ws};
-use chatfleet_tests::{token, Pipeline, Service, Stack, JWT_SECRET, SERVICE_TOKEN};
+use chatfleet_tests::{cpu_seconds, token, Pipeline, Service, Stack, JWT_SECRET, SERVICE_TOKEN};
 use chatstream::{MessageId, StreamId};
 use serde_json::{json, Value};
 use testkit::Redis;
@@ -362,4 +362,108 @@ async fn a_group_message_reaches_members_on_both_pods_through_nginx() {
 #[tokio::test]
 async fn a_group_message_reaches_members_on_both_pods_through_envoy() {
     a_group_message_reaches_members_on_both_pods_through_the_proxy(ProxyKind::Envoy).await;
+}
+
+/// The change handler's requests for chat notifications so far (single or batch).
+async fn notification_requests(handler: &Service) -> f64 {
+    handler.counter("forward_requests_total", &[("target", "chat_notification")]).await
+}
+
+/// One run of the measurement below: a group of `members` (plus its owner), every
+/// member with a notification socket, `messages` group messages from the owner; the
+/// change handler and the notification pod's CPU per notification, and the requests
+/// the handler made for them.
+async fn group_notification_run(batch: &str, members: usize, messages: usize) {
+    let stack = Stack::start();
+    let mut base = stack.pipeline_env();
+    base.push(("KAFKA_GROUP_ID".into(), testkit::unique("notify-cost")));
+    base.push(("LOG_LEVEL".into(), "warn".into()));
+    let fleet = Pipeline::start(&base, &[("NOTIFICATIONS_BATCH_SIZE".into(), batch.into())]);
+    let names: Vec<String> = (0..members).map(|i| format!("cost{i:04}")).collect();
+    let (status, body) = chatfleet_tests::client::send_json(
+        http()
+            .post(fleet.persistence.url("/chat/conversations"))
+            .bearer_auth(token("cost-owner"))
+            .json(&json!({"title": "cost", "members": names})),
+    )
+    .await;
+    assert_eq!(status, 201, "create group: {body}");
+    let group = body["conversation_id"].as_str().expect("conversation_id").to_owned();
+    // Let the creation's member_joined events pass (to users without sockets yet).
+    let mut last = -1.0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let forwarded = fleet.handler.counter("changes_forwarded_total", &[]).await;
+        if forwarded == last && forwarded > 0.0 {
+            break;
+        }
+        last = forwarded;
+    }
+    let chat_frames = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for name in &names {
+        let mut ws = connect(&fleet.notifications, name).await;
+        let chat_frames = chat_frames.clone();
+        readers.push(tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(Ok(message)) = ws.next().await {
+                if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                    if text.as_str().contains("\"kind\":\"chat\"") {
+                        chat_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (handler_pid, pod_pid) = (fleet.handler.pid().expect("pid"), fleet.notifications.pid().expect("pid"));
+    let requests_before = notification_requests(&fleet.handler).await;
+    let (handler_before, pod_before) = (cpu_seconds(handler_pid), cpu_seconds(pod_pid));
+    let started = Instant::now();
+    for i in 0..messages {
+        let post = json!({"sender_id": "cost-owner", "conversation_id": group, "content": format!("cost {i}")});
+        let (status, body) = chatfleet_tests::client::send_json(
+            http().post(fleet.persistence.url("/chat/messages")).bearer_auth(token("cost-owner")).json(&post),
+        )
+        .await;
+        assert!(status == 201 || status == 202, "post: {body}");
+    }
+    let expected = (members * messages) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while chat_frames.load(std::sync::atomic::Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = started.elapsed();
+    let (handler_cpu, pod_cpu) = (cpu_seconds(handler_pid) - handler_before, cpu_seconds(pod_pid) - pod_before);
+    tokio::time::sleep(QUIET).await;
+    let got = chat_frames.load(std::sync::atomic::Ordering::Relaxed);
+    let made = notification_requests(&fleet.handler).await - requests_before;
+    for reader in readers {
+        reader.abort();
+    }
+    println!(
+        "| {batch} | {members} × {messages} = {expected} | {made:.0} | {:.2} s | {:.0} | {:.0} | {} / {} |",
+        took.as_secs_f64(),
+        handler_cpu * 1e6 / expected as f64,
+        pod_cpu * 1e6 / expected as f64,
+        expected.saturating_sub(got),
+        got.saturating_sub(expected),
+    );
+    assert_eq!(got, expected, "every member notified once per message");
+}
+
+/// A measurement, ignored by default: what a group's notifications cost the change
+/// handler and the notification pod, one `POST` per member against batches. Run the
+/// release binaries with
+/// `CHATFLEET_TEST_PROFILE=release CARGO_TARGET_DIR=/work/target-release cargo test
+/// --release -p chatfleet-tests --test fleet -- --ignored --nocapture
+/// notifications_batch::what_a_groups_notifications_cost`.
+#[tokio::test]
+#[ignore = "a measurement (docs/benchmarks.md); run it on its own"]
+async fn what_a_groups_notifications_cost() {
+    println!("| NOTIFICATIONS_BATCH_SIZE | notifications | handler requests | until all arrived | handler CPU µs / notification | pod CPU µs / notification | missing / extra |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for batch in ["0", "500"] {
+        group_notification_run(batch, 200, 50).await;
+    }
 }

@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatfleet_tests::{client, percentile, token, ChatFleet, Service, JWT_SECRET, SERVICE_TOKEN};
+use chatfleet_tests::{client, cpu_seconds, percentile, token, ChatFleet, Service, JWT_SECRET, SERVICE_TOKEN};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -136,15 +136,6 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// CPU seconds (user + system) of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some((_, after)) = stat.rsplit_once(')') else { return 0.0 };
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (tick(11) + tick(12)) as f64 / 100.0
 }
 
 /// Open files of a process (its sockets among them).
