@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use chatfleet_tests::{token, topic_reader, Service, Stack, SERVICE_TOKEN};
 use chatstream::{ChatChange, ConversationEventKind};
+use futures::TryStreamExt;
 use mongodb::bson::{doc, Document};
 use rdkafka::Message as _;
 use reqwest::Method;
@@ -418,6 +419,27 @@ async fn a_group_has_at_most_group_max_members() {
     let full = f.create_group(owner, "full", &all[..255]).await;
     let group = conversation_id(&full);
     assert_eq!(members(&full).len(), 256);
+    // Written in bulk (chunks of 100): every member's inbox row, active, and one
+    // member_joined event each, in member order.
+    let after = f.counts().await;
+    assert_eq!(after["conversations"], before["conversations"] + 1);
+    assert_eq!(after["memberships"], before["memberships"] + 256);
+    assert_eq!(after["conversation_events"], before["conversation_events"] + 256);
+    let rows = f.db.collection::<Document>("memberships");
+    let active = doc! { "conversation_id": group.as_str(), "active": true };
+    assert_eq!(rows.count_documents(active).await.expect("count"), 256);
+    let events = f.db.collection::<Document>("conversation_events");
+    let joined: Vec<Document> = events
+        .find(doc! { "conversation_id": group.as_str() })
+        .sort(doc! { "event_id": 1 })
+        .await
+        .expect("find")
+        .try_collect()
+        .await
+        .expect("events");
+    let joined: Vec<&str> = joined.iter().filter_map(|e| e.get_str("user_id").ok()).collect();
+    let expected: Vec<&str> = std::iter::once(owner).chain(all[..255].iter().copied()).collect();
+    assert_eq!(joined, expected, "one member_joined per member, in order");
     let before = f.counts().await;
     let add = |user: &str| json!({ "user_id": user });
     let path = format!("/chat/conversations/{group}/members");
