@@ -55,6 +55,7 @@ impl DomainRelay {
         let topics: Vec<(&str, i32)> = DomainKind::ALL.iter().map(|k| (k.topic(), self.partitions)).collect();
         // The local broker does not auto-create topics; retried by the loop below.
         let mut topics_ready = false;
+        let mut failures = crate::event_relay::failure_backoff(self.poll);
         while !shutdown.is_triggered() {
             if !topics_ready {
                 match kafkawrapper::ensure_topics(&self.brokers, &topics).await {
@@ -62,17 +63,26 @@ impl DomainRelay {
                     Err(err) => tracing::warn!(error = %err, "domain topics not ready yet"),
                 }
             }
+            let mut wait = self.poll;
             if topics_ready && self.lease.is_leader() {
+                let mut failed = false;
                 for kind in DomainKind::ALL {
                     if let Err(err) = self.cycle(kind).await {
                         metrics::counter!("domain_relay_failures_total", "kind" => kind.name()).increment(1);
                         tracing::warn!(kind = kind.name(), error = %err, "domain capture round failed; retrying");
+                        failed = true;
                     }
                 }
+                wait = if failed {
+                    failures.next().unwrap_or(crate::event_relay::FAILURE_MAX_BACKOFF)
+                } else {
+                    failures = crate::event_relay::failure_backoff(self.poll);
+                    self.poll
+                };
             }
             tokio::select! {
                 _ = shutdown.wait() => {}
-                _ = tokio::time::sleep(self.poll) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
         Ok(())

@@ -27,6 +27,15 @@ use crate::conversations::Conversations;
 use crate::lease::LeaseHandle;
 use crate::store::Store;
 
+/// The longest wait between capture rounds while they fail.
+pub(crate) const FAILURE_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The waits after consecutive failed capture rounds: from the poll interval,
+/// doubling (jittered) to [`FAILURE_MAX_BACKOFF`], never giving up.
+pub(crate) fn failure_backoff(poll: Duration) -> kafkawrapper::Backoff {
+    kafkawrapper::RetrySettings::doubling(poll.max(Duration::from_millis(50)), FAILURE_MAX_BACKOFF, 0).unbounded()
+}
+
 pub struct EventRelay {
     store: Store,
     conversations: Conversations,
@@ -54,22 +63,28 @@ impl EventRelay {
     }
 
     pub async fn run(self, shutdown: Shutdown) -> Result<(), String> {
+        let mut failures = failure_backoff(self.poll);
         while !shutdown.is_triggered() {
+            let mut wait = None;
             if self.lease.is_leader() {
                 match self.cycle().await {
                     // A full batch: more may be waiting.
                     Ok(n) if n as i64 >= self.batch => continue,
-                    Ok(_) => {}
+                    Ok(_) => failures = failure_backoff(self.poll),
                     Err(err) => {
                         metrics::counter!("conversation_event_relay_failures_total").increment(1);
-                        tracing::warn!(error = %err, "conversation event capture round failed; retrying");
+                        // Backing off (jittered, doubling to FAILURE_MAX_BACKOFF) instead
+                        // of polling on: a slow MongoDB gets less work, not more.
+                        let next = failures.next().unwrap_or(FAILURE_MAX_BACKOFF);
+                        tracing::warn!(error = %err, wait = ?next, "conversation event capture round failed; retrying");
+                        wait = Some(next);
                     }
                 }
             }
             tokio::select! {
                 _ = shutdown.wait() => {}
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.poll) => {}
+                _ = self.wake.notified(), if wait.is_none() => {}
+                _ = tokio::time::sleep(wait.unwrap_or(self.poll)) => {}
             }
         }
         Ok(())

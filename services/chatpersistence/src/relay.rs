@@ -31,6 +31,7 @@
 //!   keeps per-partition order (idempotent, `acks=all`).
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,13 @@ const CLEAR_DELAY: Duration = Duration::from_millis(50);
 const FOREIGN_AGE: Duration = Duration::from_millis(100);
 /// How long ordered mode lasts after the last foreign message was seen.
 const ORDERED_HOLD: Duration = Duration::from_secs(10);
+/// The outbox is counted exactly (for `relay_pending` while a backlog is larger than
+/// a scan) at most this often, and never twice at once. A count reads every pending
+/// document, and the local MongoDB stand-in answers it with a full collection scan
+/// (3 s at 74,000 messages): counted every poll interval, as it was, a backlog made
+/// the server spend its whole time counting, the relay's own scans and lease renewals
+/// timed out behind the counts, and the backlog never drained.
+const COUNT_EVERY: Duration = Duration::from_secs(60);
 
 /// A delivery's outcome: the message id, and whether the broker acknowledged it.
 type Delivery = (String, Result<(), kafkawrapper::Error>);
@@ -134,7 +142,9 @@ struct Pipeline {
     hold_due: bool,
     /// A routine sweep (poll interval): runs beside the fast path.
     tick_due: bool,
-    count_pending: bool,
+    /// When the next exact count of the outbox may start, and whether one runs.
+    next_count: Instant,
+    counting: Arc<AtomicBool>,
     ordered_until: Option<Instant>,
     resume_at: Option<Instant>,
 }
@@ -173,7 +183,8 @@ impl Pipeline {
             // Whatever a previous leader left is older than anything fed now.
             hold_due: true,
             tick_due: false,
-            count_pending: true,
+            next_count: Instant::now(),
+            counting: Arc::new(AtomicBool::new(false)),
             ordered_until: None,
             resume_at: None,
         }
@@ -225,6 +236,16 @@ impl Pipeline {
     fn takes_feed(&self, leader: bool, max_in_flight: usize) -> bool {
         let can_sweep = self.sweeping.is_none() && self.in_flight.len() < max_in_flight;
         !leader || self.resume_at.is_some() || (!self.held() && (!self.hold_due || can_sweep))
+    }
+
+    /// Whether an exact count of the outbox starts now (at most one at a time, at most
+    /// once per [`COUNT_EVERY`]); if so, it is marked as running.
+    fn count_due(&mut self, now: Instant) -> bool {
+        if now < self.next_count || self.counting.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.next_count = now + COUNT_EVERY;
+        true
     }
 
     /// Fed messages go to the next sweep instead of the fast path.
@@ -391,7 +412,6 @@ impl Relay {
                     next_poll = Instant::now() + self.settings.poll_interval;
                     metrics::gauge!("relay_ordered_mode").set(if pipe.ordered() { 1.0 } else { 0.0 });
                     pipe.tick_due = true;
-                    pipe.count_pending = true;
                 }
                 _ = sleep_until_opt(pipe.resume_at), if pipe.resume_at.is_some() => {
                     pipe.resume_at = None;
@@ -451,14 +471,16 @@ impl Relay {
         metrics::gauge!("relay_lag_seconds").set(lag);
         if count < limit {
             metrics::gauge!("relay_pending").set(count as f64);
-        } else if std::mem::take(&mut pipe.count_pending) {
-            // Rare (a backlog), and a count is a full scan on some servers: at most
-            // once per poll interval, in the background.
+        } else if pipe.count_due(Instant::now()) {
+            // A backlog larger than a scan: counted exactly now and then, in the
+            // background (see COUNT_EVERY); the gauge keeps its last value meanwhile.
             let store = self.store.clone();
+            let counting = pipe.counting.clone();
             tokio::spawn(async move {
                 if let Ok(count) = store.count_pending().await {
                     metrics::gauge!("relay_pending").set(count as f64);
                 }
+                counting.store(false, Ordering::Release);
             });
         }
 
@@ -638,6 +660,17 @@ mod tests {
         assert!(!pipe.takes_feed(true, 1), "a due holding sweep that cannot start yet");
         pipe.hold_due = false;
         assert!(pipe.takes_feed(true, 1), "fast path");
+    }
+
+    #[test]
+    fn the_outbox_is_counted_once_at_a_time_and_at_most_once_per_count_interval() {
+        let mut pipe = Pipeline::new();
+        let now = Instant::now();
+        assert!(pipe.count_due(now), "the first backlog is counted");
+        assert!(!pipe.count_due(now + COUNT_EVERY * 2), "not while a count runs");
+        pipe.counting.store(false, Ordering::Release);
+        assert!(!pipe.count_due(now + Duration::from_millis(250)), "not every poll interval");
+        assert!(pipe.count_due(now + COUNT_EVERY), "again after the interval");
     }
 
     fn message() -> ChatMessage {

@@ -33,6 +33,7 @@ mod groups_delivery;
 mod identity_collision;
 mod live_interactions;
 mod message_changes;
+mod mongodb_recovery;
 mod multipod_envoy;
 mod multipod_nginx;
 mod new_routes_hostile;
