@@ -723,6 +723,29 @@ mod tests {
         assert_eq!(notified, ["bob", "carol", "dave"]);
     }
 
+    #[tokio::test]
+    async fn a_retry_makes_only_the_calls_that_failed_before() {
+        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
+        let group = chatstream::StreamId::new_group();
+        let value = json!({"_id": "m-1", "message_id": "0195c1a4-0000-7000-8000-000000000003",
+            "stream_id": group.to_string(), "sender_id": "alice", "recipients": ["bob", "carol", "dave"],
+            "content": "hi all", "created_at": 1_760_000_000_000_i64, "__op": "c", "__source_ts_ms": 5,
+            "__deleted": "false"});
+        let Ok(change) = PipelineHandler::parse(&record("chat.changes", value)) else { panic!("parses") };
+        let calls = h.calls(&change);
+        assert_eq!(calls.len(), 4);
+        assert!(calls[1..].iter().all(|c| Arc::ptr_eq(&c.body, &calls[1].body)), "one body for every member");
+        // Everything but carol's notification went through before: only hers is made
+        // (and fails: nothing listens at the test addresses).
+        let (failed, done) = h.forward(&calls, &[true, true, false, true]).await;
+        assert_eq!(failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![Target::ChatNotification]);
+        assert_eq!(done, vec![true, true, false, true]);
+        // Nothing left to make: nothing fails.
+        let (failed, done) = h.forward(&calls, &[true; 4]).await;
+        assert!(failed.is_empty());
+        assert_eq!(done, vec![true; 4]);
+    }
+
     fn failure(reason: &str) -> HandlerError {
         HandlerError::retryable(reason)
     }
