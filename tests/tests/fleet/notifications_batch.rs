@@ -211,31 +211,30 @@ async fn oversized_unauthenticated_and_public_batches_are_refused() {
     expect_quiet(&mut alice, QUIET).await;
 }
 
-/// Through the whole pipeline: a group of 25 (the sender and 24 members, one of them
-/// offline). One message reaches the 23 online members' notification sockets once
-/// each, in ceil(24 / 10) = 3 batch requests instead of 24 `POST`s.
-#[tokio::test]
-async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests() {
-    let stack = Stack::start();
+/// The pipeline (chatpersistence, the pods, the change handler) with
+/// `NOTIFICATIONS_BATCH_SIZE` = `batch`.
+fn pipeline(stack: &Stack, batch: &str) -> Pipeline {
     let mut base = stack.pipeline_env();
     base.push(("KAFKA_GROUP_ID".into(), testkit::unique("notify-batch")));
-    let fleet = Pipeline::start(&base, &[("NOTIFICATIONS_BATCH_SIZE".into(), "10".into())]);
-    let members: Vec<String> = (0..24).map(|i| format!("member{i:02}")).collect();
-    let member_refs: Vec<&str> = members.iter().map(String::as_str).collect();
-    let create = json!({"title": "batch", "members": member_refs});
+    Pipeline::start(&base, &[("NOTIFICATIONS_BATCH_SIZE".into(), batch.into())])
+}
+
+/// A group owned by `owner` with `members`, the first `online` of them on a
+/// notification socket, once the creation's events have reached those sockets (one
+/// member_joined per member, the owner included, to every member).
+async fn group_with_sockets(fleet: &Pipeline, members: &[String], online: usize) -> (String, Vec<(String, Ws)>) {
+    // The sockets first, so the creation's events reach them whatever the timing.
+    let mut sockets = Vec::new();
+    for member in &members[..online] {
+        sockets.push((member.clone(), connect(&fleet.notifications, member).await));
+    }
+    let create = json!({"title": "batch", "members": members});
     let (status, body) = chatfleet_tests::client::send_json(
         http().post(fleet.persistence.url("/chat/conversations")).bearer_auth(token("owner")).json(&create),
     )
     .await;
     assert_eq!(status, 201, "create group: {body}");
     let group = body["conversation_id"].as_str().expect("conversation_id").to_owned();
-    // Every member but the last has a notification socket.
-    let mut sockets = Vec::new();
-    for member in &members[..23] {
-        sockets.push((member.clone(), connect(&fleet.notifications, member).await));
-    }
-    // Wait for the pipeline and for the creation's events to be delivered: one
-    // member_joined per member, the owner included, to every member (themselves batched).
     for (member, ws) in sockets.iter_mut() {
         let mut joined = std::collections::HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -247,16 +246,22 @@ async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests
             }
         }
     }
-    let batches_before = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
-    let singles_before = fleet.notifications.counter("notifications_total", &[("kind", "chat")]).await;
+    (group, sockets)
+}
 
-    let post = json!({"sender_id": "owner", "conversation_id": group, "content": "to everyone"});
+/// The owner posts to the group; the message id.
+async fn post_to_group(fleet: &Pipeline, group: &str, content: &str) -> String {
+    let post = json!({"sender_id": "owner", "conversation_id": group, "content": content});
     let (status, body) = chatfleet_tests::client::send_json(
         http().post(fleet.persistence.url("/chat/messages")).bearer_auth(token("owner")).json(&post),
     )
     .await;
     assert!(status == 201 || status == 202, "post: {body}");
-    let id = body["message_id"].as_str().expect("message_id").to_owned();
+    body["message_id"].as_str().expect("message_id").to_owned()
+}
+
+/// Every socket's next frame is message `id`'s chat notification, and nothing follows.
+async fn notified_once(sockets: &mut [(String, Ws)], id: &str) {
     for (member, ws) in sockets.iter_mut() {
         let frame = next_json(ws).await;
         assert_eq!(
@@ -264,12 +269,29 @@ async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests
             (Some("notification"), Some("chat")),
             "{member}: {frame}"
         );
-        assert_eq!(frame["data"]["message_id"], id.as_str(), "{member}: {frame}");
+        assert_eq!(frame["data"]["message_id"], id, "{member}: {frame}");
         assert_eq!(frame["id"], format!("chat:{id}"), "{member}");
     }
     for (_, ws) in sockets.iter_mut() {
         expect_quiet(ws, QUIET).await;
     }
+}
+
+/// Through the whole pipeline: a group of 25 (the sender and 24 members, one of them
+/// offline). One message reaches the 23 online members' notification sockets once
+/// each, in ceil(24 / 10) = 3 batch requests instead of 24 `POST`s.
+#[tokio::test]
+async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests() {
+    let stack = Stack::start();
+    let fleet = pipeline(&stack, "10");
+    let members: Vec<String> = (0..24).map(|i| format!("member{i:02}")).collect();
+    // Every member but the last has a notification socket.
+    let (group, mut sockets) = group_with_sockets(&fleet, &members, 23).await;
+    let batches_before = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
+    let singles_before = fleet.notifications.counter("notifications_total", &[("kind", "chat")]).await;
+
+    let id = post_to_group(&fleet, &group, "to everyone").await;
+    notified_once(&mut sockets, &id).await;
     let batches = fleet.notifications.counter("notification_batches_total", &[("outcome", "accepted")]).await;
     assert_eq!(batches - batches_before, 3.0, "24 members, 10 per batch; handler log:\n{}", fleet.handler.log_tail(20));
     // Every member counted once by the pod: 23 delivered, the offline one no_connections.
@@ -278,6 +300,34 @@ async fn a_group_message_reaches_every_member_once_in_ceil_n_over_batch_requests
     let offline =
         fleet.notifications.counter("notifications_total", &[("kind", "chat"), ("outcome", "no_connections")]).await;
     assert_eq!(offline, 1.0, "member23 has no socket");
+}
+
+/// A batch that gets no answer (the pod frozen with SIGSTOP) is retried; when the pod
+/// thaws it may process both the first attempt and the retries, and each member's
+/// socket still shows the message once.
+#[tokio::test]
+async fn a_retried_batch_shows_each_member_the_message_once() {
+    let stack = Stack::start();
+    let fleet = pipeline(&stack, "500");
+    let members: Vec<String> = (0..12).map(|i| format!("frozen{i:02}")).collect();
+    let (group, mut sockets) = group_with_sockets(&fleet, &members, members.len()).await;
+    let timeouts =
+        || fleet.handler.counter("forward_requests_total", &[("target", "chat_notification"), ("outcome", "timeout")]);
+    let before = timeouts().await;
+    fleet.notifications.signal("STOP");
+    let id = post_to_group(&fleet, &group, "while the pod is frozen").await;
+    // FORWARD_TIMEOUT is 1 s in the pipeline tests: at least one batch times out.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while timeouts().await <= before {
+        if Instant::now() > deadline {
+            fleet.notifications.signal("CONT");
+            panic!("no batch timed out; handler log:\n{}", fleet.handler.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    fleet.notifications.signal("CONT");
+    notified_once(&mut sockets, &id).await;
 }
 
 /// Two notification pods behind the real proxy (nginx or Envoy), the change handler
@@ -291,17 +341,6 @@ async fn a_group_message_reaches_members_on_both_pods_through_the_proxy(kind: Pr
     fleet.warm_up().await;
     let client = reqwest::Client::new();
     let members: Vec<String> = (0..20).map(|i| format!("spread{i:02}")).collect();
-    let response = client
-        .post(fleet.proxy.public_http("/chat/conversations"))
-        .bearer_auth(token("spread-owner"))
-        .json(&json!({"title": "spread", "members": members}))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .expect("create a group through the proxy");
-    assert_eq!(response.status().as_u16(), 201, "create the group");
-    let created: Value = response.json().await.expect("json");
-    let group = created["conversation_id"].as_str().expect("conversation_id").to_owned();
     let mut sockets = Vec::new();
     for member in &members {
         let socket = Socket::connect(&fleet.proxy.public_ws(&notify_path(member))).await.expect("subscribe");
@@ -314,6 +353,31 @@ async fn a_group_message_reaches_members_on_both_pods_through_the_proxy(kind: Pr
     while members.iter().any(|m| !redis_cmd(&fleet.stack.redis, &format!("EXISTS presence:{m}")).starts_with(":1")) {
         assert!(Instant::now() < deadline, "presence never written for every member");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = client
+        .post(fleet.proxy.public_http("/chat/conversations"))
+        .bearer_auth(token("spread-owner"))
+        .json(&json!({"title": "spread", "members": members}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("create a group through the proxy");
+    assert_eq!(response.status().as_u16(), 201, "create the group");
+    let created: Value = response.json().await.expect("json");
+    let group = created["conversation_id"].as_str().expect("conversation_id").to_owned();
+    // The creation's events (one member_joined per member and the owner, to each
+    // member) are batched too: count only the message's batches, after them.
+    for (member, socket) in sockets.iter_mut() {
+        let mut joined = std::collections::HashSet::new();
+        while joined.len() < members.len() + 1 {
+            match socket.next(Duration::from_secs(30)).await {
+                Event::Frame(frame) if frame["event"]["conversation_id"] == group.as_str() => {
+                    assert!(joined.insert(frame["event"]["user_id"].to_string()), "{member}: a repeat: {frame}");
+                }
+                Event::Frame(_) => {}
+                other => panic!("{member}: {} member_joined, then {other:?}", joined.len()),
+            }
+        }
     }
     let rerouted_before = fleet.handler.counter("notification_batch_rerouted_total", &[]).await;
 
