@@ -95,6 +95,8 @@ fn both_servers_share_one_hashed_ring_and_the_public_one_has_no_internal_path() 
     assert!(internal.contains("location = /chat/close-stream"));
     assert!(internal.contains("location = /chat/forward-event"));
     assert!(internal.contains("location /notifications/"));
+    assert!(internal.contains("location = /notifications/batch"), "the batch route, with its own body limit");
+    assert!(!public.contains("/notifications/batch"), "the public server carries the batch route");
     assert!(internal.contains("proxy_pass http://chat_ring;") && internal.contains("proxy_pass http://notify_ring;"));
     assert!(!internal.contains("/chat/subscribe"), "sockets are not opened on the internal server");
     // Every location of the public server that sets headers marks the request public.
@@ -117,6 +119,7 @@ async fn running_nginx_refuses_internal_paths_publicly_and_public_paths_internal
         "/chat/close-stream?stream_id=0123456789abcdef",
         "/chat/forward-event?stream_id=0123456789abcdef",
         "/notifications/chat?user_id=bob",
+        "/notifications/batch?user_id=bob",
     ] {
         let status = client.post(proxy.public_http(path)).send().await.expect("nginx answers").status();
         assert_eq!(status.as_u16(), 404, "public POST {path}");
