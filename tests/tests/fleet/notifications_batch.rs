@@ -214,8 +214,14 @@ async fn oversized_unauthenticated_and_public_batches_are_refused() {
 /// The pipeline (chatpersistence, the pods, the change handler) with
 /// `NOTIFICATIONS_BATCH_SIZE` = `batch`.
 fn pipeline(stack: &Stack, batch: &str) -> Pipeline {
+    pipeline_with(stack, batch, &[])
+}
+
+/// [`pipeline`] with `extra` in every service's environment.
+fn pipeline_with(stack: &Stack, batch: &str, extra: &[(&str, &str)]) -> Pipeline {
     let mut base = stack.pipeline_env();
     base.push(("KAFKA_GROUP_ID".into(), testkit::unique("notify-batch")));
+    base.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     Pipeline::start(&base, &[("NOTIFICATIONS_BATCH_SIZE".into(), batch.into())])
 }
 
@@ -328,6 +334,24 @@ async fn a_retried_batch_shows_each_member_the_message_once() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     fleet.notifications.signal("CONT");
     notified_once(&mut sockets, &id).await;
+}
+
+/// A pod that refuses the change handler's batches (here: `413`, a smaller
+/// `NOTIFICATIONS_BATCH_MAX_ITEMS`; an older pod without the route answers `404` and
+/// takes the same path) gets every member's notification one by one instead, once.
+#[tokio::test]
+async fn a_refused_batch_falls_back_to_one_request_per_member() {
+    let stack = Stack::start();
+    let fleet = pipeline_with(&stack, "10", &[("NOTIFICATIONS_BATCH_MAX_ITEMS", "3")]);
+    let members: Vec<String> = (0..8).map(|i| format!("older{i:02}")).collect();
+    let (group, mut sockets) = group_with_sockets(&fleet, &members, members.len()).await;
+    let singles_before = fleet.handler.counter("notification_batch_singles_total", &[]).await;
+    let id = post_to_group(&fleet, &group, "to a pod that takes three at a time").await;
+    notified_once(&mut sockets, &id).await;
+    let singles = fleet.handler.counter("notification_batch_singles_total", &[]).await - singles_before;
+    assert_eq!(singles, 8.0, "every member one by one after the 413");
+    let refused = fleet.notifications.counter("notification_batches_total", &[("outcome", "refused")]).await;
+    assert!(refused >= 1.0, "the pod refused the batch");
 }
 
 /// Two notification pods behind the real proxy (nginx or Envoy), the change handler
