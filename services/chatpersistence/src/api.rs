@@ -406,11 +406,13 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
             // Membership is checked by the conversation write itself.
             Target::Group => None,
         };
+        let counted = Instant::now();
         let accepted = state
             .conversations
             .accept_message(&new.stream, &new.sender, peer, &message_id, &excerpt(&new.content), now)
             .await
             .map_err(conversation_error)?;
+        metrics::histogram!("conversation_update_duration_seconds").record(counted.elapsed().as_secs_f64());
         let message = ChatMessage {
             message_id,
             stream_id: new.stream,
@@ -423,7 +425,9 @@ pub(crate) async fn write_message(state: &AppState, caller: &UserId, body: PostM
             // The POST's trace travels with the message (relay header, Debezium field).
             state: chatstream::MessageState { trace: servicekit::trace::traceparent(), ..Default::default() },
         };
+        let inserting = Instant::now();
         let outcome = store.insert(&message, new.client_message_id.as_deref(), Some(accepted.seq)).await;
+        metrics::histogram!("message_insert_duration_seconds").record(inserting.elapsed().as_secs_f64());
         if let (Ok(Inserted::Created), Some(feed)) = (&outcome, &state.feed) {
             // Still under the stream lock: the relay sees a stream in commit order.
             feed.offer(message.clone());

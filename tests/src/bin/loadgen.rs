@@ -274,7 +274,14 @@ impl Histogram {
 
 /// The stages of one message, each read from the histogram a service keeps anyway.
 const STAGES: &[(&str, &str, &str, &str)] = &[
-    ("chatpersistence", "message_write_duration_seconds", "", "writes under the stream lock (conversation + insert)"),
+    (
+        "chatpersistence",
+        "message_write_duration_seconds",
+        "",
+        "write: waiting for the stream lock, then conversation + insert",
+    ),
+    ("chatpersistence", "conversation_update_duration_seconds", "", "  of which the conversation's update"),
+    ("chatpersistence", "message_insert_duration_seconds", "", "  of which the message's insert"),
     ("chatpersistence", "relay_publish_duration_seconds", "", "relay: produce until the broker acknowledged"),
     ("chatpersistencechangehandler", "kafka_record_age_seconds", "", "produced → received by the change handler"),
     ("chatpersistencechangehandler", "kafka_handle_duration_seconds", "", "change handler: claim, forward, done"),
