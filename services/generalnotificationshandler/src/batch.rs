@@ -148,6 +148,67 @@ fn frame_for(user: &UserId, parsed: &Parsed) -> Result<Frame, ApiError> {
     }
 }
 
+/// The user and frame of one item, after the checks of its kind's single endpoint;
+/// a shared body is parsed once per kind (`parsed`).
+fn item_frame(
+    user_id: &str,
+    kind: Kind,
+    body: Option<Value>,
+    index: Option<usize>,
+    shared: &[Value],
+    parsed: &mut HashMap<(usize, Kind), Result<Parsed, ApiError>>,
+) -> Result<(UserId, Frame), ApiError> {
+    let user = UserId::parse(user_id).map_err(|err| ApiError::bad_request(format!("user_id: {err}")))?;
+    let frame = match (body, index) {
+        (Some(body), None) => parse(kind, body).and_then(|parsed| frame_for(&user, &parsed)),
+        (None, Some(index)) => {
+            let parsed = parsed.entry((index, kind)).or_insert_with(|| {
+                shared
+                    .get(index)
+                    .cloned()
+                    .ok_or_else(|| ApiError::bad_request(format!("shared: no body at index {index}")))
+                    .and_then(|value| parse(kind, value))
+            });
+            match parsed {
+                Ok(parsed) => frame_for(&user, parsed),
+                Err(err) => Err(err.clone()),
+            }
+        }
+        _ => Err(ApiError::bad_request("an item needs exactly one of body and shared")),
+    }?;
+    Ok((user, frame))
+}
+
+/// For the items whose user has no socket here (`absent`: result index and user), one
+/// `MGET` of their presence keys tells offline (`no_connections` stays) from on another
+/// pod (`elsewhere`, with its instance id); without Redis it is `unknown`.
+async fn place_absent(state: &AppState, results: &mut [ItemResult], absent: &[(usize, UserId)]) {
+    if absent.is_empty() {
+        return;
+    }
+    let users: Vec<&UserId> = absent.iter().map(|(_, user)| user).collect();
+    match state.presence.owners(&users).await {
+        Ok(owners) => {
+            for ((index, _), owner) in absent.iter().zip(owners) {
+                // Offline, or the key is this pod's own (its last socket just closed).
+                let Some(owner) = owner.filter(|owner| owner != state.presence.instance()) else { continue };
+                if let Some(result) = results.get_mut(*index) {
+                    result.outcome = "elsewhere";
+                    result.owner = Some(owner);
+                }
+            }
+        }
+        Err(err) => {
+            tracing::debug!(error = %err, users = absent.len(), "presence unknown for users without a socket here");
+            for (index, _) in absent {
+                if let Some(result) = results.get_mut(*index) {
+                    result.outcome = "unknown";
+                }
+            }
+        }
+    }
+}
+
 fn refused(status: StatusCode, code: &'static str, message: String) -> ApiError {
     metrics::counter!(METRIC_BATCHES, "outcome" => "refused").increment(1);
     tracing::debug!(%message, "notification batch refused");
@@ -195,29 +256,7 @@ pub async fn batch(
             owner: None,
             error: None,
         };
-        let frame = UserId::parse(&result.user_id)
-            .map_err(|err| ApiError::bad_request(format!("user_id: {err}")))
-            .and_then(|user| {
-                let frame = match (body, index) {
-                    (Some(body), None) => parse(kind, body).and_then(|parsed| frame_for(&user, &parsed)),
-                    (None, Some(index)) => {
-                        let parsed = parsed_shared.entry((index, kind)).or_insert_with(|| {
-                            // A body referenced under two kinds is parsed once per kind.
-                            shared
-                                .get(index)
-                                .cloned()
-                                .ok_or_else(|| ApiError::bad_request(format!("shared: no body at index {index}")))
-                                .and_then(|value| parse(kind, value))
-                        });
-                        match parsed {
-                            Ok(parsed) => frame_for(&user, parsed),
-                            Err(err) => Err(err.clone()),
-                        }
-                    }
-                    _ => Err(ApiError::bad_request("an item needs exactly one of body and shared")),
-                };
-                frame.map(|frame| (user, frame))
-            });
+        let frame = item_frame(&result.user_id, kind, body, index, &shared, &mut parsed_shared);
         match frame {
             Err(err) => {
                 result.status = err.status.as_u16();
@@ -245,30 +284,7 @@ pub async fn batch(
     }
     drop(shared);
     drop(parsed_shared);
-    if !absent.is_empty() {
-        let users: Vec<&UserId> = absent.iter().map(|(_, user)| user).collect();
-        match state.presence.owners(&users).await {
-            Ok(owners) => {
-                for ((index, _), owner) in absent.iter().zip(owners) {
-                    let result = &mut results[*index];
-                    match owner {
-                        Some(owner) if owner != state.presence.instance() => {
-                            result.outcome = "elsewhere";
-                            result.owner = Some(owner);
-                        }
-                        // Offline, or its key is this pod's own (its last socket just closed).
-                        _ => {}
-                    }
-                }
-            }
-            Err(err) => {
-                tracing::debug!(error = %err, users = absent.len(), "presence unknown for users without a socket here");
-                for (index, _) in &absent {
-                    results[*index].outcome = "unknown";
-                }
-            }
-        }
-    }
+    place_absent(&state, &mut results, &absent).await;
     let mut not_delivered = 0;
     for result in &results {
         *counts.entry((result.kind, result.outcome)).or_default() += 1;
