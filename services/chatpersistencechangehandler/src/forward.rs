@@ -13,6 +13,9 @@ use kafkawrapper::HandlerError;
 use reqwest::header::HeaderValue;
 use reqwest::StatusCode;
 
+/// The largest answer read for its JSON (a batch of 1,000 results is about 150 KB).
+const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
 /// The shortest `INTERNAL_SERVICE_TOKEN` accepted (the internal endpoints refuse shorter ones).
 pub const MIN_SERVICE_TOKEN_BYTES: usize = 32;
 
@@ -104,12 +107,20 @@ impl Forwarder {
         url: &str,
         body: &serde_json::Value,
     ) -> Result<(StatusCode, serde_json::Value), HandlerError> {
-        let response = self.send(target, url, body).await?;
+        let mut response = self.send(target, url, body).await?;
         let status = response.status();
-        match response.bytes().await {
-            Ok(bytes) => Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))),
-            Err(err) => Err(HandlerError::retryable(format!("{target}: reading the answer: {err}"))),
+        let mut bytes = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) if bytes.len() + chunk.len() <= MAX_ANSWER_BYTES => bytes.extend_from_slice(&chunk),
+                Ok(Some(_)) => {
+                    return Err(HandlerError::retryable(format!("{target}: an answer over {MAX_ANSWER_BYTES} bytes")))
+                }
+                Ok(None) => break,
+                Err(err) => return Err(HandlerError::retryable(format!("{target}: reading the answer: {err}"))),
+            }
         }
+        Ok((status, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)))
     }
 
     /// One POST with the token and trace headers, counted and timed by target.
