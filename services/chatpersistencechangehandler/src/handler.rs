@@ -702,16 +702,21 @@ mod tests {
         assert_eq!(unknown.iter().filter(|(t, _)| *t == Target::ChatNotification).count(), 3);
     }
 
-    #[tokio::test]
-    async fn a_group_message_is_forwarded_once_and_notified_per_recipient() {
-        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
-        let group = chatstream::StreamId::new_group();
+    /// A new message from alice to a group of bob, carol and dave.
+    fn group_message(group: &chatstream::StreamId) -> Change {
         let value = json!({"_id": "m-1", "message_id": "0195c1a4-0000-7000-8000-000000000002",
             "stream_id": group.to_string(), "sender_id": "alice", "recipients": ["bob", "carol", "dave"],
             "content": "hi all", "created_at": 1_760_000_000_000_i64, "__op": "c", "__source_ts_ms": 5,
             "__deleted": "false"});
         let Ok(change) = PipelineHandler::parse(&record("chat.changes", value)) else { panic!("parses") };
-        let calls = h.calls(&change);
+        change
+    }
+
+    #[tokio::test]
+    async fn a_group_message_is_forwarded_once_and_notified_per_recipient() {
+        let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
+        let group = chatstream::StreamId::new_group();
+        let calls = h.calls(&group_message(&group));
         let forwards: Vec<&Call> = calls.iter().filter(|c| c.target == Target::ChatWebsocket).collect();
         assert_eq!(forwards.len(), 1, "one forward per conversation, not per member");
         assert_eq!(forwards[0].url, format!("http://ws:8/chat/forward-to-websocket?stream_id={group}"));
@@ -726,13 +731,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_makes_only_the_calls_that_failed_before() {
         let h = handler(&[Target::ChatWebsocket, Target::ChatNotification], DedupBy::Event, "chat.changes");
-        let group = chatstream::StreamId::new_group();
-        let value = json!({"_id": "m-1", "message_id": "0195c1a4-0000-7000-8000-000000000003",
-            "stream_id": group.to_string(), "sender_id": "alice", "recipients": ["bob", "carol", "dave"],
-            "content": "hi all", "created_at": 1_760_000_000_000_i64, "__op": "c", "__source_ts_ms": 5,
-            "__deleted": "false"});
-        let Ok(change) = PipelineHandler::parse(&record("chat.changes", value)) else { panic!("parses") };
-        let calls = h.calls(&change);
+        let calls = h.calls(&group_message(&chatstream::StreamId::new_group()));
         assert_eq!(calls.len(), 4);
         assert!(calls[1..].iter().all(|c| Arc::ptr_eq(&c.body, &calls[1].body)), "one body for every member");
         // Everything but carol's notification went through before: only hers is made
