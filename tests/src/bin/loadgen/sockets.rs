@@ -551,8 +551,10 @@ async fn run(o: Options) -> i32 {
 }
 
 /// The notification fan-out: one socket per user (this process's own), K purchase
-/// notifications per user with `concurrency` internal `POST`s in flight, and every
-/// frame counted until all arrived.
+/// notifications per user, `notify_batch` per internal `POST /notifications/batch` (or
+/// one per single-endpoint `POST` when it is 1) with `concurrency` requests in flight,
+/// and every frame counted until all arrived. An item a batch answers with anything but
+/// `ok` counts as not delivered.
 async fn fanout(o: Options) -> i32 {
     if std::env::var_os("CHATFLEET_TEST_PROFILE").is_none() {
         std::env::set_var("CHATFLEET_TEST_PROFILE", "release");
