@@ -88,21 +88,78 @@ pub(crate) fn relay_key(message: &ChatMessage) -> String {
 pub struct RelayFeed {
     tx: mpsc::Sender<ChatMessage>,
     overflow: Notify,
+    offered: std::sync::Mutex<Offered>,
+}
+
+/// The relay keys this process offered to the feed lately (kept [`OFFERED_SPAN`] to
+/// twice that, as 64-bit hashes, at most [`OFFERED_MAX`] per span). A sweep that
+/// finds an old pending message uses it to tell "written here, still on its way
+/// through the feed" from "written by another replica": the write-behind writer
+/// stores messages long after they were accepted (`created_at` is the acceptance),
+/// and taking its own backlog for another replica's put the relay in ordered mode
+/// for as long as the backlog lasted (delivery fell tens of seconds behind storage).
+#[derive(Default)]
+struct Offered {
+    current: HashSet<u64>,
+    previous: HashSet<u64>,
+    since: Option<Instant>,
+}
+
+/// How long an offered key is remembered at least.
+const OFFERED_SPAN: Duration = Duration::from_secs(30);
+/// The most keys one span remembers (beyond it, old messages may look foreign again).
+const OFFERED_MAX: usize = 500_000;
+
+fn key_hash(key: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Offered {
+    fn rotate(&mut self, now: Instant) {
+        match self.since {
+            Some(since) if now.duration_since(since) < OFFERED_SPAN => {}
+            _ => {
+                self.previous = std::mem::take(&mut self.current);
+                self.since = Some(now);
+            }
+        }
+    }
+
+    fn insert(&mut self, key: &str, now: Instant) {
+        self.rotate(now);
+        if self.current.len() < OFFERED_MAX {
+            self.current.insert(key_hash(key));
+        }
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        let hash = key_hash(key);
+        self.current.contains(&hash) || self.previous.contains(&hash)
+    }
 }
 
 impl RelayFeed {
     /// A feed holding up to `capacity` messages, and the relay's end of it.
     pub fn new(capacity: usize) -> (Arc<Self>, mpsc::Receiver<ChatMessage>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Arc::new(Self { tx, overflow: Notify::new() }), rx)
+        (Arc::new(Self { tx, overflow: Notify::new(), offered: Default::default() }), rx)
     }
 
     /// Hands a just-inserted message to the relay. Never waits: when the feed is
     /// full the relay is told to sweep instead (the message is in MongoDB, marked).
     pub fn offer(&self, message: ChatMessage) {
+        self.offered.lock().unwrap_or_else(|p| p.into_inner()).insert(&relay_key(&message), Instant::now());
         if self.tx.try_send(message).is_err() {
             self.overflow.notify_one();
         }
+    }
+
+    /// Whether this process offered the message under relay key `key` lately.
+    fn offered(&self, key: &str) -> bool {
+        self.offered.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
     }
 }
 
@@ -508,7 +565,7 @@ impl Relay {
             if published == batch || !self.lease.is_leader() {
                 return true;
             }
-            if !deferred.contains(&id) && message.created_at < foreign_before {
+            if !deferred.contains(&id) && message.created_at < foreign_before && !self.feed.offered(&id) {
                 foreign += 1;
             }
             pipe.in_flight.insert(id.clone());
@@ -610,6 +667,25 @@ mod tests {
 
     fn scanning() -> Option<BoxFuture<'static, Scan>> {
         Some(Box::pin(async { Ok(Vec::new()) }))
+    }
+
+    #[test]
+    fn offered_messages_are_remembered_for_a_span_or_two() {
+        let start = Instant::now();
+        let mut offered = Offered::default();
+        offered.insert("a", start);
+        assert!(offered.contains("a") && !offered.contains("b"));
+        offered.insert("b", start + OFFERED_SPAN);
+        assert!(offered.contains("a"), "still remembered one span later");
+        offered.insert("c", start + OFFERED_SPAN * 2);
+        assert!(!offered.contains("a") && offered.contains("b") && offered.contains("c"), "forgotten after two");
+        let (tx, _rx) = RelayFeed::new(1);
+        let first = message();
+        let second = message();
+        tx.offer(first.clone());
+        tx.offer(second.clone());
+        assert!(tx.offered(&relay_key(&first)) && tx.offered(&relay_key(&second)), "an overflowing offer counts too");
+        assert!(!tx.offered(&relay_key(&message())));
     }
 
     #[test]
