@@ -152,6 +152,8 @@ export declare class ChatfleetClient extends Emitter<Record<string, object>> {
   addMember(conversationId: string, userId: string): Promise<ConversationView>;
   removeMember(conversationId: string, userId: string): Promise<null>;
   markRead(conversationId: string, upTo: string): Promise<{ conversation_id: string; moved: boolean; unread_count: number }>;
+  /** Whether `userId` has a notification socket open. Only about oneself and people one
+   *  shares a conversation with; anyone else rejects with a ChatfleetError `not_a_contact` (403). */
   presence(userId: string): Promise<{ user_id: string; online: boolean }>;
   openConversation(options: { peerId?: string; conversationId?: string; presence?: boolean; historyLimit?: number }): Conversation;
   openNotifications(): Notifications;
