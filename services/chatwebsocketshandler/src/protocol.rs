@@ -62,6 +62,49 @@ pub fn may_see(message: &ChatMessage, audience: &str) -> bool {
     }
 }
 
+/// Who may see one message or event, prepared once so that offering its frame to a
+/// stream's sockets checks each socket in constant time. (Asking [`may_see`] per
+/// socket walks a group message's `recipients` for every socket, and
+/// [`may_see_event`] copies the member list for every socket: quadratic in the size
+/// of a group, a million steps per message or read marker at 1,000 members.)
+pub enum Viewers {
+    /// The pair's audience (`pair_audience`); no socket matches `None`.
+    Pair(Option<String>),
+    /// A group's users.
+    Group(std::collections::HashSet<String>),
+}
+
+impl Viewers {
+    pub fn of_message(message: &ChatMessage) -> Self {
+        match &message.receiver_id {
+            Some(receiver) => Self::Pair(Some(pair_audience(&message.sender_id, receiver))),
+            None => Self::Group(
+                std::iter::once(&message.sender_id).chain(&message.recipients).map(ToString::to_string).collect(),
+            ),
+        }
+    }
+
+    pub fn of_event(event: &ConversationEvent) -> Self {
+        match event.conversation_id.kind() {
+            ConversationKind::Group => Self::Group(
+                event.members.iter().chain(std::iter::once(&event.user_id)).map(ToString::to_string).collect(),
+            ),
+            ConversationKind::Pair | ConversationKind::LegacyPair => match event.members.as_slice() {
+                [a, b] => Self::Pair(Some(pair_audience(a, b))),
+                _ => Self::Pair(None),
+            },
+        }
+    }
+
+    /// Whether a socket registered with `audience` may see it.
+    pub fn admit(&self, audience: &str) -> bool {
+        match self {
+            Self::Pair(pair) => pair.as_deref() == Some(audience),
+            Self::Group(users) => users.contains(audience),
+        }
+    }
+}
+
 /// Frames a chat client may send besides `ping`.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -223,7 +266,9 @@ pub fn conversation_frame(event: &ConversationEvent) -> Frame {
 /// Whether a socket registered with `audience` may see a conversation event: in a
 /// group, the sockets of the members after the change and of its subject (a member
 /// who just left gets their `member_left`); in a pair conversation, the sockets of
-/// exactly that pair (both users, all their devices).
+/// exactly that pair (both users, all their devices). Broadcasts use
+/// [`Viewers::of_event`]; this per-socket form is what it is tested against.
+#[cfg(test)]
 pub fn may_see_event(event: &ConversationEvent, audience: &str) -> bool {
     match event.conversation_id.kind() {
         ConversationKind::Group => event.audience().iter().any(|user| user.as_str() == audience),
@@ -372,6 +417,41 @@ mod tests {
             parse(conversation_frame(&read).text()),
             json!({"type": "read", "conversation_id": event.conversation_id, "user_id": "carol", "up_to": up_to})
         );
+    }
+
+    #[test]
+    fn viewers_admit_exactly_whom_may_see_admits() {
+        let group = conversation_event(ConversationEventKind::MemberLeft, StreamId::new_group());
+        let (alice, bob) = (UserId::parse("alice").expect("valid"), UserId::parse("bob").expect("valid"));
+        let pair = ConversationEvent {
+            user_id: alice.clone(),
+            ..conversation_event(ConversationEventKind::Read, StreamId::for_pair(&alice, &bob))
+        };
+        let odd_pair = ConversationEvent { members: vec![alice.clone()], ..pair.clone() };
+        let audiences =
+            ["alice", "bob", "carol", "mallory", "", "alice bob", "bob alice", "alice carol", "alice alice"];
+        for event in [&group, &pair, &odd_pair] {
+            let viewers = Viewers::of_event(event);
+            for who in audiences {
+                assert_eq!(viewers.admit(who), may_see_event(event, who), "{who} of {:?}", event.members);
+            }
+        }
+        let mut message = message("hi");
+        for pair_message in [false, true] {
+            if !pair_message {
+                message.receiver_id = None;
+                message.recipients = vec![bob.clone(), UserId::parse("carol").expect("valid")];
+                message.stream_id = StreamId::new_group();
+            } else {
+                message.receiver_id = Some(bob.clone());
+                message.recipients.clear();
+                message.stream_id = StreamId::for_pair(&alice, &bob);
+            }
+            let viewers = Viewers::of_message(&message);
+            for who in audiences {
+                assert_eq!(viewers.admit(who), may_see(&message, who), "{who}, pair: {pair_message}");
+            }
+        }
     }
 
     #[test]
