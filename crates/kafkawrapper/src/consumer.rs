@@ -35,7 +35,7 @@ use rdkafka::Statistics;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{client_config, forward_error, forward_log};
+use crate::client::{client_config_from, forward_error, forward_log};
 use crate::flow::{Fetched, FlowState, PartitionFlow};
 use crate::metrics as m;
 use crate::processing::{DeadLetters, Outcome, Processor};
@@ -68,6 +68,7 @@ impl<H: Handler> ConsumerGroup<H> {
         if settings.topics.is_empty() {
             return Err(Error::Config("KAFKA_TOPICS (topics) must name at least one topic".to_owned()));
         }
+        settings.group_membership_properties().map_err(Error::Config)?;
         let dead_letters = match settings.dead_letter_topic() {
             Some(topic) => Some(DeadLetters { topic: topic.to_owned(), producer: Producer::new(&settings)? }),
             None => None,
@@ -96,8 +97,21 @@ impl<H: Handler> ConsumerGroup<H> {
             share: AtomicUsize::new(settings.max_in_flight.max(1)),
             partitions: Mutex::new(HashMap::new()),
         };
-        let config = client_config(
-            &settings,
+        // Membership first (session, heartbeat, static id), then the properties and the
+        // `RDKAFKA_*` variables, which win; the commit settings below always apply.
+        let mut properties: std::collections::BTreeMap<String, String> = settings
+            .group_membership_properties()
+            .map_err(Error::Config)?
+            .into_iter()
+            .map(|(key, value)| (key.to_owned(), value))
+            .collect();
+        properties.extend(settings.effective_properties());
+        if let Some(id) = properties.get("group.instance.id") {
+            tracing::info!(group = %settings.group_id, instance = %id, "static group membership");
+        }
+        let config = client_config_from(
+            &settings.brokers,
+            &properties,
             &[
                 ("group.id", settings.group_id.clone()),
                 // Offsets are committed by this crate only, after messages are finished.
@@ -196,6 +210,9 @@ struct Slot {
     task: tokio::task::AbortHandle,
     /// Paused or flowing, the records held meanwhile, the offset last committed.
     flow: PartitionFlow<Record>,
+    /// When the partition was assigned, until its first record arrives (then logged:
+    /// how long a member that just joined takes to fetch, e.g. after a restart).
+    assigned_at: Option<Instant>,
 }
 
 /// What the worker task and the consumer thread share about a partition.
@@ -244,7 +261,18 @@ impl<H: Handler> GroupContext<H> {
                 .spawn(partition_worker(self.processor.clone(), receiver, state.clone(), stop.clone(), done_tx))
                 .abort_handle();
             tracing::info!(group = %self.group, topic = %key.0, partition = key.1, "partition assigned");
-            slots.insert(key, Slot { queue, state, stop, done, task, flow: PartitionFlow::default() });
+            slots.insert(
+                key,
+                Slot {
+                    queue,
+                    state,
+                    stop,
+                    done,
+                    task,
+                    flow: PartitionFlow::default(),
+                    assigned_at: Some(Instant::now()),
+                },
+            );
         }
         self.update_share(slots.len());
     }
@@ -328,6 +356,13 @@ impl<H: Handler> GroupContext<H> {
             tracing::debug!(topic = %key.0, partition = key.1, offset = record.offset, "message for a partition not assigned; dropped");
             return Ok(());
         };
+        if let Some(assigned_at) = slot.assigned_at.take() {
+            tracing::info!(
+                group = %self.group, topic = %key.0, partition = key.1, offset = record.offset,
+                after_ms = assigned_at.elapsed().as_millis() as u64,
+                "first record since the partition was assigned"
+            );
+        }
         match slot.flow.fetched(record, slot.state.in_flight.load(Ordering::SeqCst), share) {
             Fetched::Send(record) => send(slot, record, &key),
             Fetched::Held { pause: false } => Ok(()),

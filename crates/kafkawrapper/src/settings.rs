@@ -27,9 +27,6 @@ pub const LOCAL_BROKER_DEFAULTS: &[(&str, &str)] = &[
     // tansu holds a fetch until `fetch.wait.max.ms` expires even when data is there;
     // librdkafka's 500 ms default adds half a second to every delivery.
     ("fetch.wait.max.ms", "10"),
-    // With the default (45 s) a rebalance after a member dies takes ~23 s or more.
-    ("session.timeout.ms", "6000"),
-    ("heartbeat.interval.ms", "1000"),
     // A new group starts at the beginning of the topic: a CDC consumer must not skip
     // changes that were written before it first joined.
     ("auto.offset.reset", "earliest"),
@@ -71,6 +68,25 @@ pub struct KafkaSettings {
     /// `KAFKA_PRODUCER_IDEMPOTENCE`: `enable.idempotence` for producers (with
     /// `acks=all`): retries cannot duplicate or reorder messages.
     pub idempotence: bool,
+    /// `KAFKA_SESSION_TIMEOUT`: `session.timeout.ms`, how long a member that stopped
+    /// heartbeating (killed, frozen, cut off) keeps its partitions before the group
+    /// moves them. Kafka brokers refuse less than `group.min.session.timeout.ms`
+    /// (6 s by default), so 6 s is the shortest value that works everywhere.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// `KAFKA_HEARTBEAT_INTERVAL`: `heartbeat.interval.ms`. At most a third of the
+    /// session timeout (a member may miss two heartbeats without losing its
+    /// partitions); a start-up error when it is not below the session timeout.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// `KAFKA_GROUP_INSTANCE_ID`: static group membership (KIP-345,
+    /// `group.instance.id`). Empty (the default): dynamic membership. Set it to a name
+    /// that is unique among the group's live members and survives a restart of the
+    /// same member (the pod name): a member that comes back within the session
+    /// timeout gets its partitions again without a rebalance. A static member does not
+    /// leave the group when it shuts down, so a member that is gone for good (scaled
+    /// down, renamed by a rollout) keeps its partitions until its session times out.
+    pub group_instance_id: String,
     /// librdkafka properties. Defaults: [`LOCAL_BROKER_DEFAULTS`]. `RDKAFKA_*`
     /// environment variables override these (see [`properties_from_env`]).
     #[serde(deserialize_with = "flat_properties")]
@@ -89,6 +105,9 @@ impl Default for KafkaSettings {
             drain_timeout: Duration::from_secs(10),
             delivery_timeout: Duration::from_secs(30),
             idempotence: true,
+            session_timeout: Duration::from_secs(6),
+            heartbeat_interval: Duration::from_secs(1),
+            group_instance_id: String::new(),
             properties: LOCAL_BROKER_DEFAULTS.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
         }
     }
@@ -106,6 +125,9 @@ impl KafkaSettings {
         ("KAFKA_DRAIN_TIMEOUT", "drain_timeout"),
         ("KAFKA_DELIVERY_TIMEOUT", "delivery_timeout"),
         ("KAFKA_PRODUCER_IDEMPOTENCE", "idempotence"),
+        ("KAFKA_SESSION_TIMEOUT", "session_timeout"),
+        ("KAFKA_HEARTBEAT_INTERVAL", "heartbeat_interval"),
+        ("KAFKA_GROUP_INSTANCE_ID", "group_instance_id"),
     ];
 
     /// Settings for the given brokers with every other value at its default.
@@ -116,6 +138,38 @@ impl KafkaSettings {
     /// The dead-letter topic, if one is configured (an empty name counts as none).
     pub fn dead_letter_topic(&self) -> Option<&str> {
         self.dead_letter_topic.as_deref().map(str::trim).filter(|t| !t.is_empty())
+    }
+
+    /// The static membership id, if one is configured (blank counts as none).
+    pub fn group_instance_id(&self) -> Option<&str> {
+        Some(self.group_instance_id.trim()).filter(|id| !id.is_empty())
+    }
+
+    /// The consumer-group properties from the typed settings: session timeout,
+    /// heartbeat interval and (when set) `group.instance.id`. `RDKAFKA_*` variables
+    /// still win over them. Refuses a heartbeat interval that is not below the session
+    /// timeout, a session timeout under 1 s, and an instance id longer than 249 bytes.
+    pub fn group_membership_properties(&self) -> Result<Vec<(&'static str, String)>, String> {
+        let session = self.session_timeout.as_millis();
+        let heartbeat = self.heartbeat_interval.as_millis();
+        if session < 1000 {
+            return Err(format!("KAFKA_SESSION_TIMEOUT must be at least 1s, not {:?}", self.session_timeout));
+        }
+        if heartbeat == 0 || heartbeat >= session {
+            return Err(format!(
+                "KAFKA_HEARTBEAT_INTERVAL ({:?}) must be above zero and below KAFKA_SESSION_TIMEOUT ({:?}); a third of it or less",
+                self.heartbeat_interval, self.session_timeout
+            ));
+        }
+        let mut properties =
+            vec![("session.timeout.ms", session.to_string()), ("heartbeat.interval.ms", heartbeat.to_string())];
+        if let Some(id) = self.group_instance_id() {
+            if id.len() > 249 || id.chars().any(char::is_control) {
+                return Err("KAFKA_GROUP_INSTANCE_ID must be at most 249 bytes without control characters".to_owned());
+            }
+            properties.push(("group.instance.id", id.to_owned()));
+        }
+        Ok(properties)
     }
 
     /// Applies overrides on top of [`KafkaSettings::properties`] (later wins).
@@ -257,7 +311,7 @@ mod tests {
         assert_eq!(settings.properties.get("fetch.wait.max.ms").map(String::as_str), Some("10"));
         settings.merge_properties(properties_from_vars([("RDKAFKA_FETCH_WAIT_MAX_MS", "500")]));
         assert_eq!(settings.properties.get("fetch.wait.max.ms").map(String::as_str), Some("500"));
-        assert_eq!(settings.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
+        assert_eq!(settings.properties.get("auto.offset.reset").map(String::as_str), Some("earliest"));
     }
 
     #[derive(Debug, Default, Serialize, Deserialize)]
@@ -293,6 +347,9 @@ mod tests {
                 ("KAFKA_DRAIN_TIMEOUT", "3s"),
                 ("KAFKA_DELIVERY_TIMEOUT", "5s"),
                 ("KAFKA_PRODUCER_IDEMPOTENCE", "false"),
+                ("KAFKA_SESSION_TIMEOUT", "10s"),
+                ("KAFKA_HEARTBEAT_INTERVAL", "3s"),
+                ("KAFKA_GROUP_INSTANCE_ID", "chatpersistencechangehandler-0"),
                 ("MESSAGE_RETRY_MAX_RETRIES", "9"),
                 ("MESSAGE_RETRY_INITIAL_INTERVAL", "10ms"),
                 ("MESSAGE_RETRY_MAX_INTERVAL", "2s"),
@@ -311,6 +368,9 @@ mod tests {
         assert_eq!(kafka.drain_timeout, Duration::from_secs(3));
         assert_eq!(kafka.delivery_timeout, Duration::from_secs(5));
         assert!(!kafka.idempotence);
+        assert_eq!(kafka.session_timeout, Duration::from_secs(10));
+        assert_eq!(kafka.heartbeat_interval, Duration::from_secs(3));
+        assert_eq!(kafka.group_instance_id(), Some("chatpersistencechangehandler-0"));
         let retry = loaded.retry;
         assert_eq!(retry.max_retries, 9);
         assert_eq!(retry.initial_interval, Duration::from_millis(10));
@@ -348,6 +408,41 @@ mod tests {
     }
 
     #[test]
+    fn membership_properties_follow_the_settings_and_refuse_a_slow_heartbeat() {
+        let defaults = KafkaSettings::default();
+        assert_eq!(defaults.group_instance_id(), None);
+        assert_eq!(
+            defaults.group_membership_properties().expect("defaults are valid"),
+            vec![("session.timeout.ms", "6000".to_owned()), ("heartbeat.interval.ms", "1000".to_owned())]
+        );
+        let static_member = KafkaSettings { group_instance_id: " pod-7 ".to_owned(), ..KafkaSettings::default() };
+        assert!(static_member
+            .group_membership_properties()
+            .expect("valid")
+            .contains(&("group.instance.id", "pod-7".to_owned())));
+        let blank = KafkaSettings { group_instance_id: "  ".to_owned(), ..KafkaSettings::default() };
+        assert_eq!(blank.group_membership_properties().expect("valid").len(), 2);
+        for (session, heartbeat) in [(6, 6), (6, 7), (6, 0)] {
+            let bad = KafkaSettings {
+                session_timeout: Duration::from_secs(session),
+                heartbeat_interval: Duration::from_secs(heartbeat),
+                ..KafkaSettings::default()
+            };
+            assert!(bad.group_membership_properties().is_err(), "{session}s / {heartbeat}s accepted");
+        }
+        let tiny = KafkaSettings {
+            session_timeout: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_millis(100),
+            ..KafkaSettings::default()
+        };
+        assert!(tiny.group_membership_properties().is_err());
+        let long_id = KafkaSettings { group_instance_id: "x".repeat(250), ..KafkaSettings::default() };
+        assert!(long_id.group_membership_properties().is_err());
+        let control = KafkaSettings { group_instance_id: "a\nb".to_owned(), ..KafkaSettings::default() };
+        assert!(control.group_membership_properties().is_err());
+    }
+
+    #[test]
     fn an_empty_dead_letter_topic_means_none() {
         let settings = KafkaSettings { dead_letter_topic: Some("  ".to_owned()), ..KafkaSettings::default() };
         assert_eq!(settings.dead_letter_topic(), None);
@@ -366,6 +461,7 @@ mod tests {
                 .expect("file loads");
         assert_eq!(loaded.kafka.topics, vec!["a".to_owned(), "b".to_owned()]);
         assert_eq!(loaded.kafka.properties.get("fetch.wait.max.ms").map(String::as_str), Some("500"));
-        assert_eq!(loaded.kafka.properties.get("session.timeout.ms").map(String::as_str), Some("6000"));
+        assert_eq!(loaded.kafka.properties.get("auto.offset.reset").map(String::as_str), Some("earliest"));
+        assert_eq!(loaded.kafka.session_timeout, Duration::from_secs(6));
     }
 }
