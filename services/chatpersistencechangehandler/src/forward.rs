@@ -107,7 +107,29 @@ impl Forwarder {
         url: &str,
         body: &serde_json::Value,
     ) -> Result<(StatusCode, serde_json::Value), HandlerError> {
-        let mut response = self.send(target, url, body).await?;
+        let response = self.send(target, url, body).await?;
+        Self::read_json(target, response).await
+    }
+
+    /// POSTs a body serialized already (`application/json`) and reads the answer's
+    /// status and JSON body, as [`Forwarder::post_for_json`] does.
+    pub async fn post_raw_for_json(
+        &self,
+        target: &'static str,
+        url: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, serde_json::Value), HandlerError> {
+        let request = self.client.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        let response = self.dispatch(target, request).await?;
+        Self::read_json(target, response).await
+    }
+
+    /// Reads an answer's status and JSON body (`Null` when it has none), at most
+    /// `MAX_ANSWER_BYTES` of it.
+    async fn read_json(
+        target: &'static str,
+        mut response: reqwest::Response,
+    ) -> Result<(StatusCode, serde_json::Value), HandlerError> {
         let status = response.status();
         let mut bytes = Vec::new();
         loop {
@@ -130,15 +152,17 @@ impl Forwarder {
         url: &str,
         body: &serde_json::Value,
     ) -> Result<reqwest::Response, HandlerError> {
+        self.dispatch(target, self.client.post(url).json(body)).await
+    }
+
+    /// Sends `request` with the token and trace headers, counted and timed by target.
+    async fn dispatch(
+        &self,
+        target: &'static str,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, HandlerError> {
         let started = std::time::Instant::now();
-        let result = self
-            .client
-            .post(url)
-            .headers(servicekit::trace::outgoing())
-            .bearer_auth(self.token.expose())
-            .json(body)
-            .send()
-            .await;
+        let result = request.headers(servicekit::trace::outgoing()).bearer_auth(self.token.expose()).send().await;
         let outcome = match &result {
             Ok(response) => response.status().as_u16().to_string(),
             Err(err) if err.is_timeout() => "timeout".to_owned(),

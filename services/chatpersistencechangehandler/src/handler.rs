@@ -41,6 +41,7 @@ use serde_json::{json, Value};
 
 use crate::bot::Bots;
 use crate::forward::Forwarder;
+use crate::forward_batch::ForwardBatcher;
 use crate::notify_batch::{Batcher, Item};
 use crate::pipeline::{domain_kind, DedupBy, OnExhausted, Pipeline, Target};
 
@@ -68,11 +69,14 @@ struct Call {
     /// For a per-user notification: the user and the batch item's kind; such calls may
     /// go together in `POST /notifications/batch` (`crate::notify_batch`).
     notify: Option<(String, &'static str)>,
+    /// For a message forward: its stream; such calls of concurrent records may go
+    /// together in `POST /chat/forward-batch` (`crate::forward_batch`).
+    stream: Option<String>,
 }
 
 impl Call {
     fn new(target: Target, url: String, body: Value) -> Self {
-        Self { target, url, body: Arc::new(body), notify: None }
+        Self { target, url, body: Arc::new(body), notify: None, stream: None }
     }
 }
 
@@ -85,6 +89,11 @@ pub struct Endpoints {
     /// `NOTIFICATIONS_BATCH_SIZE`: per-user notifications per batch request (below 2: one
     /// request each).
     pub notifications_batch: usize,
+    /// `CHAT_WEBSOCKET_FORWARD_BATCH`: message forwards per request at most (below 2:
+    /// one request each).
+    pub forward_batch: usize,
+    /// `CHAT_WEBSOCKET_FORWARD_LINGER`: how long a batch's first forward waits for more.
+    pub forward_linger: Duration,
 }
 
 /// The targets whose calls failed on the last attempt at one record.
@@ -116,6 +125,8 @@ pub struct PipelineHandler {
     bots: Option<Bots>,
     /// Per-user notifications in batches (`None`: one request each).
     batcher: Option<Batcher>,
+    /// Message forwards of concurrent records in one request (`None`: one each).
+    forward_batcher: Option<ForwardBatcher>,
 }
 
 impl PipelineHandler {
@@ -124,6 +135,15 @@ impl PipelineHandler {
         let forwarder = forwarder.for_pipeline(&pipeline.name);
         let batcher =
             Batcher::new(forwarder.clone(), &trim(&endpoints.notifications_url), endpoints.notifications_batch);
+        let forward_batcher = match pipeline.has(Target::ChatWebsocket) {
+            true => ForwardBatcher::start(
+                forwarder.clone(),
+                &trim(&endpoints.chat_websocket_url),
+                endpoints.forward_batch,
+                endpoints.forward_linger,
+            ),
+            false => None,
+        };
         Self {
             name: pipeline.name.clone(),
             store,
@@ -138,6 +158,7 @@ impl PipelineHandler {
             failover_timeout: endpoints.failover_timeout,
             bots: None,
             batcher,
+            forward_batcher,
         }
     }
 
@@ -186,20 +207,20 @@ impl PipelineHandler {
                         ChangeOp::Update => "message_updated",
                         ChangeOp::Delete => "message_deleted",
                     };
-                    calls.push(Call::new(
-                        *target,
-                        format!(
-                            "{}/chat/forward-to-websocket?stream_id={}",
-                            self.chat_websocket_url,
-                            event.stream_id()
-                        ),
-                        if kind == "message" {
-                            json!({ "type": kind, "message": event.message })
-                        } else {
-                            // Each edit or deletion is its own event on the socket.
-                            json!({ "type": kind, "message": event.message, "event_id": event.dedup_id() })
-                        },
-                    ));
+                    let stream = event.stream_id().to_string();
+                    calls.push(Call {
+                        stream: Some(stream.clone()),
+                        ..Call::new(
+                            *target,
+                            format!("{}/chat/forward-to-websocket?stream_id={stream}", self.chat_websocket_url),
+                            if kind == "message" {
+                                json!({ "type": kind, "message": event.message })
+                            } else {
+                                // Each edit or deletion is its own event on the socket.
+                                json!({ "type": kind, "message": event.message, "event_id": event.dedup_id() })
+                            },
+                        )
+                    });
                 }
                 // Every addressee but the sender: the receiver, or each group recipient.
                 (Target::ChatNotification, Change::Chat(event)) if event.op == ChangeOp::Create => {
@@ -210,6 +231,7 @@ impl PipelineHandler {
                             url: format!("{}/notifications/chat?user_id={user}", self.notifications_url),
                             body: body.clone(),
                             notify: Some((user.to_string(), "chat")),
+                            stream: None,
                         });
                     }
                 }
@@ -237,6 +259,7 @@ impl PipelineHandler {
                             url: format!("{}/notifications/conversation?user_id={user}", self.notifications_url),
                             body: body.clone(),
                             notify: Some((user.to_string(), "conversation")),
+                            stream: None,
                         });
                     }
                 }
@@ -329,8 +352,9 @@ impl PipelineHandler {
         batched.retain(|group| !group.is_empty());
         let singles = join_all(single.iter().map(|&index| async move {
             let call = &calls[index];
-            let result = match (call.target, &self.bots) {
-                (Target::Bot, Some(bots)) => Self::answer(bots, &call.body).await,
+            let result = match (call.target, &self.bots, &self.forward_batcher, &call.stream) {
+                (Target::Bot, Some(bots), _, _) => Self::answer(bots, &call.body).await,
+                (_, _, Some(batcher), Some(stream)) => batcher.forward(stream, &call.url, &call.body).await,
                 _ => self.forwarder.post(call.target.name(), &call.url, &call.body).await,
             };
             vec![(index, result)]
@@ -593,6 +617,8 @@ mod tests {
             notifications_url: settings.forward.notifications_url.clone(),
             failover_timeout: Duration::from_secs(1),
             notifications_batch: 500,
+            forward_batch: 0,
+            forward_linger: Duration::ZERO,
         };
         PipelineHandler::new(&pipeline, store, &forwarder, &endpoints)
     }

@@ -7,6 +7,7 @@
 
 mod bot;
 mod forward;
+mod forward_batch;
 mod handler;
 mod notify_batch;
 mod pipeline;
@@ -52,6 +53,8 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         notifications_url: settings.forward.notifications_url.clone(),
         failover_timeout: settings.forward.failover_timeout,
         notifications_batch: settings.forward.notifications_batch,
+        forward_batch: settings.forward.chat_websocket_batch,
+        forward_linger: settings.forward.chat_websocket_linger,
     };
     // The bot adapter, when a pipeline has the bot target (its settings were
     // checked with the pipelines).

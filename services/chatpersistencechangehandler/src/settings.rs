@@ -61,6 +61,16 @@ pub struct ForwardSettings {
     /// members) go this many per `POST /notifications/batch`; 0 or 1 sends each on its
     /// own (`crate::notify_batch`). At most the pods' `NOTIFICATIONS_BATCH_MAX_ITEMS`.
     pub notifications_batch: usize,
+    /// `CHAT_WEBSOCKET_FORWARD_BATCH`: message forwards that queue up while one request
+    /// to the socket pod is in flight go together, this many per
+    /// `POST /chat/forward-batch` at most; 0 or 1 sends each on its own
+    /// (`crate::forward_batch`). Through a proxy (which cannot route a batch) the first
+    /// batch is refused and every forward goes on its own from then on.
+    pub chat_websocket_batch: usize,
+    /// `CHAT_WEBSOCKET_FORWARD_LINGER`: how long the first forward of a batch waits for
+    /// others to join it (0: not at all; only forwards that queued meanwhile go along).
+    #[serde(with = "humantime_serde")]
+    pub chat_websocket_linger: Duration,
 }
 
 impl Default for ForwardSettings {
@@ -72,6 +82,8 @@ impl Default for ForwardSettings {
             failover_timeout: Duration::from_secs(30),
             service_token: String::new(),
             notifications_batch: 500,
+            chat_websocket_batch: 64,
+            chat_websocket_linger: Duration::ZERO,
         }
     }
 }
@@ -84,6 +96,8 @@ impl ForwardSettings {
         ("FAILOVER_TIMEOUT", "failover_timeout"),
         ("INTERNAL_SERVICE_TOKEN", "service_token"),
         ("NOTIFICATIONS_BATCH_SIZE", "notifications_batch"),
+        ("CHAT_WEBSOCKET_FORWARD_BATCH", "chat_websocket_batch"),
+        ("CHAT_WEBSOCKET_FORWARD_LINGER", "chat_websocket_linger"),
     ];
 }
 

@@ -54,6 +54,7 @@ pub fn internal_router(state: AppState) -> Router {
     Router::new()
         .route("/chat/forward-to-websocket", post(internal::forward).get(internal::owner))
         .route("/chat/forward-event", post(internal::forward_event))
+        .route("/chat/forward-batch", post(internal::forward_batch))
         .route("/chat/close-stream", post(internal::close_stream))
         .with_state(state)
 }

@@ -85,15 +85,32 @@ pub async fn forward(
 ) -> Result<Response, ApiError> {
     let stream = stream_of(&query)?;
     validate(stream, &body)?;
+    let report = deliver(&state, stream, &body);
+    Ok(answer(stream, &body.message.message_id.to_string(), report))
+}
+
+/// Queues a message event's frame to the stream's local sockets that may see it.
+fn deliver(state: &AppState, stream: StreamId, body: &ForwardBody) -> DeliveryReport {
     let frame = protocol::event_frame(body.kind, &body.message, body.event_id.as_deref());
     // Only the sockets of exactly this message's pair, whatever else shares the key.
-    let report = state.hub.broadcast_to(&stream, frame, |socket| protocol::may_see(&body.message, socket));
-    let what = body.message.message_id.to_string();
-    Ok(answer(stream, &what, report))
+    let viewers = protocol::Viewers::of_message(&body.message);
+    state.hub.broadcast_to(&stream, frame, |socket| viewers.admit(socket))
 }
 
 /// The forward's answer: `200`, `206` or `500` with the counts.
 fn answer(stream: StreamId, what: &str, report: DeliveryReport) -> Response {
+    let status = status_of(stream, what, &report);
+    let body = ForwardReport {
+        stream_id: stream,
+        connections: report.connections,
+        delivered: report.delivered,
+        failed: report.failed,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// `200` (every local socket, or none), `206` (some) or `500` (none took it).
+fn status_of(stream: StreamId, what: &str, report: &DeliveryReport) -> StatusCode {
     let status = match report.outcome() {
         Outcome::Ok | Outcome::NoConnections => StatusCode::OK,
         Outcome::Partial => StatusCode::PARTIAL_CONTENT,
@@ -102,13 +119,111 @@ fn answer(stream: StreamId, what: &str, report: DeliveryReport) -> Response {
     if status != StatusCode::OK {
         tracing::warn!(%stream, event = what, ?report, "forward not delivered to every socket");
     }
-    let body = ForwardReport {
-        stream_id: stream,
-        connections: report.connections,
-        delivered: report.delivered,
-        failed: report.failed,
-    };
-    (status, Json(body)).into_response()
+    status
+}
+
+/// The most events one `POST /chat/forward-batch` may carry.
+pub const MAX_BATCH_EVENTS: usize = 1_000;
+
+/// `POST /chat/forward-batch` body: message events of any streams, in order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchBody {
+    /// Each a `ForwardBody` plus its `stream_id`; read one by one, so one event that
+    /// does not parse is refused on its own (`400` in its result), not the batch.
+    events: Vec<serde_json::Value>,
+}
+
+/// One event of a batch: `POST /chat/forward-to-websocket`'s query and body in one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchEvent {
+    stream_id: String,
+    #[serde(rename = "type")]
+    kind: EventKind,
+    message: ChatMessage,
+    #[serde(default)]
+    event_id: Option<String>,
+}
+
+/// One event's result: the status its own forward would have answered, the counts,
+/// and for a refused event the reason.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream_id: Option<StreamId>,
+    connections: usize,
+    delivered: usize,
+    failed: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `{"results": [...]}`, one per event, in the order of the events.
+#[derive(Debug, Serialize)]
+pub struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+impl BatchResult {
+    fn refused(error: ApiError) -> Self {
+        Self {
+            status: error.status.as_u16(),
+            stream_id: None,
+            connections: 0,
+            delivered: 0,
+            failed: 0,
+            error: Some(error.message),
+        }
+    }
+}
+
+/// `POST /chat/forward-batch`: several message events, each delivered exactly as
+/// `POST /chat/forward-to-websocket?stream_id=…` would deliver it, in the order given,
+/// and answered `200` with one result per event (`200`/`206`/`500`, or `400` for an
+/// event refused on its own). The caller must send only events of streams whose
+/// sockets are on this pod: the proxies hash each forward on its `stream_id`, and a
+/// batch has no single one, so they do not route this path (docs/configuration.md,
+/// `CHAT_WEBSOCKET_FORWARD_BATCH`).
+pub async fn forward_batch(
+    State(state): State<AppState>,
+    _caller: ServiceCaller,
+    ApiJson(body): ApiJson<BatchBody>,
+) -> Result<Json<BatchAnswer>, ApiError> {
+    if body.events.is_empty() || body.events.len() > MAX_BATCH_EVENTS {
+        return Err(ApiError::bad_request(format!("events must hold 1 to {MAX_BATCH_EVENTS} events")));
+    }
+    metrics::histogram!("chat_forward_batch_events").record(body.events.len() as f64);
+    let results = body
+        .events
+        .into_iter()
+        .map(|raw| {
+            let event: BatchEvent = match serde_json::from_value(raw) {
+                Ok(event) => event,
+                Err(err) => return BatchResult::refused(ApiError::bad_request(format!("event: {err}"))),
+            };
+            let stream = match stream_of(&StreamQuery { stream_id: Some(event.stream_id) }) {
+                Ok(stream) => stream,
+                Err(err) => return BatchResult::refused(err),
+            };
+            let body = ForwardBody { kind: event.kind, message: event.message, event_id: event.event_id };
+            if let Err(err) = validate(stream, &body) {
+                return BatchResult::refused(err);
+            }
+            let report = deliver(&state, stream, &body);
+            let status = status_of(stream, &body.message.message_id.to_string(), &report);
+            BatchResult {
+                status: status.as_u16(),
+                stream_id: Some(stream),
+                connections: report.connections,
+                delivered: report.delivered,
+                failed: report.failed,
+                error: None,
+            }
+        })
+        .collect();
+    Ok(Json(BatchAnswer { results }))
 }
 
 fn validate_event(stream: StreamId, event: &ConversationEvent) -> Result<(), ApiError> {
@@ -149,11 +264,11 @@ pub async fn forward_event(
     let stream = stream_of(&query)?;
     validate_event(stream, &event)?;
     let frame = protocol::conversation_frame(&event);
+    let viewers = protocol::Viewers::of_event(&event);
     let report = if event.kind == ConversationEventKind::MemberLeft {
         let subject = event.user_id.as_str();
-        let stayed = state.hub.broadcast_to(&stream, frame.clone(), |socket| {
-            socket != subject && protocol::may_see_event(&event, socket)
-        });
+        let stayed =
+            state.hub.broadcast_to(&stream, frame.clone(), |socket| socket != subject && viewers.admit(socket));
         let left = state.hub.send_last(&stream, frame, protocol::removed(), |socket| socket == subject);
         if left.connections > 0 {
             metrics::counter!("chat_removed_closes_total").increment(left.connections as u64);
@@ -164,7 +279,7 @@ pub async fn forward_event(
             failed: stayed.failed + left.failed,
         }
     } else {
-        state.hub.broadcast_to(&stream, frame, |socket| protocol::may_see_event(&event, socket))
+        state.hub.broadcast_to(&stream, frame, |socket| viewers.admit(socket))
     };
     Ok(answer(stream, &event.event_id, report))
 }

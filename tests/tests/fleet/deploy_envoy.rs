@@ -182,6 +182,13 @@ fn internal_listener_hashes_forwards_with_the_same_keys() {
         assert_eq!(route["route"]["cluster"], cluster, "{name}");
         assert_eq!(hash_key(route).as_deref(), key, "{name}: hash key");
     }
+    // A forward batch carries several streams and no single key to hash on: the proxy
+    // must not route it (its catch-all answers 404 and the change handler forwards one
+    // event per request; docs/configuration.md, CHAT_WEBSOCKET_FORWARD_BATCH).
+    for (name, route) in &internal {
+        assert!(!route["match"].to_string().contains("forward-batch"), "internal route {name} routes a forward batch");
+    }
+    assert_eq!(internal["not-found"]["direct_response"]["status"], 404, "unknown internal paths are 404");
     // The same query parameter as on subscribe.
     let public = routes(&config, "public");
     assert_eq!(hash_key(&public["chat-subscribe"]), hash_key(get("chat-forward")));

@@ -94,6 +94,9 @@ fn both_servers_share_one_hashed_ring_and_the_public_one_has_no_internal_path() 
     assert!(internal.contains("location = /chat/forward-to-websocket"));
     assert!(internal.contains("location = /chat/close-stream"));
     assert!(internal.contains("location = /chat/forward-event"));
+    // A forward batch has no single stream_id to hash on: not routed (the catch-all
+    // answers 404 and the change handler forwards one event per request).
+    assert!(!conf.contains("forward-batch"), "nginx routes /chat/forward-batch");
     assert!(internal.contains("location /notifications/"));
     assert!(internal.contains("location = /notifications/batch"), "the batch route, with its own body limit");
     assert!(!public.contains("/notifications/batch"), "the public server carries the batch route");

@@ -29,6 +29,7 @@ mod docs_configuration;
 mod domain_capture;
 mod email_handler;
 mod flood_fairness;
+mod forward_batch;
 mod groups_delivery;
 mod identity_collision;
 mod live_interactions;
