@@ -134,16 +134,13 @@ pub struct BatchBody {
     events: Vec<serde_json::Value>,
 }
 
-/// One event of a batch: `POST /chat/forward-to-websocket`'s query and body in one.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchEvent {
-    stream_id: String,
-    #[serde(rename = "type")]
-    kind: EventKind,
-    message: ChatMessage,
-    #[serde(default)]
-    event_id: Option<String>,
+/// One event of a batch: `POST /chat/forward-to-websocket`'s body with its query's
+/// `stream_id` added; split back into the two.
+fn split_event(mut raw: serde_json::Value) -> Result<(StreamId, ForwardBody), ApiError> {
+    let stream_id = raw.as_object_mut().and_then(|event| event.remove("stream_id"));
+    let stream = stream_of(&StreamQuery { stream_id: stream_id.and_then(|id| id.as_str().map(str::to_owned)) })?;
+    let body = serde_json::from_value(raw).map_err(|err| ApiError::bad_request(format!("event: {err}")))?;
+    Ok((stream, body))
 }
 
 /// One event's result: the status its own forward would have answered, the counts,
@@ -199,15 +196,10 @@ pub async fn forward_batch(
         .events
         .into_iter()
         .map(|raw| {
-            let event: BatchEvent = match serde_json::from_value(raw) {
+            let (stream, body) = match split_event(raw) {
                 Ok(event) => event,
-                Err(err) => return BatchResult::refused(ApiError::bad_request(format!("event: {err}"))),
-            };
-            let stream = match stream_of(&StreamQuery { stream_id: Some(event.stream_id) }) {
-                Ok(stream) => stream,
                 Err(err) => return BatchResult::refused(err),
             };
-            let body = ForwardBody { kind: event.kind, message: event.message, event_id: event.event_id };
             if let Err(err) = validate(stream, &body) {
                 return BatchResult::refused(err);
             }

@@ -57,7 +57,7 @@ fn env(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     env
 }
 
-fn start(extra: &[(&str, &str)]) -> Service {
+pub(crate) fn start(extra: &[(&str, &str)]) -> Service {
     Service::start(SERVICE, &env(extra))
 }
 
@@ -65,12 +65,12 @@ fn user(raw: &str) -> UserId {
     UserId::parse(raw).expect("valid user id")
 }
 
-fn stream(a: &str, b: &str) -> StreamId {
+pub(crate) fn stream(a: &str, b: &str) -> StreamId {
     StreamId::for_pair(&user(a), &user(b))
 }
 
 /// A stored chat message as chatpersistence returns it.
-fn chat_message(sender: &str, receiver: &str, content: &str) -> Value {
+pub(crate) fn chat_message(sender: &str, receiver: &str, content: &str) -> Value {
     json!({
         "message_id": MessageId::new().to_string(),
         "stream_id": stream(sender, receiver).to_string(),
@@ -98,7 +98,7 @@ fn subscribe_path(me: &str, peer: &str, since: Option<&str>) -> String {
 }
 
 /// Opens `me`'s socket on the stream with `peer`.
-async fn connect(service: &Service, me: &str, peer: &str, since: Option<&str>) -> Ws {
+pub(crate) async fn connect(service: &Service, me: &str, peer: &str, since: Option<&str>) -> Ws {
     let url = service.ws_url(&subscribe_path(me, peer, since));
     match tokio_tungstenite::connect_async(url).await {
         Ok((ws, _)) => ws,

@@ -8,39 +8,10 @@ use std::time::Duration;
 
 use chatfleet_tests::client::{self, ChatSocket};
 use chatfleet_tests::ws::{expect_quiet, http, next_json, Ws};
-use chatfleet_tests::{token, ChatFleet, Service, JWT_SECRET, SERVICE_TOKEN};
-use chatstream::{MessageId, StreamId, UserId};
+use chatfleet_tests::{token, ChatFleet, Service, SERVICE_TOKEN};
 use serde_json::{json, Value};
 
-const SERVICE: &str = "chatwebsocketshandler";
-
-fn start(extra: &[(&str, &str)]) -> Service {
-    let mut env: Vec<(String, String)> = [
-        ("JWT_SECRET", JWT_SECRET),
-        ("INTERNAL_SERVICE_TOKEN", SERVICE_TOKEN),
-        ("CHATPERSISTENCE_INTERNAL_URL", "http://127.0.0.1:9"),
-    ]
-    .iter()
-    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-    .collect();
-    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-    Service::start(SERVICE, &env)
-}
-
-fn stream(a: &str, b: &str) -> StreamId {
-    StreamId::for_pair(&UserId::parse(a).expect("valid"), &UserId::parse(b).expect("valid"))
-}
-
-fn chat_message(sender: &str, receiver: &str, content: &str) -> Value {
-    json!({
-        "message_id": MessageId::new().to_string(),
-        "stream_id": stream(sender, receiver).to_string(),
-        "sender_id": sender,
-        "receiver_id": receiver,
-        "content": content,
-        "created_at": "2025-01-01T12:00:00Z",
-    })
-}
+use crate::chatwebsockets_handler::{chat_message, start, stream};
 
 /// One batch event as the change handler sends it.
 fn event(kind: &str, message: &Value) -> Value {
@@ -48,15 +19,7 @@ fn event(kind: &str, message: &Value) -> Value {
 }
 
 async fn connect(service: &Service, me: &str, peer: &str) -> Ws {
-    let path = format!(
-        "/chat/subscribe?stream_id={}&sender_id={me}&receiver_id={peer}&access_token={}",
-        stream(me, peer),
-        token(me)
-    );
-    match tokio_tungstenite::connect_async(service.ws_url(&path)).await {
-        Ok((ws, _)) => ws,
-        Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
-    }
+    crate::chatwebsockets_handler::connect(service, me, peer, None).await
 }
 
 async fn post_batch(url: String, bearer: Option<&str>, body: String) -> (u16, Value) {
