@@ -8,8 +8,10 @@
 //! forwards of the other partitions queue, and the next request carries all of them
 //! (`POST /chat/forward-batch`, answered per event). By default nothing waits on
 //! purpose: a lone forward goes out at once, on its own route, exactly as before;
-//! `CHAT_WEBSOCKET_FORWARD_LINGER` lets the first forward of a batch wait that long
-//! for others (latency traded for fewer requests).
+//! `CHAT_WEBSOCKET_FORWARD_LINGER` lets the first forward of a batch wait up to that
+//! long for the forwards of records other partitions are handling right now (claimed or
+//! claiming, [`Approach`]); with none on the way it does not wait at all, so a linger
+//! neither delays a lone message nor caps a partition's rate.
 //!
 //! The guarantees stay per record: each event gets the status its own forward would
 //! have got (`200`/`206`/`500`/`4xx`, classified by `crate::forward::classify`), so
@@ -20,7 +22,7 @@
 //! falls back to one request per event for good (a warning says so). Batching pays off
 //! where `CHAT_WEBSOCKET_URL` is one socket pod (the local stack, a single-pod fleet).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +30,7 @@ use futures::future::join_all;
 use kafkawrapper::HandlerError;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::forward::{classify, Forwarder};
 
@@ -55,6 +57,26 @@ struct Pending {
 #[derive(Clone)]
 pub struct ForwardBatcher {
     queue: mpsc::Sender<Pending>,
+    approaching: Arc<Approaching>,
+}
+
+/// How many records are being handled and will forward soon (claimed or claiming, not
+/// yet queued): a lingering batch waits for these and for nothing else.
+#[derive(Default)]
+struct Approaching {
+    count: AtomicUsize,
+    changed: Notify,
+}
+
+/// A record on its way to a forward; dropped once its forward is queued (or the record
+/// needs none after all).
+pub struct Approach(Arc<Approaching>);
+
+impl Drop for Approach {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_one();
+    }
 }
 
 impl ForwardBatcher {
@@ -65,7 +87,9 @@ impl ForwardBatcher {
             return None;
         }
         let (queue, receiver) = mpsc::channel(QUEUE);
+        let approaching = Arc::new(Approaching::default());
         let sender = Sender {
+            approaching: approaching.clone(),
             forwarder,
             url: format!("{base_url}/chat/forward-batch"),
             max_events,
@@ -73,17 +97,34 @@ impl ForwardBatcher {
             unavailable: AtomicBool::new(false),
         };
         tokio::spawn(sender.run(receiver));
-        Some(Self { queue })
+        Some(Self { queue, approaching })
+    }
+
+    /// Marks a record as on its way to a forward, until the returned guard is dropped
+    /// (`forward` drops it once the forward is queued).
+    pub fn approach(&self) -> Approach {
+        self.approaching.count.fetch_add(1, Ordering::SeqCst);
+        Approach(self.approaching.clone())
     }
 
     /// Forwards one event of `stream` (whose own route is `single_url`) and returns its
     /// own result.
-    pub async fn forward(&self, stream: &str, single_url: &str, body: &Arc<Value>) -> Result<(), HandlerError> {
+    /// `approach` (the record's guard from [`ForwardBatcher::approach`]) is dropped once
+    /// the forward is queued.
+    pub async fn forward(
+        &self,
+        stream: &str,
+        single_url: &str,
+        body: &Arc<Value>,
+        approach: Option<Approach>,
+    ) -> Result<(), HandlerError> {
         let event = batch_event(stream, body)?;
         let (reply, answer) = oneshot::channel();
         let pending = Pending { event, single_url: single_url.to_owned(), body: body.clone(), reply };
         let stopped = || HandlerError::retryable(format!("{TARGET}: the forward sender stopped"));
-        self.queue.send(pending).await.map_err(|_| stopped())?;
+        let queued = self.queue.send(pending).await;
+        drop(approach);
+        queued.map_err(|_| stopped())?;
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -109,8 +150,10 @@ struct Sender {
     forwarder: Forwarder,
     url: String,
     max_events: usize,
-    /// How long the first forward of a batch waits for more (`CHAT_WEBSOCKET_FORWARD_LINGER`).
+    /// How long the first forward of a batch waits for more (`CHAT_WEBSOCKET_FORWARD_LINGER`),
+    /// as long as records are approaching.
     linger: Duration,
+    approaching: Arc<Approaching>,
     /// Set after the route was answered `404`/`405` (a proxy, or an older pod): from
     /// then on every forward goes on its own.
     unavailable: AtomicBool,
@@ -134,9 +177,16 @@ impl Sender {
                 let next = match receiver.try_recv() {
                     Ok(next) => next,
                     Err(_) if self.linger.is_zero() || self.unavailable.load(Ordering::Relaxed) => break,
-                    Err(_) => match tokio::time::timeout_at(until, receiver.recv()).await {
-                        Ok(Some(next)) => next,
-                        _ => break,
+                    // Nobody else is on the way: waiting would only delay this batch.
+                    Err(_) if self.approaching.count.load(Ordering::SeqCst) == 0 => break,
+                    Err(_) => tokio::select! {
+                        next = receiver.recv() => match next {
+                            Some(next) => next,
+                            None => break,
+                        },
+                        // One of them queued its forward, or needs none: look again.
+                        _ = self.approaching.changed.notified() => continue,
+                        _ = tokio::time::sleep_until(until) => break,
                     },
                 };
                 if bytes + next.event.len() + 1 > MAX_BATCH_BYTES {

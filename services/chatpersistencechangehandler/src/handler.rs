@@ -41,7 +41,7 @@ use serde_json::{json, Value};
 
 use crate::bot::Bots;
 use crate::forward::Forwarder;
-use crate::forward_batch::ForwardBatcher;
+use crate::forward_batch::{Approach, ForwardBatcher};
 use crate::notify_batch::{Batcher, Item};
 use crate::pipeline::{domain_kind, DedupBy, OnExhausted, Pipeline, Target};
 
@@ -330,7 +330,14 @@ impl PipelineHandler {
     /// whether it has succeeded now (or before). Per-user notifications of one target
     /// go in batches when there are at least two of them (`crate::notify_batch`), each
     /// user's result its own.
-    async fn forward(&self, calls: &[Call], done: &[bool]) -> (Vec<(Target, HandlerError)>, Vec<bool>) {
+    async fn forward(
+        &self,
+        calls: &[Call],
+        done: &[bool],
+        approach: Option<Approach>,
+    ) -> (Vec<(Target, HandlerError)>, Vec<bool>) {
+        // Handed to the record's message forward (one per record), dropped once queued.
+        let approach = &Mutex::new(approach);
         let already = |index: usize| done.get(index).copied().unwrap_or(false);
         let mut batched: Vec<Vec<usize>> = Vec::new();
         let mut single: Vec<usize> = Vec::new();
@@ -354,7 +361,10 @@ impl PipelineHandler {
             let call = &calls[index];
             let result = match (call.target, &self.bots, &self.forward_batcher, &call.stream) {
                 (Target::Bot, Some(bots), _, _) => Self::answer(bots, &call.body).await,
-                (_, _, Some(batcher), Some(stream)) => batcher.forward(stream, &call.url, &call.body).await,
+                (_, _, Some(batcher), Some(stream)) => {
+                    let approach = approach.lock().unwrap_or_else(PoisonError::into_inner).take();
+                    batcher.forward(stream, &call.url, &call.body, approach).await
+                }
                 _ => self.forwarder.post(call.target.name(), &call.url, &call.body).await,
             };
             vec![(index, result)]
@@ -510,11 +520,16 @@ impl Handler for PipelineHandler {
             metrics::counter!("changes_skipped_total", "pipeline" => pipeline, "reason" => "no_target").increment(1);
             return Ok(());
         };
+        // Tells a lingering forward batch that this record's forward is on its way.
+        let approach = match &self.forward_batcher {
+            Some(batcher) if calls.iter().any(|call| call.stream.is_some()) => Some(batcher.approach()),
+            _ => None,
+        };
         let Some(token) = self.claim(&key).await? else {
             metrics::counter!("changes_skipped_duplicate_total", "pipeline" => pipeline).increment(1);
             return Ok(());
         };
-        let (failed, done) = self.forward(&calls, &done_before).await;
+        let (failed, done) = self.forward(&calls, &done_before, approach).await;
         let result = Self::combined(&failed).map_or(Ok(()), Err);
         self.remember_attempt(record, failed, done);
         match result {
@@ -762,11 +777,11 @@ mod tests {
         assert!(calls[1..].iter().all(|c| Arc::ptr_eq(&c.body, &calls[1].body)), "one body for every member");
         // Everything but carol's notification went through before: only hers is made
         // (and fails: nothing listens at the test addresses).
-        let (failed, done) = h.forward(&calls, &[true, true, false, true]).await;
+        let (failed, done) = h.forward(&calls, &[true, true, false, true], None).await;
         assert_eq!(failed.iter().map(|(t, _)| *t).collect::<Vec<_>>(), vec![Target::ChatNotification]);
         assert_eq!(done, vec![true, true, false, true]);
         // Nothing left to make: nothing fails.
-        let (failed, done) = h.forward(&calls, &[true; 4]).await;
+        let (failed, done) = h.forward(&calls, &[true; 4], None).await;
         assert!(failed.is_empty());
         assert_eq!(done, vec![true; 4]);
     }

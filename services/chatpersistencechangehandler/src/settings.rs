@@ -67,8 +67,9 @@ pub struct ForwardSettings {
     /// (`crate::forward_batch`). Through a proxy (which cannot route a batch) the first
     /// batch is refused and every forward goes on its own from then on.
     pub chat_websocket_batch: usize,
-    /// `CHAT_WEBSOCKET_FORWARD_LINGER`: how long the first forward of a batch waits for
-    /// others to join it (0: not at all; only forwards that queued meanwhile go along).
+    /// `CHAT_WEBSOCKET_FORWARD_LINGER`: how long the first forward of a batch may wait for
+    /// the forwards of records other partitions are handling right now (none on the way:
+    /// no wait; 0: only forwards that queued meanwhile go along).
     #[serde(with = "humantime_serde")]
     pub chat_websocket_linger: Duration,
 }
@@ -83,7 +84,7 @@ impl Default for ForwardSettings {
             service_token: String::new(),
             notifications_batch: 500,
             chat_websocket_batch: 64,
-            chat_websocket_linger: Duration::ZERO,
+            chat_websocket_linger: Duration::from_millis(2),
         }
     }
 }
