@@ -143,6 +143,16 @@ pub struct ChaosReport {
     pub calm_p99: Duration,
     /// Every delivery's p99, faults included.
     pub all_p99: Duration,
+    /// How long messages waited in their author's outbox (scheduled → first POST): a
+    /// client posts one message at a time, so a POST retried through a fault holds the
+    /// author's later messages. Part of every delivery latency above.
+    pub outbox_wait_p50: Duration,
+    pub outbox_wait_p99: Duration,
+    /// Delivery measured from the first POST instead of the schedule (the outbox wait
+    /// taken out), away from every fault window (the POST after the window), p50/p99.
+    pub posted_calm_deliveries: usize,
+    pub posted_calm_p50: Duration,
+    pub posted_calm_p99: Duration,
     pub faults: Vec<Fault>,
     /// Services found dead at the end (they must all be running).
     pub dead_at_end: Vec<String>,
@@ -164,7 +174,10 @@ impl ChaosReport {
              | delivered to both participants | {} |\n| **lost** | **{}** |\n\
              | duplicate frames on an uninterrupted socket | {} |\n| socket reconnects / resyncs | {} / {} |\n\
              | delivery p50 / p99 outside fault windows | {} / {} ms ({} deliveries) |\n\
-             | delivery p99, all | {} ms |\n| services dead at the end | {} |\n",
+             | delivery p99, all | {} ms |\n\
+             | client outbox wait p50 / p99 (scheduled → first POST) | {} / {} ms |\n\
+             | delivery p50 / p99 from the first POST, outside fault windows | {} / {} ms ({} deliveries) |\n\
+             | services dead at the end | {} |\n",
             self.seed,
             self.conversations,
             self.posting_seconds,
@@ -190,6 +203,11 @@ impl ChaosReport {
             ms(self.calm_p99),
             self.calm_deliveries,
             ms(self.all_p99),
+            ms(self.outbox_wait_p50),
+            ms(self.outbox_wait_p99),
+            ms(self.posted_calm_p50),
+            ms(self.posted_calm_p99),
+            self.posted_calm_deliveries,
             if self.dead_at_end.is_empty() { "none".to_owned() } else { self.dead_at_end.join(", ") },
         ));
         out.push_str("\n| # | fault | at s | down s | recovered after s |\n| --- | --- | --- | --- | --- |\n");
@@ -312,7 +330,9 @@ struct Participant {
     /// The newest id held (ids of a conversation grow with time): the `since` cursor.
     newest: Option<String>,
     /// First live sighting of each message: (sent at, received at), from the run's anchor.
-    live: Vec<(Duration, Duration)>,
+    /// With the message's sequence number (to find how long it waited in its author's
+    /// outbox).
+    live: Vec<(Duration, Duration, u64)>,
     duplicate_frames: u64,
     reconnects: u64,
     resyncs: u64,
@@ -333,6 +353,11 @@ impl Participant {
 }
 
 /// `chaos <conversation> <seq> <sent nanos>`: what every soak message says.
+/// A soak message's sequence number (`chaos <conversation> <seq> <nanos>`).
+fn seq_of(content: &str) -> Option<u64> {
+    content.split_whitespace().nth(2)?.parse().ok()
+}
+
 fn sent_at(content: &str) -> Option<Duration> {
     let nanos = content.split_whitespace().nth(3)?.parse().ok()?;
     Some(Duration::from_nanos(nanos))
@@ -431,8 +456,9 @@ async fn socket_client(
                                 s.duplicate_frames += 1;
                             }
                             if s.keep(&id) {
-                                if let Some(sent) = v["message"]["content"].as_str().and_then(sent_at) {
-                                    s.live.push((sent, now));
+                                let content = v["message"]["content"].as_str().unwrap_or_default();
+                                if let (Some(sent), Some(seq)) = (sent_at(content), seq_of(content)) {
+                                    s.live.push((sent, now, seq));
                                 }
                             }
                         }
@@ -474,6 +500,9 @@ struct PostStats {
     found_by_lookup: AtomicU64,
     unresolved: AtomicU64,
     refused: AtomicU64,
+    /// Per sequence number: how long the message waited in its author's outbox
+    /// (scheduled → first POST) behind that author's earlier messages and their retries.
+    outbox_waits: Mutex<HashMap<u64, Duration>>,
 }
 
 /// A UUIDv7 with the given millisecond time and nothing else: a `since` cursor that
@@ -705,13 +734,16 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
             let mut senders = Vec::new();
             for (a, b) in &pairs {
                 for (from, to) in [(a, b), (b, a)] {
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, usize, String, Option<String>)>();
+                    let (tx, mut rx) =
+                        tokio::sync::mpsc::unbounded_channel::<(u64, usize, String, Option<String>, Duration)>();
                     let (http, ends, give_up, stats) = (http.clone(), ends.clone(), give_up.clone(), stats.clone());
                     let outbox_of = from.clone();
                     let (from, to) = (from.clone(), to.clone());
                     senders.push(tokio::spawn(async move {
                         let mut answers = Vec::new();
-                        while let Some((seq, conversation, content, id)) = rx.recv().await {
+                        while let Some((seq, conversation, content, id, scheduled)) = rx.recv().await {
+                            let waited = anchor.elapsed().saturating_sub(scheduled);
+                            stats.outbox_waits.lock().expect("waits").insert(seq, waited);
                             let idless = id.is_none();
                             let answer = post_one(
                                 http.clone(),
@@ -739,10 +771,11 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
                 let (a, b) = &pairs[conversation];
                 let from = if (seq as usize / pairs.len()).is_multiple_of(2) { a } else { b };
                 let idless = idless_every > 0 && conversation % idless_every == idless_every - 1;
-                let content = format!("chaos {conversation} {seq} {}", anchor.elapsed().as_nanos());
+                let scheduled = anchor.elapsed();
+                let content = format!("chaos {conversation} {seq} {}", scheduled.as_nanos());
                 let id = (!idless).then(|| format!("chaos-{seq}"));
                 if let Some(outbox) = outboxes.get(from) {
-                    let _ = outbox.send((seq, conversation, content, id));
+                    let _ = outbox.send((seq, conversation, content, id, scheduled));
                 }
                 seq += 1;
             }
@@ -908,17 +941,23 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
         .collect();
     let mut calm = Vec::new();
     let mut all = Vec::new();
+    let mut posted_calm = Vec::new();
+    let waits = std::mem::take(&mut *stats.outbox_waits.lock().expect("waits"));
     for p in participants.iter().flatten().chain(std::iter::once(&probe)) {
         let p = p.lock().expect("state");
         r.duplicate_frames_uninterrupted += p.duplicate_frames;
         r.reconnects += p.reconnects;
         r.resyncs += p.resyncs;
         r.via_history_pages += p.via_pages;
-        for &(sent, seen) in &p.live {
+        for &(sent, seen, seq) in &p.live {
             let latency = seen.saturating_sub(sent);
             all.push(latency);
             if windows.iter().all(|&(from, to)| seen < from || sent > to) {
                 calm.push(latency);
+            }
+            let posted = sent + waits.get(&seq).copied().unwrap_or_default();
+            if windows.iter().all(|&(from, to)| seen < from || posted > to) {
+                posted_calm.push(seen.saturating_sub(posted));
             }
         }
     }
@@ -928,6 +967,14 @@ pub async fn run(mut fleet: ChaosFleet, o: &ChaosOptions) -> ChaosReport {
     r.calm_p50 = percentile(&calm, 50.0);
     r.calm_p99 = percentile(&calm, 99.0);
     r.all_p99 = percentile(&all, 99.0);
+    let mut outbox_waits: Vec<Duration> = waits.into_values().collect();
+    outbox_waits.sort();
+    r.outbox_wait_p50 = percentile(&outbox_waits, 50.0);
+    r.outbox_wait_p99 = percentile(&outbox_waits, 99.0);
+    posted_calm.sort();
+    r.posted_calm_deliveries = posted_calm.len();
+    r.posted_calm_p50 = percentile(&posted_calm, 50.0);
+    r.posted_calm_p99 = percentile(&posted_calm, 99.0);
     for s in fleet.services.iter_mut() {
         if !s.is_running() {
             r.dead_at_end.push(s.name.clone());
