@@ -174,6 +174,13 @@ fn sane_request_id(value: &HeaderValue) -> Option<&str> {
     (!text.is_empty() && text.len() <= 128 && text.bytes().all(|b| b.is_ascii_graphic())).then_some(text)
 }
 
+/// Logs, at the level and under the target of a request's own "request finished", that
+/// one item of a request finished in the current span: an event of a batch, which
+/// continues its own trace (`adopt`) rather than the request's.
+pub fn item_finished(status: u16) {
+    tracing::debug!(status, "batch item finished");
+}
+
 /// Edge middleware: the request's entry span (continuing the caller's
 /// `traceparent`, else a new trace), `x-request-id` echoed (or generated from the
 /// span id), and one debug line per request with status and duration.

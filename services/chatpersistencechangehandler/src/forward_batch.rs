@@ -31,6 +31,7 @@ use kafkawrapper::HandlerError;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::Instrument;
 
 use crate::forward::{classify, Forwarder};
 
@@ -50,6 +51,8 @@ struct Pending {
     /// Its own route and body, for a lone forward or the fallback.
     single_url: String,
     body: Arc<Value>,
+    /// The record's trace: the sender task runs outside the record's span.
+    traceparent: Option<String>,
     reply: oneshot::Sender<Result<(), HandlerError>>,
 }
 
@@ -118,9 +121,12 @@ impl ForwardBatcher {
         body: &Arc<Value>,
         approach: Option<Approach>,
     ) -> Result<(), HandlerError> {
-        let event = batch_event(stream, body)?;
+        // The record's trace travels with its event: a batch carries several records'
+        // traces, so the request's own headers cannot.
+        let traceparent = servicekit::trace::traceparent();
+        let event = batch_event(stream, body, traceparent.as_deref())?;
         let (reply, answer) = oneshot::channel();
-        let pending = Pending { event, single_url: single_url.to_owned(), body: body.clone(), reply };
+        let pending = Pending { event, single_url: single_url.to_owned(), body: body.clone(), traceparent, reply };
         let stopped = || HandlerError::retryable(format!("{TARGET}: the forward sender stopped"));
         let queued = self.queue.send(pending).await;
         drop(approach);
@@ -129,9 +135,12 @@ impl ForwardBatcher {
     }
 }
 
-/// `{"stream_id":…,` followed by the rest of the single body: one batch event.
-fn batch_event(stream: &str, body: &Value) -> Result<Vec<u8>, HandlerError> {
-    let (Ok(stream), Ok(single)) = (serde_json::to_vec(stream), serde_json::to_vec(body)) else {
+/// `{"stream_id":…,` (and `"traceparent":…,` when the record has a trace) followed by
+/// the rest of the single body: one batch event.
+fn batch_event(stream: &str, body: &Value, traceparent: Option<&str>) -> Result<Vec<u8>, HandlerError> {
+    let (Ok(stream), Ok(single), Ok(trace)) =
+        (serde_json::to_vec(stream), serde_json::to_vec(body), traceparent.map(serde_json::to_vec).transpose())
+    else {
         return Err(HandlerError::permanent(format!("{TARGET}: the event cannot be serialized")));
     };
     // The single body is a non-empty JSON object: `{"type":…}`.
@@ -142,6 +151,11 @@ fn batch_event(stream: &str, body: &Value) -> Result<Vec<u8>, HandlerError> {
     event.extend_from_slice(b"{\"stream_id\":");
     event.extend_from_slice(&stream);
     event.push(b',');
+    if let Some(trace) = trace {
+        event.extend_from_slice(b"\"traceparent\":");
+        event.extend_from_slice(&trace);
+        event.push(b',');
+    }
     event.extend_from_slice(&single[1..]);
     Ok(event)
 }
@@ -261,7 +275,12 @@ impl Sender {
     /// Each forward on its own route, concurrently.
     async fn one_by_one(&self, batch: Vec<Pending>) {
         join_all(batch.into_iter().map(|pending| async move {
-            let result = self.forwarder.post(TARGET, &pending.single_url, &pending.body).await;
+            // Sent in the record's trace (the headers come from the current span).
+            let span =
+                tracing::info_span!(target: servicekit::trace::TARGET, "forward", trace_id = tracing::field::Empty);
+            servicekit::trace::adopt(&span, pending.traceparent.as_deref());
+            let post = self.forwarder.post(TARGET, &pending.single_url, &pending.body);
+            let result = post.instrument(span).await;
             let _ = pending.reply.send(result);
         }))
         .await;
@@ -285,13 +304,17 @@ mod tests {
     #[test]
     fn a_batch_event_is_the_single_body_with_its_stream() {
         let body = json!({"type": "message", "message": {"content": "a \"quoted\" ,}"}});
-        let event = batch_event("d.alice.bob", &body).expect("serializes");
+        let event = batch_event("d.alice.bob", &body, None).expect("serializes");
         let parsed: Value = serde_json::from_slice(&event).expect("valid JSON");
         assert_eq!(parsed["stream_id"], "d.alice.bob");
+        assert!(parsed.get("traceparent").is_none());
+        let traced = batch_event("d.alice.bob", &body, Some("00-ab-cd-01")).expect("serializes");
+        let traced: Value = serde_json::from_slice(&traced).expect("valid JSON");
+        assert_eq!((&traced["traceparent"], &traced["message"]), (&json!("00-ab-cd-01"), &parsed["message"]));
         assert_eq!(parsed["type"], "message");
         assert_eq!(parsed["message"]["content"], "a \"quoted\" ,}");
-        assert!(batch_event("s", &json!({})).is_err(), "an empty body is no event");
-        assert!(batch_event("s", &json!([1])).is_err());
+        assert!(batch_event("s", &json!({}), None).is_err(), "an empty body is no event");
+        assert!(batch_event("s", &json!([1]), None).is_err());
     }
 
     #[test]

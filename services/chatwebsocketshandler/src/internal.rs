@@ -136,11 +136,17 @@ pub struct BatchBody {
 
 /// One event of a batch: `POST /chat/forward-to-websocket`'s body with its query's
 /// `stream_id` added; split back into the two.
-fn split_event(mut raw: serde_json::Value) -> Result<(StreamId, ForwardBody), ApiError> {
-    let stream_id = raw.as_object_mut().and_then(|event| event.remove("stream_id"));
-    let stream = stream_of(&StreamQuery { stream_id: stream_id.and_then(|id| id.as_str().map(str::to_owned)) })?;
+fn split_event(mut raw: serde_json::Value) -> Result<(StreamId, ForwardBody, Option<String>), ApiError> {
+    let mut take = |field: &str| {
+        raw.as_object_mut().and_then(|event| event.remove(field)).and_then(|v| v.as_str().map(str::to_owned))
+    };
+    let stream_id = take("stream_id");
+    // The event's own trace (its record's), which the request's headers cannot carry
+    // for several events at once.
+    let traceparent = take("traceparent");
+    let stream = stream_of(&StreamQuery { stream_id })?;
     let body = serde_json::from_value(raw).map_err(|err| ApiError::bad_request(format!("event: {err}")))?;
-    Ok((stream, body))
+    Ok((stream, body, traceparent))
 }
 
 /// One event's result: the status its own forward would have answered, the counts,
@@ -196,15 +202,25 @@ pub async fn forward_batch(
         .events
         .into_iter()
         .map(|raw| {
-            let (stream, body) = match split_event(raw) {
+            let (stream, body, traceparent) = match split_event(raw) {
                 Ok(event) => event,
                 Err(err) => return BatchResult::refused(err),
             };
+            // Each event continues its own trace, as its single forward would.
+            let span = tracing::info_span!(
+                target: servicekit::trace::TARGET,
+                "forward event",
+                stream_id = %stream,
+                trace_id = tracing::field::Empty,
+            );
+            servicekit::trace::adopt(&span, traceparent.as_deref());
+            let _entered = span.enter();
             if let Err(err) = validate(stream, &body) {
                 return BatchResult::refused(err);
             }
             let report = deliver(&state, stream, &body);
             let status = status_of(stream, &body.message.message_id.to_string(), &report);
+            servicekit::trace::item_finished(status.as_u16());
             BatchResult {
                 status: status.as_u16(),
                 stream_id: Some(stream),

@@ -38,7 +38,7 @@ fn statuses(answer: &Value) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_delivers_each_event_in_order_and_answers_per_event() {
-    let service = start(&[]);
+    let service = start(&[("LOG_LEVEL", "info,servicekit::trace=debug")]);
     let mut alice = connect(&service, "alice", "bob").await;
     let mut bob = connect(&service, "bob", "alice").await;
     let mut carol = connect(&service, "carol", "dave").await;
@@ -51,9 +51,13 @@ async fn a_batch_delivers_each_event_in_order_and_answers_per_event() {
     let mut wrong_stream = event("message", &chat_message("alice", "bob", "never shown"));
     wrong_stream["stream_id"] = json!(stream("alice", "carol").to_string());
     let nobody = chat_message("erin", "frank", "no socket here");
+    // An event carries its own record's trace (the request's headers cannot carry several).
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut traced = event("message", &m2);
+    traced["traceparent"] = json!(format!("00-{trace_id}-b7ad6b7169203331-01"));
     let events = json!({"events": [
         event("message", &m1),
-        event("message", &m2),
+        traced,
         wrong_stream,
         {"stream_id": m1["stream_id"], "type": "shout", "message": m1},
         {"stream_id": "not a stream", "type": "message", "message": m1},
@@ -79,6 +83,7 @@ async fn a_batch_delivers_each_event_in_order_and_answers_per_event() {
         }
     }
     assert_eq!(next_json(&mut carol).await["message"]["message_id"], m2["message_id"]);
+    assert!(service.log_tail(2_000).contains(trace_id), "the event's trace is continued in the pod's log");
 
     // The same batch again (the change handler got no answer): done, nothing shown twice.
     let (status, answer) = post_batch(url, Some(SERVICE_TOKEN), events.to_string()).await;
