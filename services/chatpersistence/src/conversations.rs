@@ -254,6 +254,19 @@ impl Activity {
         self.put(id.to_string(), PendingActivity { at, members });
     }
 
+    /// Like `touch`, but copies the member list only when the pending entry has none
+    /// yet (a busy group's next messages just raise the time).
+    fn touch_members(&self, id: &StreamId, at: i64, members: &[String]) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match state.pending.get_mut(id.as_str()) {
+            Some(entry) if entry.members.is_some() => entry.at = entry.at.max(at),
+            _ => {
+                drop(state);
+                self.touch(id, at, Some(members.iter().cloned().collect()));
+            }
+        }
+    }
+
     fn put(&self, id: String, activity: PendingActivity) {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match state.pending.get_mut(&id) {
@@ -380,7 +393,6 @@ impl Conversations {
             return Ok(());
         }
         let commands = pack_activity(&pending);
-        let db = self.memberships.client().database(&self.memberships.namespace().db);
         let mut failed: Option<StoreError> = None;
         let mut unwritten: HashSet<usize> = HashSet::new();
         for (statements, owners) in commands {
@@ -388,8 +400,7 @@ impl Conversations {
                 unwritten.extend(owners);
                 continue;
             }
-            let command = doc! { "update": self.memberships.name(), "updates": statements, "ordered": false };
-            if let Err(err) = self.store.run(db.run_command(command)).await {
+            if let Err(err) = self.update_memberships(statements, false).await {
                 unwritten.extend(owners);
                 failed = Some(err);
             }
@@ -400,6 +411,13 @@ impl Conversations {
             }
         }
         failed.map_or(Ok(()), Err)
+    }
+
+    /// One `update` command of several statements on `memberships` (one round trip).
+    async fn update_memberships(&self, statements: Vec<Document>, ordered: bool) -> Result<(), StoreError> {
+        let command = doc! { "update": self.memberships.name(), "updates": statements, "ordered": ordered };
+        let db = self.memberships.client().database(&self.memberships.namespace().db);
+        self.store.run(db.run_command(command)).await.map(|_| ())
     }
 
     /// Flushes inbox activity every [`ACTIVITY_FLUSH`] until shutdown (and once more then).
@@ -573,9 +591,7 @@ impl Conversations {
                     doc! { "q": filter, "u": update, "upsert": true, "multi": false }
                 })
                 .collect();
-            let command = doc! { "update": self.memberships.name(), "updates": statements, "ordered": true };
-            let db = self.memberships.client().database(&self.memberships.namespace().db);
-            self.store.run(db.run_command(command)).await?;
+            self.update_memberships(statements, true).await?;
         }
         let events = members
             .iter()
@@ -774,7 +790,7 @@ impl Conversations {
             }
         }
         // Every member's inbox moves this conversation up: batched in the background.
-        self.activity.touch(id, at, Some(updated.members.iter().cloned().collect()));
+        self.activity.touch_members(id, at, &updated.members);
         let recipients = if pair_peer.is_some() {
             Vec::new()
         } else {
@@ -968,5 +984,10 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].1.at, 3, "the newest time");
         assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(2), "the known members are kept");
+        activity.touch_members(&id, 4, &["a".to_owned()]);
+        activity.touch_members(&id, 5, &["a".to_owned(), "b".to_owned()]);
+        let taken = activity.take(true);
+        assert_eq!(taken[0].1.at, 5);
+        assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(1), "copied once per pending entry");
     }
 }
