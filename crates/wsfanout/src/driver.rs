@@ -17,12 +17,13 @@
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
 use std::hash::Hash;
+use std::pin::{pin, Pin};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::{Sink, SinkExt, Stream, StreamExt};
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -224,17 +225,27 @@ impl Replies {
     }
 }
 
-/// Runs a write, unless shutdown or a close request comes first (a client that does
-/// not read can block a write for ever).
+/// Resolves once the socket must stop writing: shutdown, or a close the hub asked
+/// for. Made once per socket and polled by every wait of its writer: building the
+/// two waits again for each frame (a waiter registered and removed on each, twice
+/// per frame) was a sixth of a busy socket pod's CPU in a 1,000-socket fan-out.
+async fn stop_requested(close_rx: &mut watch::Receiver<Option<Close>>, shutdown: &CancellationToken) -> Stop {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => Stop::Close(Close::going_away()),
+        close = close_requested(close_rx) => Stop::Close(close),
+    }
+}
+
+/// Runs a write, unless a stop (see [`stop_requested`]) comes first (a client that
+/// does not read can block a write for ever).
 async fn guarded<T>(
     write: impl std::future::Future<Output = Result<T, axum::Error>>,
-    close_rx: &mut watch::Receiver<Option<Close>>,
-    shutdown: &CancellationToken,
+    stopping: &mut Pin<&mut impl std::future::Future<Output = Stop>>,
 ) -> Result<T, Stop> {
     tokio::select! {
         biased;
-        _ = shutdown.cancelled() => Err(Stop::Close(Close::going_away())),
-        close = close_requested(close_rx) => Err(Stop::Close(close)),
+        stop = stopping.as_mut() => Err(stop),
         written = write => written.map_err(|_| Stop::Gone),
     }
 }
@@ -314,6 +325,8 @@ where
     let replayed: HashSet<EventId> = replay.iter().filter_map(|frame| frame.event_id().cloned()).collect();
     let left = if replayed.is_empty() { 0 } else { registration.remember(replayed.iter().cloned()) };
     let mut seam = Seam { left, replayed };
+    let Registration { rx, close_rx, .. } = &mut *registration;
+    let mut stopping = pin!(stop_requested(close_rx, shutdown));
     if !replay.is_empty() {
         let count = replay.len() as u64;
         let write = async {
@@ -322,7 +335,7 @@ where
             }
             sink.flush().await
         };
-        if let Err(stop) = guarded(write, &mut registration.close_rx, shutdown).await {
+        if let Err(stop) = guarded(write, &mut stopping).await {
             return stop;
         }
         frames_sent.increment(count);
@@ -330,15 +343,16 @@ where
 
     let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut reply_ready = pin!(replies.ready.notified());
     loop {
         let written = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return Stop::Close(Close::going_away()),
-            close = close_requested(&mut registration.close_rx) => return Stop::Close(close),
+            stop = stopping.as_mut() => return stop,
             _ = ping.tick() => {
-                guarded(sink.send(Message::Ping(Bytes::new())), &mut registration.close_rx, shutdown).await.map(|()| (0, None))
+                guarded(sink.send(Message::Ping(Bytes::new())), &mut stopping).await.map(|()| (0, None))
             }
-            _ = replies.ready.notified() => {
+            _ = reply_ready.as_mut() => {
+                reply_ready.set(replies.ready.notified());
                 let queued = replies.take();
                 let count = queued.len() as u64;
                 let write = async {
@@ -347,18 +361,22 @@ where
                     }
                     sink.flush().await
                 };
-                guarded(write, &mut registration.close_rx, shutdown).await.map(|()| (count, None))
+                guarded(write, &mut stopping).await.map(|()| (count, None))
             }
-            frame = registration.rx.recv() => match frame {
+            frame = rx.recv() => match frame {
                 Some(frame) => {
                     if seam.skips(&frame) {
                         continue;
                     }
-                    let Registration { rx, close_rx, .. } = &mut *registration;
-                    guarded(write_batch(sink, frame, rx, &mut seam), close_rx, shutdown).await
+                    guarded(write_batch(sink, frame, rx, &mut seam), &mut stopping).await
                 }
                 // The hub dropped the queue: it asked to close (or is gone).
-                None => return Stop::Close(registration.close_requested().unwrap_or_else(Close::going_away)),
+                None => {
+                    return match stopping.as_mut().now_or_never() {
+                        Some(stop) => stop,
+                        None => Stop::Close(Close::going_away()),
+                    }
+                }
             },
         };
         match written {

@@ -249,7 +249,15 @@ impl Recent {
     }
 
     fn insert(&mut self, id: u64) {
-        if self.capacity == 0 || self.contains(id) {
+        if !self.contains(id) {
+            self.insert_new(id);
+        }
+    }
+
+    /// Like `insert`, for an id the caller has just looked up (one scan, not two:
+    /// a fan-out looks every socket's ids up once per frame).
+    fn insert_new(&mut self, id: u64) {
+        if self.capacity == 0 {
             return;
         }
         if self.order.len() >= self.capacity {
@@ -450,7 +458,7 @@ where
                     match conn.tx.try_send(frame.clone()) {
                         Ok(()) => {
                             if let Some(id) = event {
-                                conn.recent.insert(id);
+                                conn.recent.insert_new(id);
                             }
                             report.delivered += 1;
                             true

@@ -657,10 +657,13 @@ mod group {
         mut stop: watch::Receiver<bool>,
     ) -> SocketLog {
         let mut log = SocketLog::default();
+        // Made once: a wait registered anew for each frame costs this harness CPU the
+        // services under test would otherwise get.
+        let mut stopped = std::pin::pin!(stop.changed());
         loop {
             tokio::select! {
                 biased;
-                _ = stop.changed() => break,
+                _ = stopped.as_mut() => break,
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
                         let now = anchor.elapsed();
