@@ -24,8 +24,9 @@ use servicekit::{ApiError, ApiJson, ApiQuery};
 use tokio::sync::Mutex;
 
 use crate::conversations::{ConversationError, Conversations};
+use crate::read_limit::ReadUser;
 use crate::relay::RelayFeed;
-use crate::settings::{HistorySettings, WriteSettings};
+use crate::settings::{HistorySettings, ReadSettings, WriteSettings};
 use crate::store::{Cursor, Inserted, Reader, Store, StoreError};
 
 /// The response header that marks an idempotent replay (`200`, nothing written).
@@ -55,6 +56,9 @@ pub struct AppState {
     pub(crate) presence: Option<Arc<presence::Presence>>,
     /// `RATE_LIMIT_POST_*`: one bucket per sender.
     post_limiter: Arc<KeyedLimiter<UserId>>,
+    /// `RATE_LIMIT_READ_*`: one bucket per reader, over every public `GET`
+    /// (`read_limit::ReadUser`).
+    read_limiter: Arc<KeyedLimiter<UserId>>,
     /// `STREAM_LOCK_TIMEOUT`.
     lock_timeout: Duration,
     /// `EDIT_WINDOW`.
@@ -85,6 +89,7 @@ impl AppState {
         let stream_locks = Arc::new((0..STREAM_LOCK_STRIPES).map(|_| Mutex::new(())).collect());
         let writes = &limits.writes;
         let rate = Rate::new(writes.rate_limit_post_per_second, writes.rate_limit_post_burst);
+        let reads = Rate::new(limits.reads.rate_limit_read_per_second, limits.reads.rate_limit_read_burst);
         Self {
             store,
             auth,
@@ -94,6 +99,7 @@ impl AppState {
             max_members: limits.max_members,
             presence: limits.presence,
             post_limiter: Arc::new(KeyedLimiter::new("post_message", rate, MAX_LIMITED_USERS)),
+            read_limiter: Arc::new(KeyedLimiter::new("read", reads, MAX_LIMITED_USERS)),
             lock_timeout: writes.stream_lock_timeout,
             edit_window: writes.edit_window,
             feed,
@@ -173,6 +179,11 @@ impl AppState {
         &self.post_limiter
     }
 
+    /// The per-user read bucket (`RATE_LIMIT_READ_*`): every public `GET`.
+    pub(crate) fn read_limiter(&self) -> &KeyedLimiter<UserId> {
+        &self.read_limiter
+    }
+
     /// A writable store, or 503 while the indexes are not there yet.
     fn writable(&self) -> Result<&Store, ApiError> {
         if self.indexes_ready.load(Ordering::Acquire) {
@@ -189,7 +200,8 @@ impl FromRef<AppState> for Authenticator {
     }
 }
 
-/// The most users whose post rate is tracked at once (the limiter's memory bound).
+/// The most users whose post (and, separately, read) rate is tracked at once (each
+/// limiter's memory bound).
 const MAX_LIMITED_USERS: usize = 100_000;
 
 /// What the API's limits and formats come from.
@@ -198,6 +210,7 @@ pub struct Limits {
     pub presence: Option<Arc<presence::Presence>>,
     pub history: HistorySettings,
     pub writes: WriteSettings,
+    pub reads: ReadSettings,
     pub format: StreamIdFormat,
 }
 
@@ -677,7 +690,7 @@ async fn read_page(
 
 async fn public_history(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    ReadUser(caller): ReadUser,
     ApiQuery(query): ApiQuery<PublicHistoryQuery>,
 ) -> Result<Json<HistoryPage>, ApiError> {
     let given = match (query.stream_id.as_deref(), query.conversation_id.as_deref()) {

@@ -21,6 +21,7 @@ use servicekit::{ApiError, ApiJson, ApiQuery};
 
 use crate::api::{conversation_error, AppState};
 use crate::conversations::{ConversationDoc, InboxCursor, LastMessage};
+use crate::read_limit::ReadUser;
 
 /// The longest group title, in characters.
 const MAX_TITLE_CHARS: usize = 100;
@@ -65,7 +66,7 @@ struct PresenceView {
 /// not_a_contact`, whether online or not, so presence tells a stranger nothing.
 async fn presence_of(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    ReadUser(caller): ReadUser,
     ApiQuery(query): ApiQuery<PresenceQuery>,
 ) -> Result<Json<PresenceView>, ApiError> {
     let raw = query.user_id.ok_or_else(|| ApiError::bad_request("user_id: required"))?;
@@ -194,7 +195,7 @@ async fn create(
 
 async fn show(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    ReadUser(caller): ReadUser,
     Path(id): Path<String>,
 ) -> Result<Json<ConversationView>, ApiError> {
     let id = conversation_id(&id)?;
@@ -327,7 +328,7 @@ fn parse_cursor(raw: &str) -> Result<InboxCursor, ApiError> {
 
 async fn list(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    ReadUser(caller): ReadUser,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<ListPage>, ApiError> {
     let limit = match query.limit {

@@ -12,6 +12,7 @@ mod event_relay;
 mod lease;
 mod message_changes;
 mod message_status;
+mod read_limit;
 mod recent_cache;
 mod relay;
 mod settings;
@@ -62,6 +63,7 @@ async fn build(ctx: Context, settings: Settings) -> Result<Launch, String> {
         presence,
         history: settings.history.clone(),
         writes: settings.writes.clone(),
+        reads: settings.reads.clone(),
         format: settings.ids.stream_id_format,
     };
     let mut state =

@@ -10,13 +10,13 @@
 use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
-use chatauth::AuthUser;
 use chatstream::{ChatMessage, ConversationKind, MessageId, UserId};
 use serde_json::Value;
 use servicekit::ApiError;
 
 use crate::api::{conversation_error, store_error, AppState};
 use crate::conversations::ConversationError;
+use crate::read_limit::ReadUser;
 
 pub fn public_routes() -> Router<AppState> {
     Router::new().route("/chat/messages/{id}", get(status))
@@ -44,7 +44,7 @@ async fn may_see(state: &AppState, caller: &UserId, message: &ChatMessage) -> Re
 /// leaves it only after MongoDB has it, so one of the two always answers.
 async fn status(
     State(state): State<AppState>,
-    AuthUser(caller): AuthUser,
+    ReadUser(caller): ReadUser,
     Path(raw): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = MessageId::parse(&raw).map_err(|_| not_found())?;

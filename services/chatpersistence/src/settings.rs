@@ -197,6 +197,46 @@ impl WriteSettings {
     ];
 }
 
+/// The read path's abuse limit: one token bucket per authenticated caller, shared
+/// by every public `GET` (history, message status, the inbox, one conversation,
+/// presence), so one user flooding reads cannot take MongoDB and Redis away from
+/// the others.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReadSettings {
+    /// `RATE_LIMIT_READ_PER_SECOND`: public reads one user may make per second,
+    /// sustained (`0`: no limit).
+    pub rate_limit_read_per_second: f64,
+    /// `RATE_LIMIT_READ_BURST`: public reads one user may make at once.
+    pub rate_limit_read_burst: f64,
+}
+
+impl Default for ReadSettings {
+    fn default() -> Self {
+        // Far above what a client does (an app start reads the inbox, a page of
+        // history and a few presences; pollers in the fleet's tests poll at 10 to
+        // 50 per second at most), far below what one flooding loop does.
+        Self { rate_limit_read_per_second: 50.0, rate_limit_read_burst: 100.0 }
+    }
+}
+
+impl ReadSettings {
+    pub const ENV: &'static [(&'static str, &'static str)] = &[
+        ("RATE_LIMIT_READ_PER_SECOND", "rate_limit_read_per_second"),
+        ("RATE_LIMIT_READ_BURST", "rate_limit_read_burst"),
+    ];
+}
+
+/// A token bucket's settings make sense: a finite rate `>= 0` (`0`: off) and a
+/// finite burst `>= 1`.
+fn check_rate(per_second: (&str, f64), burst: (&str, f64)) -> Result<(), String> {
+    let rate_ok = per_second.1.is_finite() && per_second.1 >= 0.0;
+    if !rate_ok || !burst.1.is_finite() || burst.1 < 1.0 {
+        return Err(format!("{} must be >= 0 and {} >= 1 (finite numbers)", per_second.0, burst.0));
+    }
+    Ok(())
+}
+
 /// Where the inbox reads who is online (the notification sockets' presence keys).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -339,6 +379,7 @@ pub struct Settings {
     pub capture: CaptureSettings,
     pub history: HistorySettings,
     pub writes: WriteSettings,
+    pub reads: ReadSettings,
     pub presence: PresenceSettings,
     pub write_behind: WriteBehindSettings,
     pub recent_cache: RecentCacheSettings,
@@ -355,6 +396,7 @@ impl Settings {
             .section("capture", CaptureSettings::ENV)
             .section("history", HistorySettings::ENV)
             .section("writes", WriteSettings::ENV)
+            .section("reads", ReadSettings::ENV)
             .section("presence", PresenceSettings::ENV)
             .section("write_behind", WriteBehindSettings::ENV)
             .section("recent_cache", RecentCacheSettings::ENV)
@@ -388,9 +430,14 @@ impl Settings {
         if self.history.default_limit == 0 || self.history.max_limit == 0 {
             return Err("HISTORY_DEFAULT_LIMIT and HISTORY_MAX_LIMIT must be at least 1".into());
         }
-        if self.writes.rate_limit_post_per_second < 0.0 || self.writes.rate_limit_post_burst < 1.0 {
-            return Err("RATE_LIMIT_POST_PER_SECOND must be >= 0 and RATE_LIMIT_POST_BURST >= 1".into());
-        }
+        check_rate(
+            ("RATE_LIMIT_POST_PER_SECOND", self.writes.rate_limit_post_per_second),
+            ("RATE_LIMIT_POST_BURST", self.writes.rate_limit_post_burst),
+        )?;
+        check_rate(
+            ("RATE_LIMIT_READ_PER_SECOND", self.reads.rate_limit_read_per_second),
+            ("RATE_LIMIT_READ_BURST", self.reads.rate_limit_read_burst),
+        )?;
         if self.writes.group_max_members < 2 {
             return Err("GROUP_MAX_MEMBERS must be at least 2".into());
         }
@@ -491,6 +538,8 @@ mod tests {
         assert_eq!(s.history.max_limit, 200);
         assert_eq!(s.writes.rate_limit_post_per_second, 20.0);
         assert_eq!(s.writes.rate_limit_post_burst, 40.0);
+        assert_eq!(s.reads.rate_limit_read_per_second, 50.0);
+        assert_eq!(s.reads.rate_limit_read_burst, 100.0);
         assert_eq!(s.writes.stream_lock_timeout, Duration::from_secs(2));
         assert_eq!(s.ids.stream_id_format, chatstream::StreamIdFormat::V2);
         assert_eq!(s.write_behind.mode, WriteMode::Direct);
@@ -539,6 +588,33 @@ mod tests {
         assert_eq!(s.capture.lease_ttl, Duration::from_secs(2));
         assert_eq!(s.history.max_limit, 100);
         assert_eq!(s.kafka.brokers, "k:9092");
+    }
+
+    #[test]
+    fn the_read_limit_is_read_from_the_environment_and_checked() {
+        let s = load(&[("RATE_LIMIT_READ_PER_SECOND", "2"), ("RATE_LIMIT_READ_BURST", "5")]);
+        assert_eq!((s.reads.rate_limit_read_per_second, s.reads.rate_limit_read_burst), (2.0, 5.0));
+        assert!(s.validate().is_ok());
+        // The write limit is a separate bucket, untouched.
+        assert_eq!(s.writes.rate_limit_post_per_second, 20.0);
+        let off = load(&[("RATE_LIMIT_READ_PER_SECOND", "0")]);
+        assert_eq!(off.reads.rate_limit_read_per_second, 0.0);
+        assert!(off.validate().is_ok(), "0 turns the read limit off");
+        for (rate, burst) in [(-1.0, 100.0), (50.0, 0.5), (f64::NAN, 100.0), (f64::INFINITY, 100.0), (50.0, f64::NAN)] {
+            let mut s = load(&[]);
+            s.reads.rate_limit_read_per_second = rate;
+            s.reads.rate_limit_read_burst = burst;
+            let err = s.validate().expect_err("refused");
+            assert!(err.contains("RATE_LIMIT_READ_PER_SECOND"), "{rate}/{burst}: {err}");
+        }
+        let mut s = load(&[]);
+        s.writes.rate_limit_post_per_second = f64::NAN;
+        assert!(s.validate().expect_err("refused").contains("RATE_LIMIT_POST_PER_SECOND"));
+        let garbage = servicekit::config::load_from::<Settings, _>(
+            &Settings::env_map(),
+            servicekit::config::lookup(&[("RATE_LIMIT_READ_BURST", "lots")]),
+        );
+        assert!(garbage.is_err(), "a burst that is not a number is refused at start-up");
     }
 
     #[test]
