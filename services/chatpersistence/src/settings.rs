@@ -607,9 +607,13 @@ mod tests {
             let err = s.validate().expect_err("refused");
             assert!(err.contains("RATE_LIMIT_READ_PER_SECOND"), "{rate}/{burst}: {err}");
         }
-        let mut s = load(&[]);
-        s.writes.rate_limit_post_per_second = f64::NAN;
-        assert!(s.validate().expect_err("refused").contains("RATE_LIMIT_POST_PER_SECOND"));
+        // The environment can spell them ("NaN", "inf" parse as numbers); the bucket's
+        // `min` ignores a NaN, so such a rate would silently mean "no limit".
+        let nan = load(&[("RATE_LIMIT_POST_PER_SECOND", "NaN")]);
+        assert!(nan.writes.rate_limit_post_per_second.is_nan());
+        assert!(nan.validate().expect_err("refused").contains("RATE_LIMIT_POST_PER_SECOND"));
+        let inf = load(&[("RATE_LIMIT_READ_PER_SECOND", "inf")]);
+        assert!(inf.validate().expect_err("refused").contains("RATE_LIMIT_READ_PER_SECOND"));
         let garbage = servicekit::config::load_from::<Settings, _>(
             &Settings::env_map(),
             servicekit::config::lookup(&[("RATE_LIMIT_READ_BURST", "lots")]),
