@@ -43,6 +43,7 @@ mod notifications_handler;
 mod notifications_throughput;
 mod pipelines_config;
 mod pipelines_strategies;
+mod read_rate_limit;
 mod security_matrix;
 mod services_lifecycle;
 mod token_expiry;
