@@ -422,7 +422,7 @@ async fn socket_client(
             url.push_str(&format!("&since={since}"));
         }
         attempts += 1;
-        let connected = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url)).await;
+        let connected = tokio::time::timeout(Duration::from_secs(10), crate::ws_connect(url)).await;
         let Ok(Ok((mut ws, _))) = connected else {
             tokio::time::sleep(jitter(backoff, attempts)).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -27,6 +27,26 @@ pub const SERVICES: [&str; 5] = [
     "emailhandler",
 ];
 
+/// The WebSocket settings of every socket the harness opens (tests, load generator,
+/// chaos soak). tungstenite's default read buffer is 128 KiB and is zeroed before
+/// every read, one `memset` of 128 KiB per frame received: in the 1,000-socket group
+/// benchmark that was half of the load generator's CPU (0.35 of this machine's two
+/// cores) taken from the services it measures. 4 KiB reads take any frame (larger
+/// ones arrive over several reads).
+pub fn ws_client_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096)
+}
+
+/// Opens a client WebSocket with [`ws_client_config`].
+pub async fn ws_connect<R>(
+    request: R,
+) -> Result<(ws::Ws, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error>
+where
+    R: tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+{
+    tokio_tungstenite::connect_async_with_config(request, Some(ws_client_config()), false).await
+}
+
 /// A user token signed with [`JWT_SECRET`], valid for an hour.
 pub fn token(user: &str) -> String {
     let user = chatstream::UserId::parse(user).expect("test user ids are valid");
@@ -433,7 +453,7 @@ pub mod client {
             if let Some(since) = since {
                 path.push_str(&format!("&since={since}"));
             }
-            let (ws, _) = tokio_tungstenite::connect_async(sockets.ws_url(&path)).await.expect("subscribe upgrades");
+            let (ws, _) = crate::ws_connect(sockets.ws_url(&path)).await.expect("subscribe upgrades");
             Self { ws }
         }
 
@@ -528,7 +548,7 @@ pub mod ws {
             let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
             request.headers_mut().insert(name, value.parse().expect("header value"));
         }
-        match tokio_tungstenite::connect_async(request).await {
+        match crate::ws_connect(request).await {
             Ok(_) => 101,
             Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
             Err(other) => panic!("unexpected upgrade error: {other}"),

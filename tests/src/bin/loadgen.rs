@@ -135,7 +135,7 @@ async fn run_at(fleet: &ChatFleet, pairs: &[(String, String)], rate: u64, second
                 "/chat/subscribe?stream_id={stream}&sender_id={me}&receiver_id={peer}&access_token={}",
                 token(me)
             ));
-            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("subscribe");
+            let (mut ws, _) = chatfleet_tests::ws_connect(url).await.expect("subscribe");
             let tx = tx.clone();
             readers.push(tokio::spawn(async move {
                 while let Some(Ok(frame)) = ws.next().await {
@@ -710,7 +710,7 @@ mod group {
     async fn open(url: String) -> Result<Socket, String> {
         let mut last = String::new();
         for _ in 0..20 {
-            match tokio_tungstenite::connect_async(url.as_str()).await {
+            match chatfleet_tests::ws_connect(url.as_str()).await {
                 Ok((ws, _)) => return Ok(ws),
                 Err(err) => last = err.to_string(),
             }

@@ -349,7 +349,7 @@ async fn bad_input_writes_and_delivers_nothing() {
         client::stream_id(A, B),
         chatfleet_tests::token("mallory")
     );
-    assert!(tokio_tungstenite::connect_async(fleet.sockets.ws_url(&path)).await.is_err(), "mallory cannot subscribe");
+    assert!(chatfleet_tests::ws_connect(fleet.sockets.ws_url(&path)).await.is_err(), "mallory cannot subscribe");
 
     assert_eq!(
         mongo_count(&fleet, mongodb::bson::doc! {"stream_id": client::stream_id(A, B)}).await,

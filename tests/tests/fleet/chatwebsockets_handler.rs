@@ -100,7 +100,7 @@ fn subscribe_path(me: &str, peer: &str, since: Option<&str>) -> String {
 /// Opens `me`'s socket on the stream with `peer`.
 pub(crate) async fn connect(service: &Service, me: &str, peer: &str, since: Option<&str>) -> Ws {
     let url = service.ws_url(&subscribe_path(me, peer, since));
-    match tokio_tungstenite::connect_async(url).await {
+    match chatfleet_tests::ws_connect(url).await {
         Ok((ws, _)) => ws,
         Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
     }

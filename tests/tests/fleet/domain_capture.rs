@@ -57,9 +57,9 @@ async fn documents_created_by_hand_become_notifications() {
     let _handler = Service::start("chatpersistencechangehandler", &handler_env);
 
     let url = notifications.ws_url(&format!("/notifications/subscribe?user_id=dave&access_token={}", token("dave")));
-    let (mut dave, _) = tokio_tungstenite::connect_async(url).await.expect("dave subscribes");
+    let (mut dave, _) = chatfleet_tests::ws_connect(url).await.expect("dave subscribes");
     let url = notifications.ws_url(&format!("/notifications/subscribe?user_id=erin&access_token={}", token("erin")));
-    let (mut erin, _) = tokio_tungstenite::connect_async(url).await.expect("erin subscribes");
+    let (mut erin, _) = chatfleet_tests::ws_connect(url).await.expect("erin subscribes");
 
     for (kind, status, expected_kind) in [
         ("purchase", "paid", "purchase"),

@@ -358,7 +358,7 @@ async fn an_open_notification_socket_suppresses_chat_email() {
     rig.add_user("bob", true).await;
     let notifications = Service::start("generalnotificationshandler", &rig.stack.env());
     let path = format!("/notifications/subscribe?user_id=bob&access_token={}", chatfleet_tests::token("bob"));
-    let (socket, _) = tokio_tungstenite::connect_async(notifications.ws_url(&path)).await.expect("bob subscribes");
+    let (socket, _) = chatfleet_tests::ws_connect(notifications.ws_url(&path)).await.expect("bob subscribes");
     let exists = || probe(rig.stack.redis.port(), b"EXISTS presence:bob\r\n").unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !exists().starts_with(":1") {

@@ -93,7 +93,7 @@ impl Fleet {
     /// A group socket of `user` (`101`), or the refusal's status and body.
     async fn subscribe(&self, user: &str, group: &str) -> Result<Ws, (u16, Value)> {
         let path = format!("/chat/subscribe?conversation_id={group}&access_token={}", token(user));
-        match tokio_tungstenite::connect_async(self.sockets.ws_url(&path)).await {
+        match chatfleet_tests::ws_connect(self.sockets.ws_url(&path)).await {
             Ok((ws, _)) => Ok(ws),
             Err(tungstenite::Error::Http(response)) => {
                 let body = response.body().as_deref().and_then(|b| serde_json::from_slice(b).ok());
@@ -112,8 +112,7 @@ impl Fleet {
 
     async fn notification_socket(&self, user: &str) -> Ws {
         let path = format!("/notifications/subscribe?user_id={user}&access_token={}", token(user));
-        let (ws, _) =
-            tokio_tungstenite::connect_async(self.notifications.ws_url(&path)).await.expect("notification socket");
+        let (ws, _) = chatfleet_tests::ws_connect(self.notifications.ws_url(&path)).await.expect("notification socket");
         ws
     }
 

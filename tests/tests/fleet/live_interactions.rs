@@ -59,7 +59,7 @@ async fn pair(fleet: &ChatFleet, user: &str, peer: &str, since: Option<&str>, pr
     if presence {
         path.push_str("&presence=true");
     }
-    tokio_tungstenite::connect_async(fleet.sockets.ws_url(&path)).await.expect("subscribe upgrades").0
+    chatfleet_tests::ws_connect(fleet.sockets.ws_url(&path)).await.expect("subscribe upgrades").0
 }
 
 /// A group socket of `user`.
@@ -68,7 +68,7 @@ async fn group(fleet: &ChatFleet, user: &str, conversation: &str, presence: bool
     if presence {
         path.push_str("&presence=true");
     }
-    tokio_tungstenite::connect_async(fleet.sockets.ws_url(&path)).await.expect("subscribe upgrades").0
+    chatfleet_tests::ws_connect(fleet.sockets.ws_url(&path)).await.expect("subscribe upgrades").0
 }
 
 async fn typing(ws: &mut Ws, state: &str) {
@@ -310,7 +310,7 @@ async fn presence_look_ups_answer_only_about_people_who_share_a_conversation() {
 
     // Bob opens a notification socket: he is online.
     let path = format!("/notifications/subscribe?user_id={bob}&access_token={}", token(bob));
-    let (socket, _) = tokio_tungstenite::connect_async(notifications.ws_url(&path)).await.expect("bob subscribes");
+    let (socket, _) = chatfleet_tests::ws_connect(notifications.ws_url(&path)).await.expect("bob subscribes");
     let deadline = Instant::now() + WAIT;
     // Alice and bob exchanged a message: she may ask.
     send(&fleet, alice, bob, "hi bob").await;

@@ -37,7 +37,7 @@ fn start_pod(redis: &Redis, extra: &[(&str, &str)]) -> Service {
 
 async fn connect(service: &Service, me: &str) -> Ws {
     let path = format!("/notifications/subscribe?user_id={me}&access_token={}", token(me));
-    match tokio_tungstenite::connect_async(service.ws_url(&path)).await {
+    match chatfleet_tests::ws_connect(service.ws_url(&path)).await {
         Ok((ws, _)) => ws,
         Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
     }

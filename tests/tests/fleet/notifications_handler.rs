@@ -56,7 +56,7 @@ fn subscribe_path(me: &str) -> String {
 }
 
 async fn connect(service: &Service, me: &str) -> Ws {
-    match tokio_tungstenite::connect_async(service.ws_url(&subscribe_path(me))).await {
+    match chatfleet_tests::ws_connect(service.ws_url(&subscribe_path(me))).await {
         Ok((ws, _)) => ws,
         Err(err) => panic!("{me} could not subscribe: {err}; log:\n{}", service.log_tail(30)),
     }

@@ -98,7 +98,7 @@ async fn notifications_per_second_to_a_thousand_connected_users() {
             let url = service.ws_url(&format!("/notifications/subscribe?user_id={user}&access_token={}", token(&user)));
             let received = received.clone();
             async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("subscribe");
+                let (mut ws, _) = chatfleet_tests::ws_connect(url).await.expect("subscribe");
                 let mine = Arc::new(AtomicUsize::new(0));
                 let count = mine.clone();
                 tokio::spawn(async move {

@@ -90,9 +90,8 @@ struct NotifySocket {
 impl NotifySocket {
     async fn connect(notifications: &Service, user: &str) -> Self {
         let path = format!("/notifications/subscribe?user_id={user}&access_token={}", token(user));
-        let (ws, _) = tokio_tungstenite::connect_async(notifications.ws_url(&path))
-            .await
-            .expect("notification subscribe upgrades");
+        let (ws, _) =
+            chatfleet_tests::ws_connect(notifications.ws_url(&path)).await.expect("notification subscribe upgrades");
         Self { ws }
     }
 

@@ -510,7 +510,7 @@ async fn upgrade(url: &str, headers: &[(&str, String)]) -> Result<Ws, Reply> {
         let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
         request.headers_mut().insert(name, value.parse().expect("header value"));
     }
-    match tokio_tungstenite::connect_async(request).await {
+    match chatfleet_tests::ws_connect(request).await {
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);

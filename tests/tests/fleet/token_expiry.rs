@@ -35,7 +35,7 @@ fn short_token(user: &str, seconds: u64) -> (String, SystemTime) {
 }
 
 async fn connect(service: &Service, path: &str) -> Ws {
-    match tokio_tungstenite::connect_async(service.ws_url(path)).await {
+    match chatfleet_tests::ws_connect(service.ws_url(path)).await {
         Ok((ws, _)) => ws,
         Err(err) => panic!("could not subscribe to {}: {err}; log:\n{}", service.name, service.log_tail(30)),
     }

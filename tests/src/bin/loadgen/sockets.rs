@@ -107,7 +107,7 @@ fn socket_path(kind: Kind, i: usize) -> String {
 /// The client side keeps its buffers small too: the load generator holds as many
 /// sockets as the pod.
 fn client_config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+    chatfleet_tests::ws_client_config().write_buffer_size(0)
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;

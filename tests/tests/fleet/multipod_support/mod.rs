@@ -516,7 +516,7 @@ pub enum Event {
 
 impl Socket {
     pub async fn connect(url: &str) -> Result<Self, String> {
-        match tokio::time::timeout(Duration::from_secs(5), tokio_tungstenite::connect_async(url)).await {
+        match tokio::time::timeout(Duration::from_secs(5), chatfleet_tests::ws_connect(url)).await {
             Ok(Ok((ws, _))) => Ok(Self { ws }),
             Ok(Err(err)) => Err(err.to_string()),
             Err(_) => Err("connect timed out".into()),
