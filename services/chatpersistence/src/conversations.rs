@@ -201,11 +201,13 @@ impl SeqCache {
 /// - rows are addressed by `_id` (`"<conversation> <user>"`, from the member list
 ///   the message write already read), never by a scan of `conversation_id`;
 /// - one command rewrites at most [`ACTIVITY_ROWS_PER_COMMAND`] rows, so a large
-///   group's flush is several short commands other requests interleave with, not
+///   group's flush is many short commands other requests interleave with, not
 ///   one long one that stalls a single-threaded server (measured on the local
-///   stand-in: 1,000 rows in one `update_many` held it for 140 ms);
+///   stand-in: 1,000 rows in one `update_many` held it for 140 ms, 100 rows for
+///   16 ms), and the background flush paces them (see
+///   [`Conversations::flush_activity`]);
 /// - a busy conversation is written at most once per [`ACTIVITY_MIN_INTERVAL`], and
-///   a large group less often (one more interval per [`ACTIVITY_ROWS_PER_COMMAND`]
+///   a large group less often (one more interval per [`ACTIVITY_ROWS_PER_INTERVAL`]
 ///   members, at most [`ACTIVITY_MAX_INTERVAL`]): its rows are already at the top
 ///   of its members' inboxes, and rewriting 1,000 rows 20 times a second would keep
 ///   the database busy for nothing.
@@ -235,16 +237,21 @@ pub const ACTIVITY_MIN_INTERVAL: std::time::Duration = std::time::Duration::from
 /// The longest a large group's activity waits (a list request flushes it sooner).
 pub const ACTIVITY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Membership rows one flush command rewrites at most.
-pub const ACTIVITY_ROWS_PER_COMMAND: usize = 100;
+pub const ACTIVITY_ROWS_PER_COMMAND: usize = 25;
+/// A large group waits one more [`ACTIVITY_MIN_INTERVAL`] per this many members.
+pub const ACTIVITY_ROWS_PER_INTERVAL: usize = 100;
+/// The longest pause between two commands of a paced flush (a command that took
+/// longer than this was slow for another reason; waiting as long helps nobody).
+pub const ACTIVITY_MAX_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl PendingActivity {
     fn rows(&self) -> usize {
-        self.members.as_ref().map_or(ACTIVITY_ROWS_PER_COMMAND, |m| m.len())
+        self.members.as_ref().map_or(ACTIVITY_ROWS_PER_INTERVAL, |m| m.len())
     }
 
     /// How long until this conversation's rows may be written again.
     fn interval(&self) -> std::time::Duration {
-        let slices = self.rows().div_ceil(ACTIVITY_ROWS_PER_COMMAND).max(1) as u32;
+        let slices = self.rows().div_ceil(ACTIVITY_ROWS_PER_INTERVAL).max(1) as u32;
         (ACTIVITY_MIN_INTERVAL * slices).min(ACTIVITY_MAX_INTERVAL)
     }
 }
@@ -387,22 +394,36 @@ impl Conversations {
     /// Writes the pending inbox activity in `update` commands of at most
     /// [`ACTIVITY_ROWS_PER_COMMAND`] rows each. What was not written is put back
     /// for the next flush.
-    pub async fn flush_activity(&self, all: bool) -> Result<(), StoreError> {
+    ///
+    /// `paced` (the background flush): after each command it waits as long as the
+    /// command took before sending the next, so a large group's flush takes at
+    /// most half of the database's time while it lasts. Sent back to back, a
+    /// 1,000-member group's ten commands held the single-threaded stand-in for
+    /// 160 ms every 10 s, and every message written meanwhile (its two writes
+    /// under the conversation's lock queued behind them) reached the sockets
+    /// 60-100 ms late: the slowest messages of the group benchmark, in clusters
+    /// at the start and every 10 s. A list request's flush is not paced: the
+    /// caller waits for it.
+    pub async fn flush_activity(&self, all: bool, paced: bool) -> Result<(), StoreError> {
         let pending = self.activity.take(all);
         if pending.is_empty() {
             return Ok(());
         }
         let commands = pack_activity(&pending);
+        let last = commands.len().saturating_sub(1);
         let mut failed: Option<StoreError> = None;
         let mut unwritten: HashSet<usize> = HashSet::new();
-        for (statements, owners) in commands {
+        for (index, (statements, owners)) in commands.into_iter().enumerate() {
             if failed.is_some() {
                 unwritten.extend(owners);
                 continue;
             }
+            let started = std::time::Instant::now();
             if let Err(err) = self.update_memberships(statements, false).await {
                 unwritten.extend(owners);
                 failed = Some(err);
+            } else if paced && index < last {
+                tokio::time::sleep(started.elapsed().min(ACTIVITY_MAX_PAUSE)).await;
             }
         }
         for (index, (id, activity)) in pending.into_iter().enumerate() {
@@ -427,12 +448,12 @@ impl Conversations {
                 _ = shutdown.wait() => break,
                 _ = tokio::time::sleep(ACTIVITY_FLUSH) => {}
             }
-            if let Err(err) = self.flush_activity(false).await {
+            if let Err(err) = self.flush_activity(false, true).await {
                 metrics::counter!("inbox_activity_flush_failures_total").increment(1);
                 tracing::warn!(error = %err, "inbox activity not written yet; retrying");
             }
         }
-        let _ = self.flush_activity(true).await;
+        let _ = self.flush_activity(true, false).await;
         Ok(())
     }
 
@@ -870,7 +891,7 @@ impl Conversations {
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
         // What this process accepted shows in the order at once.
-        self.flush_activity(true).await?;
+        self.flush_activity(true, false).await?;
         let base = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
         let want = limit as i64 + 1;
         let mut rows: Vec<MembershipDoc> = Vec::new();
@@ -943,11 +964,11 @@ mod tests {
         let activity = PendingActivity { at: 7, members: Some(members(250)) };
         let statements = activity_statements("g_1", &activity);
         let rows: Vec<usize> = statements.iter().map(|(_, rows)| *rows).collect();
-        assert_eq!(rows, vec![100, 100, 50]);
-        let q = statements[2].0.get_document("q").expect("q");
+        assert_eq!(rows, vec![25; 10]);
+        let q = statements[9].0.get_document("q").expect("q");
         let ids = q.get_document("_id").and_then(|d| d.get_array("$in")).expect("ids");
-        assert_eq!(ids.len(), 50);
-        assert_eq!(ids[0].as_str(), Some("g_1 user200"));
+        assert_eq!(ids.len(), 25);
+        assert_eq!(ids[0].as_str(), Some("g_1 user225"));
         assert_eq!(q.get_document("activity_at").and_then(|d| d.get_i64("$lt")), Ok(7));
         // Unknown members: every active row of the conversation, by its id.
         let unknown = activity_statements("g_1", &PendingActivity { at: 7, members: None });
@@ -962,12 +983,12 @@ mod tests {
         pending.push(("g".into(), PendingActivity { at: 1, members: Some(members(150)) }));
         let commands = pack_activity(&pending);
         let sizes: Vec<usize> = commands.iter().map(|(statements, _)| statements.len()).collect();
-        // 50 pairs (100 rows) fill a command; 10 pairs and the group's first 100 rows
-        // do not fit together; the group's last 50 rows go alone.
-        assert_eq!(sizes, vec![50, 10, 1, 1]);
-        assert_eq!(commands[0].1, (0..50).collect::<Vec<_>>());
-        assert_eq!(commands[2].1, vec![60]);
-        assert_eq!(commands[3].1, vec![60]);
+        // 12 pairs (24 rows) fill a command; the group's 25-row slices go one per
+        // command, never with pairs.
+        assert_eq!(sizes, vec![12, 12, 12, 12, 12, 1, 1, 1, 1, 1, 1]);
+        assert_eq!(commands[0].1, (0..12).collect::<Vec<_>>());
+        assert_eq!(commands[5].1, vec![60]);
+        assert_eq!(commands[10].1, vec![60]);
         assert!(pack_activity(&[]).is_empty());
     }
 

@@ -871,7 +871,16 @@ mod group {
         }
         let (mut fanout, mut firsts, mut spread, mut after_post) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut incomplete = 0;
+        // `LOADGEN_TIMELINE=<file>`: one line per message (when it was due, its POST,
+        // first and last socket, in ms) to see whether slow messages cluster.
+        let mut timeline =
+            std::env::var_os("LOADGEN_TIMELINE").map(|_| String::from("seq,due_ms,post_ms,first_ms,last_ms\n"));
         for (i, post) in accepted_seqs.iter().enumerate().filter_map(|(i, p)| p.map(|p| (i, p))) {
+            if let Some(lines) = timeline.as_mut() {
+                let due = i as f64 * 1000.0 / rate as f64;
+                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+                lines.push_str(&format!("{i},{due:.1},{:.1},{:.1},{:.1}\n", ms(post), ms(first[i]), ms(last[i])));
+            }
             if count[i] > 0 {
                 firsts.push(first[i]);
             }
@@ -881,6 +890,11 @@ mod group {
                 after_post.push(last[i].saturating_sub(post));
             } else {
                 incomplete += 1;
+            }
+        }
+        if let (Some(lines), Some(path)) = (timeline, std::env::var_os("LOADGEN_TIMELINE")) {
+            if let Err(err) = std::fs::write(&path, lines) {
+                eprintln!("writing the timeline to {}: {err}", path.to_string_lossy());
             }
         }
         for v in [&mut post, &mut fanout, &mut firsts, &mut spread, &mut after_post, &mut delivery] {
