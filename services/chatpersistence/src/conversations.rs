@@ -240,6 +240,9 @@ pub const ACTIVITY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from
 pub const ACTIVITY_ROWS_PER_COMMAND: usize = 25;
 /// A large group waits one more [`ACTIVITY_MIN_INTERVAL`] per this many members.
 pub const ACTIVITY_ROWS_PER_INTERVAL: usize = 100;
+/// A paced flush pauses this many times as long as each command took: it takes
+/// at most a quarter of the database's time while it lasts.
+pub const ACTIVITY_PAUSE_FACTOR: u32 = 3;
 /// The longest pause between two commands of a paced flush (a command that took
 /// longer than this was slow for another reason; waiting as long helps nobody).
 pub const ACTIVITY_MAX_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
@@ -395,9 +398,11 @@ impl Conversations {
     /// [`ACTIVITY_ROWS_PER_COMMAND`] rows each. What was not written is put back
     /// for the next flush.
     ///
-    /// `paced` (the background flush): after each command it waits as long as the
-    /// command took before sending the next, so a large group's flush takes at
-    /// most half of the database's time while it lasts. Sent back to back, a
+    /// `paced` (the background flush): after each command it waits
+    /// [`ACTIVITY_PAUSE_FACTOR`] times as long as the command took before sending
+    /// the next, so a large group's flush takes at most a quarter of the
+    /// database's time while it lasts (and leaves the CPU it shares with the
+    /// services alone). Sent back to back, a
     /// 1,000-member group's ten commands held the single-threaded stand-in for
     /// 160 ms every 10 s, and every message written meanwhile (its two writes
     /// under the conversation's lock queued behind them) reached the sockets
@@ -423,7 +428,7 @@ impl Conversations {
                 unwritten.extend(owners);
                 failed = Some(err);
             } else if paced && index < last {
-                tokio::time::sleep(started.elapsed().min(ACTIVITY_MAX_PAUSE)).await;
+                tokio::time::sleep((started.elapsed() * ACTIVITY_PAUSE_FACTOR).min(ACTIVITY_MAX_PAUSE)).await;
             }
         }
         for (index, (id, activity)) in pending.into_iter().enumerate() {
