@@ -192,9 +192,10 @@ impl SeqCache {
 /// Inbox activity (`memberships.activity_at`) is written in batches: one `update`
 /// command per flush for the conversations that had messages since the last,
 /// instead of one write per message. The inbox order lags by at most
-/// [`ACTIVITY_FLUSH`] (a list request flushes first, so a process's own writes show
-/// at once), and a crash loses at most that much ordering (the next message
-/// repairs it).
+/// a conversation's interval (below) for other members; a list request first
+/// writes its caller's own rows of every conversation not written yet, so a user's
+/// own inbox shows what this process accepted at once. A crash loses at most that
+/// much ordering (the next message repairs it).
 ///
 /// What a flush costs is the membership rows it rewrites, so it is kept small and
 /// sliced:
@@ -226,6 +227,9 @@ struct PendingActivity {
 #[derive(Default)]
 struct ActivityState {
     pending: HashMap<String, PendingActivity>,
+    /// Taken by a flush that has not finished writing them (a paced flush of a
+    /// large group takes a while): a list request still writes its caller's rows.
+    in_flight: HashMap<String, PendingActivity>,
     /// When each recently flushed conversation may be written again.
     next_allowed: HashMap<String, std::time::Instant>,
 }
@@ -234,7 +238,8 @@ struct ActivityState {
 pub const ACTIVITY_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 /// The least time between two activity writes of one conversation.
 pub const ACTIVITY_MIN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
-/// The longest a large group's activity waits (a list request flushes it sooner).
+/// The longest a large group's activity waits (a list request writes its caller's
+/// row at once).
 pub const ACTIVITY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 /// Membership rows one flush command rewrites at most.
 pub const ACTIVITY_ROWS_PER_COMMAND: usize = 25;
@@ -299,18 +304,62 @@ impl Activity {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         state.next_allowed.retain(|_, at| *at > now);
-        let ActivityState { pending, next_allowed } = &mut *state;
+        let ActivityState { pending, next_allowed, in_flight } = &mut *state;
         let due: Vec<String> =
             pending.keys().filter(|id| all || !next_allowed.contains_key(id.as_str())).cloned().collect();
         let mut out = Vec::with_capacity(due.len());
         for id in due {
             if let Some(activity) = pending.remove(&id) {
                 next_allowed.insert(id.clone(), now + activity.interval());
+                in_flight.insert(id.clone(), activity.clone());
                 out.push((id, activity));
             }
         }
         out
     }
+
+    /// A flush is over: what it took is written (or back in `pending`).
+    fn done(&self, flushed: &[(String, PendingActivity)]) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, _) in flushed {
+            state.in_flight.remove(id);
+        }
+    }
+
+    /// `user`'s own rows whose activity is not written yet (waiting, or in a flush
+    /// that has not reached them): the conversation, its time, and whether its
+    /// member list is known (then `user` is in it).
+    fn owed_to(&self, user: &str) -> Vec<(String, i64, bool)> {
+        let state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut owed: HashMap<&str, (i64, bool)> = HashMap::new();
+        for (id, activity) in state.pending.iter().chain(state.in_flight.iter()) {
+            let known = match &activity.members {
+                Some(members) if members.iter().any(|m| m == user) => true,
+                Some(_) => continue,
+                None => false,
+            };
+            let entry = owed.entry(id.as_str()).or_insert((activity.at, known));
+            entry.0 = entry.0.max(activity.at);
+        }
+        owed.into_iter().map(|(id, (at, known))| (id.to_owned(), at, known)).collect()
+    }
+}
+
+/// The `update` statements that bring `user`'s own rows up to the activity owed
+/// to them (see [`Activity::owed_to`]); each rewrites at most one row.
+fn own_rows_statements(user: &str, owed: &[(String, i64, bool)]) -> Vec<Document> {
+    owed.iter()
+        .map(|(id, at, known)| {
+            let mut q = if *known {
+                doc! { "_id": { "$eq": format!("{id} {user}") } }
+            } else {
+                doc! { "conversation_id": { "$eq": id }, "user_id": { "$eq": user } }
+            };
+            q.insert("active", doc! { "$eq": true });
+            q.insert("activity_at", doc! { "$lt": at });
+            doc! { "q": q, "u": { "$max": { "activity_at": at } }, "multi": false, "upsert": false }
+        })
+        .collect()
 }
 
 /// The `update` commands of one flush: whole conversations share a command while
@@ -358,6 +407,9 @@ fn activity_statements(id: &str, activity: &PendingActivity) -> Vec<(Document, u
             .collect(),
     }
 }
+
+/// Statements (one row each) of one command of a list request's own-rows flush.
+const OWN_ROWS_PER_COMMAND: usize = 500;
 
 /// Documents one bulk write carries at most (group creation).
 const BULK_CHUNK: usize = 100;
@@ -431,12 +483,25 @@ impl Conversations {
                 tokio::time::sleep((started.elapsed() * ACTIVITY_PAUSE_FACTOR).min(ACTIVITY_MAX_PAUSE)).await;
             }
         }
-        for (index, (id, activity)) in pending.into_iter().enumerate() {
+        for (index, (id, activity)) in pending.iter().enumerate() {
             if unwritten.contains(&index) {
-                self.activity.put(id, activity);
+                self.activity.put(id.clone(), activity.clone());
             }
         }
+        self.activity.done(&pending);
         failed.map_or(Ok(()), Err)
+    }
+
+    /// Writes `user`'s own inbox rows of every conversation whose activity this
+    /// process has not written yet, and nobody else's: what a list request does
+    /// first, so the caller's inbox shows what this process accepted at once,
+    /// without waiting for (or doing) a large group's flush.
+    async fn flush_for(&self, user: &UserId) -> Result<(), StoreError> {
+        let owed = self.activity.owed_to(user.as_str());
+        for chunk in own_rows_statements(user.as_str(), &owed).chunks(OWN_ROWS_PER_COMMAND) {
+            self.update_memberships(chunk.to_vec(), false).await?;
+        }
+        Ok(())
     }
 
     /// One `update` command of several statements on `memberships` (one round trip).
@@ -896,7 +961,7 @@ impl Conversations {
         limit: usize,
     ) -> Result<InboxPage, StoreError> {
         // What this process accepted shows in the order at once.
-        self.flush_activity(true, false).await?;
+        self.flush_for(user).await?;
         let base = doc! { "user_id": { "$eq": user.as_str() }, "active": { "$eq": true } };
         let want = limit as i64 + 1;
         let mut rows: Vec<MembershipDoc> = Vec::new();
@@ -995,6 +1060,42 @@ mod tests {
         assert_eq!(commands[5].1, vec![60]);
         assert_eq!(commands[10].1, vec![60]);
         assert!(pack_activity(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_list_request_owes_its_caller_only_their_own_rows_waiting_or_in_flight() {
+        let activity = Activity::default();
+        let (group, pair, other, unknown) =
+            (StreamId::new_group(), StreamId::new_group(), StreamId::new_group(), StreamId::new_group());
+        activity.touch(&group, 5, Some(members(1000)));
+        // Taken by a (paced) flush that has not written it yet: still owed.
+        assert_eq!(activity.take(true).len(), 1);
+        activity.touch(&group, 9, Some(members(1000)));
+        activity.touch(&pair, 7, Some(["user3".to_owned(), "zed".to_owned()].into()));
+        activity.touch(&other, 8, Some(["amy".to_owned(), "zed".to_owned()].into()));
+        activity.touch(&unknown, 6, None);
+        let mut owed = activity.owed_to("user3");
+        owed.sort();
+        let mut expected =
+            vec![(group.to_string(), 9, true), (pair.to_string(), 7, true), (unknown.to_string(), 6, false)];
+        expected.sort();
+        assert_eq!(owed, expected);
+        let statements = own_rows_statements("user3", &owed);
+        assert_eq!(statements.len(), 3);
+        for (statement, (id, at, known)) in statements.iter().zip(&owed) {
+            let q = statement.get_document("q").expect("q");
+            assert_eq!(q.get_document("activity_at").and_then(|d| d.get_i64("$lt")), Ok(*at));
+            if *known {
+                assert_eq!(q.get_document("_id").and_then(|d| d.get_str("$eq")), Ok(format!("{id} user3").as_str()));
+            } else {
+                assert_eq!(q.get_document("user_id").and_then(|d| d.get_str("$eq")), Ok("user3"));
+            }
+            assert_eq!(statement.get_bool("multi"), Ok(false));
+        }
+        // Once the flush is done, only what is still waiting is owed.
+        activity.done(&[(group.to_string(), PendingActivity { at: 5, members: None })]);
+        assert_eq!(activity.owed_to("user999").len(), 2, "the group's newer activity and the unknown one");
+        assert!(activity.owed_to("nobody").iter().all(|(_, _, known)| !known));
     }
 
     #[test]
