@@ -224,6 +224,21 @@ struct PendingActivity {
     members: Option<std::sync::Arc<[String]>>,
 }
 
+/// Which pending activity a flush takes.
+#[derive(Debug, Clone, Copy)]
+enum Take {
+    /// The background flush: what is past its conversation's interval, oldest
+    /// first, up to `max_rows` rows (at least one conversation), so what a paced
+    /// flush holds in flight (and a list request may owe its caller) stays small.
+    Due { max_rows: usize },
+    /// A list request: every pending conversation of at most
+    /// [`ACTIVITY_ROWS_PER_INTERVAL`] rows, interval or not (cheap, and then no
+    /// longer owed to anyone); a large group's rows are left to the paced flush.
+    Small,
+    /// Shutdown: everything.
+    All,
+}
+
 #[derive(Default)]
 struct ActivityState {
     pending: HashMap<String, PendingActivity>,
@@ -245,6 +260,9 @@ pub const ACTIVITY_MAX_INTERVAL: std::time::Duration = std::time::Duration::from
 pub const ACTIVITY_ROWS_PER_COMMAND: usize = 25;
 /// A large group waits one more [`ACTIVITY_MIN_INTERVAL`] per this many members.
 pub const ACTIVITY_ROWS_PER_INTERVAL: usize = 100;
+/// Rows the background flush takes per tick at most (one conversation more if
+/// the first is larger).
+pub const ACTIVITY_ROWS_PER_FLUSH: usize = 250;
 /// A paced flush pauses this many times as long as each command took: it takes
 /// at most a quarter of the database's time while it lasts.
 pub const ACTIVITY_PAUSE_FACTOR: u32 = 3;
@@ -298,15 +316,35 @@ impl Activity {
         }
     }
 
-    /// The pending activity to write now: all of it when `all`, else what is not
-    /// within its conversation's interval since the last write.
-    fn take(&self, all: bool) -> Vec<(String, PendingActivity)> {
+    /// The pending activity a flush writes now (see [`Take`]); what it takes stays
+    /// visible to [`Activity::owed_to`] until [`Activity::done`].
+    fn take(&self, mode: Take) -> Vec<(String, PendingActivity)> {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         state.next_allowed.retain(|_, at| *at > now);
         let ActivityState { pending, next_allowed, in_flight } = &mut *state;
-        let due: Vec<String> =
-            pending.keys().filter(|id| all || !next_allowed.contains_key(id.as_str())).cloned().collect();
+        let mut due: Vec<(&String, &PendingActivity)> = pending
+            .iter()
+            .filter(|(id, activity)| match mode {
+                Take::All => true,
+                Take::Due { .. } => !next_allowed.contains_key(id.as_str()),
+                Take::Small => activity.rows() <= ACTIVITY_ROWS_PER_INTERVAL,
+            })
+            .collect();
+        if let Take::Due { max_rows } = mode {
+            // Oldest first, and no more than `max_rows` (but at least one
+            // conversation): the rest waits for the next tick.
+            due.sort_by_key(|(_, activity)| activity.at);
+            let mut rows = 0;
+            due.retain(|(_, activity)| {
+                let keep = rows == 0 || rows + activity.rows() <= max_rows;
+                if keep {
+                    rows += activity.rows();
+                }
+                keep
+            });
+        }
+        let due: Vec<String> = due.into_iter().map(|(id, _)| id.clone()).collect();
         let mut out = Vec::with_capacity(due.len());
         for id in due {
             if let Some(activity) = pending.remove(&id) {
@@ -461,8 +499,8 @@ impl Conversations {
     /// 60-100 ms late: the slowest messages of the group benchmark, in clusters
     /// at the start and every 10 s. A list request's flush is not paced: the
     /// caller waits for it.
-    pub async fn flush_activity(&self, all: bool, paced: bool) -> Result<(), StoreError> {
-        let pending = self.activity.take(all);
+    async fn flush_activity(&self, take: Take, paced: bool) -> Result<(), StoreError> {
+        let pending = self.activity.take(take);
         if pending.is_empty() {
             return Ok(());
         }
@@ -492,11 +530,14 @@ impl Conversations {
         failed.map_or(Ok(()), Err)
     }
 
-    /// Writes `user`'s own inbox rows of every conversation whose activity this
-    /// process has not written yet, and nobody else's: what a list request does
-    /// first, so the caller's inbox shows what this process accepted at once,
-    /// without waiting for (or doing) a large group's flush.
+    /// What a list request writes first, so the caller's inbox shows what this
+    /// process accepted at once: every pending small conversation (all its rows,
+    /// unpaced, as one flush), then `user`'s own rows of what is still not written
+    /// (large groups waiting their interval, and what a paced flush holds in
+    /// flight), and nobody else's: a list request neither waits for nor does a
+    /// large group's flush.
     async fn flush_for(&self, user: &UserId) -> Result<(), StoreError> {
+        self.flush_activity(Take::Small, false).await?;
         let owed = self.activity.owed_to(user.as_str());
         for chunk in own_rows_statements(user.as_str(), &owed).chunks(OWN_ROWS_PER_COMMAND) {
             self.update_memberships(chunk.to_vec(), false).await?;
@@ -518,12 +559,13 @@ impl Conversations {
                 _ = shutdown.wait() => break,
                 _ = tokio::time::sleep(ACTIVITY_FLUSH) => {}
             }
-            if let Err(err) = self.flush_activity(false, true).await {
+            let due = Take::Due { max_rows: ACTIVITY_ROWS_PER_FLUSH };
+            if let Err(err) = self.flush_activity(due, true).await {
                 metrics::counter!("inbox_activity_flush_failures_total").increment(1);
                 tracing::warn!(error = %err, "inbox activity not written yet; retrying");
             }
         }
-        let _ = self.flush_activity(true, false).await;
+        let _ = self.flush_activity(Take::All, false).await;
         Ok(())
     }
 
@@ -1069,7 +1111,7 @@ mod tests {
             (StreamId::new_group(), StreamId::new_group(), StreamId::new_group(), StreamId::new_group());
         activity.touch(&group, 5, Some(members(1000)));
         // Taken by a (paced) flush that has not written it yet: still owed.
-        assert_eq!(activity.take(true).len(), 1);
+        assert_eq!(activity.take(Take::All).len(), 1);
         activity.touch(&group, 9, Some(members(1000)));
         activity.touch(&pair, 7, Some(["user3".to_owned(), "zed".to_owned()].into()));
         activity.touch(&other, 8, Some(["amy".to_owned(), "zed".to_owned()].into()));
@@ -1099,21 +1141,46 @@ mod tests {
     }
 
     #[test]
+    fn the_background_takes_the_oldest_due_rows_up_to_its_bound_and_a_list_only_small_ones() {
+        let activity = Activity::default();
+        let pairs: Vec<StreamId> = (0..200).map(|_| StreamId::new_group()).collect();
+        for (i, pair) in pairs.iter().enumerate() {
+            activity.touch(pair, 1_000 + i as i64, Some(members(2)));
+        }
+        let group = StreamId::new_group();
+        activity.touch(&group, 5, Some(members(1000)));
+        // The oldest is the large group: taken alone, although over the bound.
+        let first = activity.take(Take::Due { max_rows: 250 });
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0, group.to_string());
+        // Then 125 pairs (250 rows), oldest first.
+        let second = activity.take(Take::Due { max_rows: 250 });
+        assert_eq!(second.len(), 125);
+        assert!(second.iter().all(|(_, a)| a.at < 1_125));
+        // A list request takes the other small ones, never a large group.
+        activity.touch(&group, 9, Some(members(1000)));
+        let small = activity.take(Take::Small);
+        assert_eq!(small.len(), 75);
+        assert!(small.iter().all(|(id, _)| id != group.as_str()));
+        assert_eq!(activity.take(Take::All).len(), 1, "the group waits for the background");
+    }
+
+    #[test]
     fn a_flushed_conversation_waits_its_interval_unless_all_is_asked() {
         let activity = Activity::default();
         let id = StreamId::new_group();
         activity.touch(&id, 1, Some(members(2)));
-        assert_eq!(activity.take(false).len(), 1);
+        assert_eq!(activity.take(Take::Due { max_rows: 250 }).len(), 1);
         activity.touch(&id, 2, Some(members(2)));
         activity.touch(&id, 3, None);
-        assert!(activity.take(false).is_empty(), "within its interval");
-        let taken = activity.take(true);
+        assert!(activity.take(Take::Due { max_rows: 250 }).is_empty(), "within its interval");
+        let taken = activity.take(Take::All);
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].1.at, 3, "the newest time");
         assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(2), "the known members are kept");
         activity.touch_members(&id, 4, &["a".to_owned()]);
         activity.touch_members(&id, 5, &["a".to_owned(), "b".to_owned()]);
-        let taken = activity.take(true);
+        let taken = activity.take(Take::Small);
         assert_eq!(taken[0].1.at, 5);
         assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(1), "copied once per pending entry");
     }
