@@ -234,10 +234,6 @@ enum Take {
     /// first, up to `max_rows` rows (at least one conversation), so what a paced
     /// flush holds in flight (and a list request may owe its caller) stays small.
     Due { max_rows: usize },
-    /// A list request: every pending conversation of at most
-    /// [`ACTIVITY_ROWS_PER_INTERVAL`] rows, interval or not (cheap, and then no
-    /// longer owed to anyone); a large group's rows are left to the paced flush.
-    Small,
     /// Shutdown: everything.
     All,
 }
@@ -248,6 +244,10 @@ struct ActivityState {
     /// Taken by a flush that has not finished writing them (a paced flush of a
     /// large group takes a while): a list request still writes its caller's rows.
     in_flight: HashMap<String, PendingActivity>,
+    /// Per conversation, the users whose own row a list request already brought up
+    /// to this time: not owed to them again (a user listing 50 times a second
+    /// writes each of their rows once, not on every request).
+    written_for: HashMap<String, (i64, HashSet<String>)>,
     /// When each recently flushed conversation may be written again.
     next_allowed: HashMap<String, std::time::Instant>,
 }
@@ -329,13 +329,12 @@ impl Activity {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         state.next_allowed.retain(|_, at| *at > now);
-        let ActivityState { pending, next_allowed, in_flight } = &mut *state;
+        let ActivityState { pending, next_allowed, in_flight, .. } = &mut *state;
         let mut due: Vec<(&String, &PendingActivity)> = pending
             .iter()
-            .filter(|(id, activity)| match mode {
+            .filter(|(id, _)| match mode {
                 Take::All => true,
                 Take::Due { .. } => !next_allowed.contains_key(id.as_str()),
-                Take::Small => activity.rows() <= ACTIVITY_ROWS_PER_INTERVAL,
             })
             .collect();
         if let Take::Due { max_rows } = mode {
@@ -368,12 +367,31 @@ impl Activity {
         let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         for (id, _) in flushed {
             state.in_flight.remove(id);
+            if !state.pending.contains_key(id) {
+                state.written_for.remove(id);
+            }
+        }
+    }
+
+    /// A list request wrote `user`'s own rows up to these times (`owed`, from
+    /// [`Activity::owed_to`]).
+    fn written_for(&self, user: &str, owed: &[(String, i64, bool)]) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, at, _) in owed {
+            let entry = state.written_for.entry(id.clone()).or_insert_with(|| (*at, HashSet::new()));
+            if entry.0 < *at {
+                *entry = (*at, HashSet::new());
+            }
+            if entry.0 == *at {
+                entry.1.insert(user.to_owned());
+            }
         }
     }
 
     /// `user`'s own rows whose activity is not written yet (waiting, or in a flush
-    /// that has not reached them): the conversation, its time, and whether its
-    /// member list is known (then `user` is in it).
+    /// that has not reached them) and that no earlier list request of theirs
+    /// wrote: the conversation, its time, and whether its member list is known
+    /// (then `user` is in it).
     fn owed_to(&self, user: &str) -> Vec<(String, i64, bool)> {
         let state = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut owed: HashMap<&str, (i64, bool)> = HashMap::new();
@@ -386,6 +404,9 @@ impl Activity {
             let entry = owed.entry(id.as_str()).or_insert((activity.at, known));
             entry.0 = entry.0.max(activity.at);
         }
+        owed.retain(|id, (at, _)| {
+            !state.written_for.get(*id).is_some_and(|(written, users)| written >= at && users.contains(user))
+        });
         owed.into_iter().map(|(id, (at, known))| (id.to_owned(), at, known)).collect()
     }
 }
@@ -538,17 +559,17 @@ impl Conversations {
     }
 
     /// What a list request writes first, so the caller's inbox shows what this
-    /// process accepted at once: every pending small conversation (all its rows,
-    /// unpaced, as one flush), then `user`'s own rows of what is still not written
-    /// (large groups waiting their interval, and what a paced flush holds in
-    /// flight), and nobody else's: a list request neither waits for nor does a
-    /// large group's flush.
+    /// process accepted at once: `user`'s own rows of every conversation whose
+    /// activity is not written yet (waiting its interval, or held by a paced
+    /// flush), each once, and nobody else's. A list request neither waits for nor
+    /// does a flush, and a client listing as fast as the read limit allows makes
+    /// no more writes than one that lists once.
     async fn flush_for(&self, user: &UserId) -> Result<(), StoreError> {
-        self.flush_activity(Take::Small, false).await?;
         let owed = self.activity.owed_to(user.as_str());
         for chunk in own_rows_statements(user.as_str(), &owed).chunks(OWN_ROWS_PER_COMMAND) {
             self.update_memberships(chunk.to_vec(), false).await?;
         }
+        self.activity.written_for(user.as_str(), &owed);
         Ok(())
     }
 
@@ -1143,6 +1164,13 @@ mod tests {
             }
             assert_eq!(statement.get_bool("multi"), Ok(false));
         }
+        // What a list request wrote is not owed to that user again, until newer
+        // activity arrives; other users are not affected.
+        activity.written_for("user3", &owed);
+        assert!(activity.owed_to("user3").is_empty());
+        assert_eq!(activity.owed_to("user4").len(), 2, "the group and the unknown one");
+        activity.touch(&pair, 10, Some(["user3".to_owned(), "zed".to_owned()].into()));
+        assert_eq!(activity.owed_to("user3"), vec![(pair.to_string(), 10, true)]);
         // Once the flush is done, only what is still waiting is owed.
         activity.done(&[(group.to_string(), PendingActivity { at: 5, members: None })]);
         assert_eq!(activity.owed_to("user999").len(), 2, "the group's newer activity and the unknown one");
@@ -1150,7 +1178,7 @@ mod tests {
     }
 
     #[test]
-    fn the_background_takes_the_oldest_due_rows_up_to_its_bound_and_a_list_only_small_ones() {
+    fn the_background_takes_the_oldest_due_rows_up_to_its_bound() {
         let activity = Activity::default();
         let pairs: Vec<StreamId> = (0..200).map(|_| StreamId::new_group()).collect();
         for (i, pair) in pairs.iter().enumerate() {
@@ -1166,12 +1194,8 @@ mod tests {
         let second = activity.take(Take::Due { max_rows: 250 });
         assert_eq!(second.len(), 125);
         assert!(second.iter().all(|(_, a)| a.at < 1_125));
-        // A list request takes the other small ones, never a large group.
-        activity.touch(&group, 9, Some(members(1000)));
-        let small = activity.take(Take::Small);
-        assert_eq!(small.len(), 75);
-        assert!(small.iter().all(|(id, _)| id != group.as_str()));
-        assert_eq!(activity.take(Take::All).len(), 1, "the group waits for the background");
+        // The next tick takes the other 75.
+        assert_eq!(activity.take(Take::Due { max_rows: 250 }).len(), 75);
     }
 
     #[test]
@@ -1189,7 +1213,7 @@ mod tests {
         assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(2), "the known members are kept");
         activity.touch_members(&id, 4, &["a".to_owned()]);
         activity.touch_members(&id, 5, &["a".to_owned(), "b".to_owned()]);
-        let taken = activity.take(Take::Small);
+        let taken = activity.take(Take::All);
         assert_eq!(taken[0].1.at, 5);
         assert_eq!(taken[0].1.members.as_ref().map(|m| m.len()), Some(1), "copied once per pending entry");
     }
