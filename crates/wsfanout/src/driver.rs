@@ -319,6 +319,7 @@ where
     K: Eq + Hash + Clone + fmt::Debug + Send + 'static,
 {
     let frames_sent = metrics::counter!("ws_frames_sent_total", "hub" => hub);
+    let ping_phase = registration.id().ping_phase();
 
     // The replay. Its ids are remembered first, so broadcasts stop queuing them; the
     // live frames queued before that are the only ones that can repeat the replay.
@@ -341,7 +342,11 @@ where
         frames_sent.increment(count);
     }
 
-    let mut ping = tokio::time::interval_at(Instant::now() + settings.ping_interval, settings.ping_interval);
+    // The first ping at this connection's own phase of the period, then one per
+    // period: 20,000 sockets reconnected in the same second after a deploy would
+    // otherwise ping, and answer, in the same instant every period.
+    let first = settings.ping_interval.mul_f64(ping_phase);
+    let mut ping = tokio::time::interval_at(Instant::now() + first, settings.ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut reply_ready = pin!(replies.ready.notified());
     loop {

@@ -150,6 +150,16 @@ impl Close {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnectionId(u64);
 
+impl ConnectionId {
+    /// Where in each ping period this connection's pings fall, as a fraction in
+    /// (0, 1]: consecutive ids land far apart (multiples of the golden ratio), so
+    /// sockets that connected together, as after a deploy, do not ping together.
+    pub fn ping_phase(self) -> f64 {
+        const GOLDEN: f64 = 0.618_033_988_749_895;
+        1.0 - (self.0 as f64 * GOLDEN).fract()
+    }
+}
+
 impl fmt::Display for ConnectionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "c{}", self.0)
@@ -717,6 +727,19 @@ mod tests {
 
     fn key(k: &str) -> String {
         k.to_owned()
+    }
+
+    #[test]
+    fn sockets_that_connect_together_ping_spread_over_the_period() {
+        // 1,000 consecutive connections: every phase in (0, 1], and each tenth of
+        // the period gets about a tenth of them (a burst would put them in one).
+        let phases: Vec<f64> = (5_000..6_000).map(|i| ConnectionId(i).ping_phase()).collect();
+        assert!(phases.iter().all(|p| *p > 0.0 && *p <= 1.0), "{phases:?}");
+        for tenth in 0..10 {
+            let (low, high) = (tenth as f64 / 10.0, (tenth + 1) as f64 / 10.0);
+            let n = phases.iter().filter(|p| **p > low && **p <= high).count();
+            assert!((90..=110).contains(&n), "{n} of 1,000 in ({low}, {high}]");
+        }
     }
 
     fn texts(reg: &mut Registration<String>) -> Vec<String> {
