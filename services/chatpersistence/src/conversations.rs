@@ -599,8 +599,14 @@ impl Conversations {
 
     /// Moves conversation `id` up in its members' inboxes (batched; the write-behind
     /// writer's share of [`Conversations::accept_message`]).
-    pub(crate) fn touch_activity(&self, id: &StreamId, at: i64) {
-        self.activity.touch(id, at, None);
+    ///
+    /// `members`: the conversation's members when the caller knows them (`None`
+    /// only for a document without a member list).
+    pub(crate) fn touch_activity(&self, id: &StreamId, at: i64, members: Option<&[String]>) {
+        match members {
+            Some(members) => self.activity.touch_members(id, at, members),
+            None => self.activity.touch(id, at, None),
+        }
     }
 
     /// Notified whenever an event was written (the relay's fast path).

@@ -823,6 +823,14 @@ impl ShardWriter {
             members
         });
         let pair_key = pair.as_ref().map(|m| m.join(" "));
+        // Whose inbox rows move: the stored member list (a pair's two users before
+        // its document exists). Known members let the activity flush address rows
+        // by id, and a list request owe each row to its own user only.
+        let members: Option<Vec<String>> = current
+            .and_then(|d| d.get_array("members").ok())
+            .map(|list| list.iter().filter_map(|m| m.as_str().map(str::to_owned)).collect::<Vec<_>>())
+            .filter(|list| !list.is_empty())
+            .or_else(|| pair.clone());
         let seq0 = current.map_or(0, |d| int(d, "seq"));
         let last = current.and_then(|d| d.get_str("wb_last").ok()).map(str::to_owned);
         if let (Some(doc), Some(key)) = (current, pair_key.as_deref()) {
@@ -906,7 +914,7 @@ impl ShardWriter {
                 };
                 if let Some(bulk) = bulk {
                     bulk.push(Planned { stream: *stream, filter, update, newest_entry: (*newest_entry).to_owned() });
-                    self.conversations.touch_activity(stream, at);
+                    self.conversations.touch_activity(stream, at, members.as_deref());
                     return Ok(Some(out));
                 }
                 let result = self.store.run(self.conversation_docs.update_one(filter, update)).await?;
@@ -915,7 +923,7 @@ impl ShardWriter {
                 }
             }
         }
-        self.conversations.touch_activity(stream, at);
+        self.conversations.touch_activity(stream, at, members.as_deref());
         Ok(Some(out))
     }
 }

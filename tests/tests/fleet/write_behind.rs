@@ -494,3 +494,62 @@ async fn the_write_behind_api_contract() {
         "cache lost, nothing lost"
     );
 }
+
+/// The inbox in write-behind mode: the writer moves a conversation up for its
+/// members (from the stored member list) once it stores the messages, each user's
+/// list shows their own conversations in order, and a stranger's shows nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_moves_conversations_up_in_their_members_inboxes() {
+    let stack = Stack::start();
+    let queue = Redis::start_persistent("everysec");
+    let mut env = stack.env();
+    env.extend(wb_env(&queue));
+    env.push(("CAPTURE_MODE".into(), "debezium".into()));
+    let service = Service::start("chatpersistence", &env);
+    let http = reqwest::Client::new();
+    let url = service.url("");
+    let (alice, bob, carol, stranger) = ("wb-inbox-alice", "wb-inbox-bob", "wb-inbox-carol", "wb-inbox-dave");
+    let (with_bob, with_carol) = (stream_of(alice, bob), stream_of(alice, carol));
+
+    // Posts, then waits until the writer stored it (the inbox follows the store).
+    let post_stored = |from: &'static str, to: &'static str, cmid: &'static str| {
+        let (http, url, service) = (http.clone(), url.clone(), &service);
+        async move {
+            let (status, body) = try_post(&http, &url, from, to, cmid, cmid).await;
+            assert_eq!(status, 202, "{body}");
+            let id = body["message_id"].as_str().expect("message_id").to_owned();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let (code, status) = status_of(service, from, &id).await;
+                if code == 200 && status["status"] == "stored" {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{cmid} never stored: {code} {status}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Distinct milliseconds between the steps, so the order is not a tie.
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    };
+    let inbox = |user: &'static str| {
+        let request = http.get(service.url("/chat/conversations?limit=50")).bearer_auth(token(user));
+        async move {
+            let (status, body) = chatfleet_tests::client::send_json(request).await;
+            assert_eq!(status, 200, "{body}");
+            let rows = body["conversations"].as_array().cloned().unwrap_or_default();
+            rows.iter().filter_map(|row| row["conversation_id"].as_str().map(str::to_owned)).collect::<Vec<_>>()
+        }
+    };
+
+    post_stored(alice, bob, "wb-inbox-1").await;
+    post_stored(alice, carol, "wb-inbox-2").await;
+    assert_eq!(inbox(alice).await, vec![with_carol.clone(), with_bob.clone()], "the newest first");
+    // An existing conversation's message moves it up for both members.
+    post_stored(bob, alice, "wb-inbox-3").await;
+    assert_eq!(inbox(alice).await, vec![with_bob.clone(), with_carol.clone()], "bob's reply moves the pair up");
+    assert_eq!(inbox(bob).await, vec![with_bob.clone()]);
+    post_stored(carol, alice, "wb-inbox-4").await;
+    assert_eq!(inbox(alice).await, vec![with_carol.clone(), with_bob.clone()], "and carol's back");
+    assert_eq!(inbox(carol).await, vec![with_carol.clone()]);
+    assert!(inbox(stranger).await.is_empty(), "a stranger's inbox shows nobody's conversations");
+}
