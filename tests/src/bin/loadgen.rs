@@ -760,8 +760,9 @@ mod group {
         let delivered = Arc::new(AtomicU64::new(0));
         let (stop_tx, stop_rx) = watch::channel(false);
         let opening = Instant::now();
-        // Every message once, plus room for a few repeats.
-        let expected_per_socket = (rate * seconds) as usize + 64;
+        // Every message once, plus room for a few repeats (up to 6 MB a socket; a
+        // longer run grows its logs as it goes).
+        let expected_per_socket = ((rate * seconds) as usize + 64).min(1 << 18);
         let opened: Vec<Result<tokio::task::JoinHandle<SocketLog>, String>> = futures::stream::iter(0..n)
             .map(|i| {
                 let url = fleet
@@ -880,13 +881,15 @@ mod group {
         let mut incomplete = 0;
         // `LOADGEN_TIMELINE=<file>`: one line per message (when it was due, its POST,
         // first and last socket, in ms) to see whether slow messages cluster.
-        let mut timeline =
-            std::env::var_os("LOADGEN_TIMELINE").map(|_| String::from("seq,due_ms,post_ms,first_ms,last_ms\n"));
+        let timeline_path = std::env::var_os("LOADGEN_TIMELINE");
+        let mut timeline = timeline_path.as_ref().map(|_| String::from("seq,due_ms,post_ms,first_ms,last_ms\n"));
         for (i, post) in accepted_seqs.iter().enumerate().filter_map(|(i, p)| p.map(|p| (i, p))) {
             if let Some(lines) = timeline.as_mut() {
                 let due = i as f64 * 1000.0 / rate as f64;
-                let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-                lines.push_str(&format!("{i},{due:.1},{:.1},{:.1},{:.1}\n", ms(post), ms(first[i]), ms(last[i])));
+                let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+                // A message no socket had: empty first and last.
+                let (first, last) = if count[i] > 0 { (ms(first[i]), ms(last[i])) } else { Default::default() };
+                lines.push_str(&format!("{i},{due:.1},{},{first},{last}\n", ms(post)));
             }
             if count[i] > 0 {
                 firsts.push(first[i]);
@@ -899,7 +902,7 @@ mod group {
                 incomplete += 1;
             }
         }
-        if let (Some(lines), Some(path)) = (timeline, std::env::var_os("LOADGEN_TIMELINE")) {
+        if let (Some(lines), Some(path)) = (timeline, timeline_path) {
             if let Err(err) = std::fs::write(&path, lines) {
                 eprintln!("writing the timeline to {}: {err}", path.to_string_lossy());
             }
