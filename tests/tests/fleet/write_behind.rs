@@ -360,19 +360,39 @@ fn hold_writers_off(queue: &Redis, hold: bool) {
     }
 }
 
-/// The contract: 202 + `queued`, `stored` once written, idempotent retries in both
-/// states (and 409 for a reused id), history with queued messages, the high-water
-/// mark's 503 + `Retry-After`, and the numbering once the writers resume.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_write_behind_api_contract() {
+/// A stack, the queue's Redis (append-only file on) and one write-behind
+/// chatpersistence with Debezium capture (no relay), plus `extra` settings.
+fn start_capture_free(extra: &[(&str, &str)]) -> (Stack, Redis, Service) {
     let stack = Stack::start();
     let queue = Redis::start_persistent("everysec");
     let mut env = stack.env();
     env.extend(wb_env(&queue));
     env.push(("CAPTURE_MODE".into(), "debezium".into()));
-    env.push(("WRITE_BEHIND_HIGH_WATER".into(), "5".into()));
-    env.push(("RATE_LIMIT_POST_PER_SECOND".into(), "0".into()));
+    env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
     let service = Service::start("chatpersistence", &env);
+    (stack, queue, service)
+}
+
+/// Waits until message `id` reads `stored` for `user` (at most `within`).
+async fn wait_stored(service: &Service, user: &str, id: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let (code, body) = status_of(service, user, id).await;
+        if code == 200 && body["status"] == "stored" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id} never stored: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The contract: 202 + `queued`, `stored` once written, idempotent retries in both
+/// states (and 409 for a reused id), history with queued messages, the high-water
+/// mark's 503 + `Retry-After`, and the numbering once the writers resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_behind_api_contract() {
+    let (stack, queue, service) =
+        start_capture_free(&[("WRITE_BEHIND_HIGH_WATER", "5"), ("RATE_LIMIT_POST_PER_SECOND", "0")]);
     let http = reqwest::Client::new();
     let url = service.url("");
     let (alice, bob) = ("wb-alice", "wb-bob");
@@ -381,15 +401,7 @@ async fn the_write_behind_api_contract() {
     assert_eq!(status, 202, "{first}");
     assert_eq!(first["status"], "queued");
     let first_id = first["message_id"].as_str().expect("id").to_owned();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (code, body) = status_of(&service, bob, &first_id).await;
-        if code == 200 && body["status"] == "stored" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never stored: {code} {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_stored(&service, bob, &first_id, Duration::from_secs(20)).await;
     assert_eq!(status_of(&service, "wb-carol", &first_id).await.0, 404, "a stranger sees no message");
     let (code, replay) = try_post(&http, &url, alice, bob, "one", "a-1").await;
     assert_eq!((code, replay["message_id"].as_str()), (200, Some(first_id.as_str())), "retry of a stored message");
@@ -436,16 +448,8 @@ async fn the_write_behind_api_contract() {
     assert!(refused.is_some_and(|r| !r.is_empty()), "503 with Retry-After at the high-water mark");
 
     hold_writers_off(&queue, false);
-    let deadline = Instant::now() + Duration::from_secs(20);
     for id in &accepted {
-        loop {
-            let (code, body) = status_of(&service, alice, id).await;
-            if code == 200 && body["status"] == "stored" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{id} never stored: {code} {body}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_stored(&service, alice, id, Duration::from_secs(20)).await;
     }
     let client = mongodb::Client::with_uri_str(stack.mongo.uri()).await.expect("mongo");
     let messages = client.database("chat").collection::<Document>("messages");
@@ -500,12 +504,7 @@ async fn the_write_behind_api_contract() {
 /// list shows their own conversations in order, and a stranger's shows nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_moves_conversations_up_in_their_members_inboxes() {
-    let stack = Stack::start();
-    let queue = Redis::start_persistent("everysec");
-    let mut env = stack.env();
-    env.extend(wb_env(&queue));
-    env.push(("CAPTURE_MODE".into(), "debezium".into()));
-    let service = Service::start("chatpersistence", &env);
+    let (_stack, _queue, service) = start_capture_free(&[]);
     let http = reqwest::Client::new();
     let url = service.url("");
     let (alice, bob, carol, stranger) = ("wb-inbox-alice", "wb-inbox-bob", "wb-inbox-carol", "wb-inbox-dave");
@@ -518,15 +517,7 @@ async fn the_writer_moves_conversations_up_in_their_members_inboxes() {
             let (status, body) = try_post(&http, &url, from, to, cmid, cmid).await;
             assert_eq!(status, 202, "{body}");
             let id = body["message_id"].as_str().expect("message_id").to_owned();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                let (code, status) = status_of(service, from, &id).await;
-                if code == 200 && status["status"] == "stored" {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{cmid} never stored: {code} {status}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_stored(service, from, &id, Duration::from_secs(20)).await;
             // Distinct milliseconds between the steps, so the order is not a tie.
             tokio::time::sleep(Duration::from_millis(15)).await;
         }
