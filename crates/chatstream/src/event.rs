@@ -106,10 +106,8 @@ impl ChangeEvent {
             doc.insert("receiver_id".into(), Value::String(receiver.to_string()));
         }
         if !m.recipients.is_empty() {
-            doc.insert(
-                "recipients".into(),
-                Value::from(m.recipients.iter().map(ToString::to_string).collect::<Vec<_>>()),
-            );
+            // As the document stores them (see `stored_recipients`).
+            doc.insert("recipients".into(), Value::String(crate::stored_recipients::join(&m.recipients)));
         }
         doc.insert("content".into(), Value::String(m.content.as_str().to_owned()));
         doc.insert("created_at".into(), Value::from(m.created_at.timestamp_millis()));
@@ -252,8 +250,15 @@ fn document_to_message(mut doc: Map<String, Value>, op: ChangeOp) -> Result<Chat
             .iter()
             .filter_map(|k| doc.get(*k).map(|v| ((*k).to_owned(), unwrap_string(v))))
             .collect();
-    if let Some(Value::Array(recipients)) = doc.get("recipients") {
-        fields.insert("recipients".into(), Value::Array(recipients.iter().map(unwrap_string).collect()));
+    match doc.get("recipients") {
+        Some(Value::String(joined)) => {
+            let ids = crate::stored_recipients::split(joined).map(|id| Value::String(id.to_owned())).collect();
+            fields.insert("recipients".into(), Value::Array(ids));
+        }
+        Some(Value::Array(recipients)) => {
+            fields.insert("recipients".into(), Value::Array(recipients.iter().map(unwrap_string).collect()));
+        }
+        _ => {}
     }
     for name in ["edited_at", "deleted_at"] {
         if let Some(value) = doc.get(name).filter(|v| !v.is_null()) {
@@ -398,6 +403,25 @@ mod tests {
         let event = ChangeEvent::new(ChangeOp::Create, sample(), 1_760_000_000_200);
         let bytes = serde_json::to_vec(&event.to_flattened()).expect("serialize");
         assert_eq!(ChangeEvent::parse(&bytes), Ok(event));
+    }
+
+    #[test]
+    fn a_group_message_carries_its_recipients_as_stored_and_reads_either_form() {
+        let user = |raw: &str| UserId::parse(raw).expect("valid");
+        let group = ChatMessage {
+            stream_id: StreamId::new_group(),
+            receiver_id: None,
+            recipients: vec![user("bob"), user("carol")],
+            ..sample()
+        };
+        let event = ChangeEvent::new(ChangeOp::Create, group, 1_760_000_000_200);
+        let mut flat = event.to_flattened();
+        assert_eq!(flat["recipients"], json!("bob carol"), "one string, as the document stores it");
+        assert_eq!(ChangeEvent::parse(&serde_json::to_vec(&flat).expect("json")), Ok(event.clone()));
+        flat["recipients"] = json!(["bob", "carol"]);
+        assert_eq!(ChangeEvent::parse(&serde_json::to_vec(&flat).expect("json")), Ok(event.clone()));
+        flat["recipients"] = json!("bob c/arol");
+        assert!(ChangeEvent::parse(&serde_json::to_vec(&flat).expect("json")).is_err(), "ids are still parsed");
     }
 
     #[test]

@@ -50,6 +50,12 @@ impl UserId {
     }
 }
 
+impl AsRef<str> for UserId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// How pair conversation ids are computed for new messages and subscriptions
 /// (`STREAM_ID_FORMAT`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -18,4 +18,4 @@ mod message;
 pub use conversation::{ChatChange, ConversationEvent, ConversationEventKind, CONVERSATION_EVENTS_COLLECTION};
 pub use event::{ChangeEvent, ChangeOp, ChangeRecord, EventError};
 pub use ids::{ConversationKind, IdError, IdSettings, MessageId, StreamId, StreamIdFormat, UserId};
-pub use message::{ChatMessage, ContentError, MessageContent, MessageState, MAX_CONTENT_CHARS};
+pub use message::{stored_recipients, ChatMessage, ContentError, MessageContent, MessageState, MAX_CONTENT_CHARS};

@@ -42,7 +42,8 @@ pub(crate) struct MessageDoc {
     sender_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     receiver_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Stored as one space-separated string (`chatstream::stored_recipients`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", with = "chatstream::stored_recipients")]
     recipients: Vec<String>,
     content: String,
     created_at: DateTime,
@@ -777,6 +778,26 @@ mod tests {
         let plain = mongodb::bson::to_document(&MessageDoc::new(&m, None, false)).expect("serialize");
         assert!(!plain.contains_key("outbox_pending") && !plain.contains_key("client_message_id"), "{plain}");
         assert_eq!(doc.into_message().expect("valid"), m);
+    }
+
+    #[test]
+    fn a_group_message_stores_its_recipients_as_one_string_and_reads_the_array_form_too() {
+        let user = |raw: &str| UserId::parse(raw).expect("valid");
+        let group = ChatMessage {
+            stream_id: StreamId::new_group(),
+            receiver_id: None,
+            recipients: vec![user("bob"), user("carol")],
+            ..message()
+        };
+        let mut bson = mongodb::bson::to_document(&MessageDoc::new(&group, None, false)).expect("serialize");
+        assert_eq!(bson.get_str("recipients"), Ok("bob carol"), "{bson}");
+        let doc: MessageDoc = mongodb::bson::from_document(bson.clone()).expect("joined form");
+        assert_eq!(doc.into_message().expect("valid"), group);
+        bson.insert("recipients", vec!["bob", "carol"]);
+        let doc: MessageDoc = mongodb::bson::from_document(bson).expect("array form");
+        assert_eq!(doc.into_message().expect("valid"), group);
+        let plain = mongodb::bson::to_document(&MessageDoc::new(&message(), None, false)).expect("serialize");
+        assert!(!plain.contains_key("recipients"), "a pair message has none: {plain}");
     }
 
     #[test]
