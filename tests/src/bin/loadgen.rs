@@ -123,6 +123,80 @@ fn proc_usage(pid: u32) -> Option<(f64, u64)> {
     Some((ticks as f64 / 100.0, hwm))
 }
 
+/// The whole machine's CPU time from `/proc/stat`, in ticks: all of it, the idle part
+/// (with I/O wait), and what the hypervisor gave to other guests (steal).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct HostTicks {
+    total: u64,
+    idle: u64,
+    steal: u64,
+    cpus: usize,
+}
+
+fn host_ticks() -> Option<HostTicks> {
+    parse_host_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
+    let mut lines = stat.lines();
+    let all = lines.next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = all.split_whitespace().map(|t| t.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]: guest time
+    // is already counted in user and nice.
+    let (idle, steal) = (ticks.get(3)? + ticks.get(4)?, *ticks.get(7)?);
+    let total = ticks.iter().take(8).sum();
+    let cpus = lines.filter(|l| l.starts_with("cpu")).count();
+    Some(HostTicks { total, idle, steal, cpus })
+}
+
+/// What a measured window cost: each process's CPU seconds, and the host's.
+#[derive(Default)]
+pub struct Window {
+    seconds: f64,
+    processes: Vec<(String, f64)>,
+    /// Busy cores (of `cpus`), idle share and steal share of the whole machine.
+    host: Option<(f64, usize, f64, f64)>,
+}
+
+/// Starts measuring a window over `processes`; the closure it returns ends it.
+fn measure(processes: &[(String, u32)]) -> impl FnOnce() -> Window + '_ {
+    let started = Instant::now();
+    let host0 = host_ticks();
+    let cpu0: Vec<Option<f64>> = processes.iter().map(|(_, pid)| proc_usage(*pid).map(|u| u.0)).collect();
+    move || {
+        let seconds = started.elapsed().as_secs_f64();
+        let processes = processes
+            .iter()
+            .zip(cpu0)
+            .filter_map(|((name, pid), before)| Some((name.clone(), proc_usage(*pid)?.0 - before?)))
+            .collect();
+        let host = host0.zip(host_ticks()).and_then(|(a, b)| {
+            let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
+            let (idle, steal) = (b.idle.saturating_sub(a.idle) as f64, b.steal.saturating_sub(a.steal) as f64);
+            Some(((total - idle - steal) / total * b.cpus as f64, b.cpus, idle / total * 100.0, steal / total * 100.0))
+        });
+        Window { seconds, processes, host }
+    }
+}
+
+impl Window {
+    /// The window's table: each process's average cores and CPU per message.
+    fn report(&self, title: &str, messages: u64) {
+        println!("\n## {title} ({:.0} s)", self.seconds);
+        println!("| process | average cores | CPU µs per message |");
+        println!("| --- | --- | --- |");
+        for (name, cpu) in &self.processes {
+            println!("| {name} | {:.2} | {:.0} |", cpu / self.seconds.max(1e-9), cpu * 1e6 / messages.max(1) as f64);
+        }
+        if let Some((busy, cpus, idle, steal)) = self.host {
+            println!(
+                "\nThe whole machine: {busy:.2} of {cpus} cores busy, {idle:.0} % idle, {steal:.1} % stolen by the \
+                 hypervisor (`/proc/stat`)."
+            );
+        }
+    }
+}
+
 async fn run_at(fleet: &ChatFleet, pairs: &[(String, String)], rate: u64, seconds: u64, drain: u64) -> RunResult {
     let anchor = Instant::now();
     let (tx, mut rx) = mpsc::channel::<Delivery>(1 << 16);
@@ -506,7 +580,7 @@ async fn pair_and_group_main() {
     let mut messages = 0u64;
     if o.group_members > 0 {
         let stages_before = scrape_stages(&fleet).await;
-        let result = group::run(&fleet, &o).await;
+        let result = group::run(&fleet, &o, &processes).await;
         messages += result.accepted;
         group::report(&result, o.duration);
         report_stages(&stages_before, &scrape_stages(&fleet).await);
@@ -632,6 +706,8 @@ mod group {
         incomplete: u64,
         other_frames: u64,
         ended_early: usize,
+        /// CPU while the messages were posted (until the last POST's answer).
+        window: Window,
     }
 
     /// `bench <seq> <nanos since the anchor when the POST started>` out of a message
@@ -724,7 +800,7 @@ mod group {
         Err(last)
     }
 
-    pub async fn run(fleet: &ChatFleet, o: &Options) -> GroupResult {
+    pub async fn run(fleet: &ChatFleet, o: &Options, processes: &[(String, u32)]) -> GroupResult {
         let n = o.group_members.max(2);
         let senders = o.senders.clamp(1, n);
         let (rate, seconds) = (o.rate.max(1), o.duration);
@@ -797,6 +873,9 @@ mod group {
         let url = fleet.persistence.url("/chat/messages");
         let total = rate * seconds;
         let (post_tx, mut post_rx) = mpsc::unbounded_channel::<(u64, Result<Duration, u16>)>();
+        // The posting window alone (no group creation, no socket opening): what the
+        // machine had to spare while the target was measured.
+        let window = measure(processes);
         let start = tokio::time::Instant::now();
         let mut posts = Vec::with_capacity(total as usize);
         for seq in 0..total {
@@ -823,6 +902,7 @@ mod group {
         for post in posts {
             let _ = post.await;
         }
+        let window = window();
         drop(post_tx);
         let mut accepted_seqs: Vec<Option<Duration>> = vec![None; total as usize];
         let mut post = Vec::new();
@@ -929,6 +1009,7 @@ mod group {
             incomplete,
             other_frames,
             ended_early,
+            window,
         }
     }
 
@@ -966,6 +1047,7 @@ mod group {
             r.other_frames,
             r.ended_early
         );
+        r.window.report("CPU while posting, until the last answer", r.accepted);
     }
 
     #[cfg(test)]
@@ -978,5 +1060,18 @@ mod group {
             assert_eq!(bench_stamp(frame), Some((12, Duration::from_nanos(3456))));
             assert_eq!(bench_stamp(r#"{"type":"member_joined","user_id":"a"}"#), None);
         }
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_line_of_proc_stat_is_read() {
+        let stat =
+            "cpu  100 5 20 800 10 0 3 12 0 0\ncpu0 50 2 10 400 5 0 1 6 0 0\ncpu1 50 3 10 400 5 0 2 6 0 0\nintr 1 2\n";
+        assert_eq!(parse_host_ticks(stat), Some(HostTicks { total: 950, idle: 810, steal: 12, cpus: 2 }));
+        assert_eq!(parse_host_ticks("intr 1 2\n"), None);
     }
 }
