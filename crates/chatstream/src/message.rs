@@ -173,8 +173,8 @@ pub mod stored_recipients {
     /// The stored form of `ids`.
     pub fn join<S: AsRef<str>>(ids: &[S]) -> String {
         let mut joined = String::with_capacity(ids.iter().map(|id| id.as_ref().len() + 1).sum());
-        for id in ids {
-            if !joined.is_empty() {
+        for (i, id) in ids.iter().enumerate() {
+            if i > 0 {
                 joined.push(' ');
             }
             joined.push_str(id.as_ref());
