@@ -149,11 +149,12 @@ fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
     Some(HostTicks { total, idle, steal, cpus })
 }
 
-/// What a measured window cost: each process's CPU seconds, and the host's.
+/// What a measured window cost: each process's CPU seconds (and peak RSS in KiB),
+/// and the host's.
 #[derive(Default)]
 pub struct Window {
     seconds: f64,
-    processes: Vec<(String, f64)>,
+    processes: Vec<(String, f64, u64)>,
     /// Busy cores (of `cpus`), idle share and steal share of the whole machine.
     host: Option<(f64, usize, f64, f64)>,
 }
@@ -168,7 +169,10 @@ fn measure(processes: &[(String, u32)]) -> impl FnOnce() -> Window + '_ {
         let processes = processes
             .iter()
             .zip(cpu0)
-            .filter_map(|((name, pid), before)| Some((name.clone(), proc_usage(*pid)?.0 - before?)))
+            .filter_map(|((name, pid), before)| {
+                let (cpu, hwm) = proc_usage(*pid)?;
+                Some((name.clone(), cpu - before?, hwm))
+            })
             .collect();
         let host = host0.zip(host_ticks()).and_then(|(a, b)| {
             let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
@@ -180,14 +184,30 @@ fn measure(processes: &[(String, u32)]) -> impl FnOnce() -> Window + '_ {
 }
 
 impl Window {
-    /// The window's table: each process's average cores and CPU per message.
-    fn report(&self, title: &str, messages: u64) {
+    /// The window's table: each process's CPU (from /proc/<pid>/stat), average cores,
+    /// CPU per accepted message (so runs of different rates and lengths compare) and
+    /// peak RSS; the sum over the processes named in `fleet`; the whole machine.
+    fn report(&self, title: &str, messages: u64, fleet: &[&str]) {
         println!("\n## {title} ({:.0} s)", self.seconds);
-        println!("| process | average cores | CPU µs per message |");
-        println!("| --- | --- | --- |");
-        for (name, cpu) in &self.processes {
-            println!("| {name} | {:.2} | {:.0} |", cpu / self.seconds.max(1e-9), cpu * 1e6 / messages.max(1) as f64);
+        println!("| process | CPU seconds | average cores | CPU µs per message | peak RSS MiB |");
+        println!("| --- | --- | --- | --- | --- |");
+        let cores = |cpu: f64| cpu / self.seconds.max(1e-9);
+        let per_message = |cpu: f64| cpu * 1e6 / messages.max(1) as f64;
+        for (name, cpu, hwm) in &self.processes {
+            println!(
+                "| {name} | {cpu:.1} | {:.2} | {:.0} | {:.1} |",
+                cores(*cpu),
+                per_message(*cpu),
+                *hwm as f64 / 1024.0
+            );
         }
+        let together: f64 =
+            self.processes.iter().filter(|(name, ..)| fleet.contains(&name.as_str())).map(|(_, cpu, _)| cpu).sum();
+        println!(
+            "| **chatfleet's services together** | {together:.1} | {:.2} | **{:.0}** | |",
+            cores(together),
+            per_message(together)
+        );
         if let Some((busy, cpus, idle, steal)) = self.host {
             println!(
                 "\nThe whole machine: {busy:.2} of {cpus} cores busy, {idle:.0} % idle, {steal:.1} % stolen by the \
@@ -552,8 +572,9 @@ async fn pair_and_group_main() {
     processes.extend(fleet.stack.broker.pid().map(|p| ("tansu".to_owned(), p)));
     processes.extend(fleet.stack.mongo.pid().map(|p| ("nx-27017 (MongoDB wire server)".to_owned(), p)));
     processes.push(("loadgen (this program)".to_owned(), std::process::id()));
-    let before: Vec<Option<(f64, u64)>> = processes.iter().map(|(_, pid)| proc_usage(*pid)).collect();
-    let wall = Instant::now();
+    let fleet_names: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+    let fleet_names: Vec<&str> = fleet_names.iter().map(String::as_str).collect();
+    let whole_run = measure(&processes);
 
     if o.group_members > 0 {
         println!("# chatfleet loadgen: one group of {} members ({} sockets)", o.group_members, o.group_members);
@@ -582,7 +603,7 @@ async fn pair_and_group_main() {
         let stages_before = scrape_stages(&fleet).await;
         let result = group::run(&fleet, &o, &processes).await;
         messages += result.accepted;
-        group::report(&result, o.duration);
+        group::report(&result, o.duration, &fleet_names);
         report_stages(&stages_before, &scrape_stages(&fleet).await);
     }
     let mut sweep_rows = Vec::new();
@@ -600,33 +621,7 @@ async fn pair_and_group_main() {
         ));
     }
 
-    let elapsed = wall.elapsed().as_secs_f64();
-    println!("\n## Resources over the run ({elapsed:.0} s wall)");
-    // CPU per message: each process's CPU time over the run (from /proc/<pid>/stat)
-    // divided by the messages accepted, so runs of different rates and lengths compare.
-    println!("| process | CPU seconds | average cores | CPU µs per message | peak RSS MiB |");
-    println!("| --- | --- | --- | --- | --- |");
-    let per_message = |cpu: f64| cpu * 1e6 / messages.max(1) as f64;
-    let mut fleet_cpu = 0.0;
-    for ((name, pid), before) in processes.iter().zip(before) {
-        if let (Some((cpu0, _)), Some((cpu1, hwm))) = (before, proc_usage(*pid)) {
-            let cpu = cpu1 - cpu0;
-            if services.iter().any(|s| &s.name == name) {
-                fleet_cpu += cpu;
-            }
-            println!(
-                "| {name} | {cpu:.1} | {:.2} | {:.0} | {:.1} |",
-                cpu / elapsed,
-                per_message(cpu),
-                hwm as f64 / 1024.0
-            );
-        }
-    }
-    println!(
-        "| **chatfleet's services together** | {fleet_cpu:.1} | {:.2} | **{:.0}** | |",
-        fleet_cpu / elapsed,
-        per_message(fleet_cpu)
-    );
+    whole_run().report("Resources over the run", messages, &fleet_names);
     println!("\n{messages} messages accepted over the run.");
     if let Some(dir) = scratch {
         drop(fleet);
@@ -1013,7 +1008,7 @@ mod group {
         }
     }
 
-    pub fn report(r: &GroupResult, seconds: u64) {
+    pub fn report(r: &GroupResult, seconds: u64, fleet: &[&str]) {
         println!(
             "\n## one group of {} members, {} msg/s for {} s ({} senders in turn)",
             r.members, r.rate, seconds, r.senders
@@ -1047,7 +1042,7 @@ mod group {
             r.other_frames,
             r.ended_early
         );
-        r.window.report("CPU while posting, until the last answer", r.accepted);
+        r.window.report("CPU while posting, until the last answer", r.accepted, fleet);
     }
 
     #[cfg(test)]
