@@ -27,20 +27,48 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// One produce request in flight per broker connection, unless the settings say otherwise.
+///
+/// librdkafka 2.12's idempotent producer caps a partition at five *messages* in
+/// flight, and checks the cap only after it has scheduled the broker thread to wake
+/// at once for the waiting messages: with more than five unacknowledged messages on a
+/// partition (one conversation posting faster than the broker's round trip, or a
+/// relay with many sends out), the broker thread polls its socket with a zero timeout
+/// until the acknowledgement comes. Measured with the relay at 500 msg/s against tansu:
+/// 8,600 `poll` calls a second, a third of chatpersistence's CPU. With one request in
+/// flight per connection the next request waits in librdkafka's output queue instead
+/// (which it checks *before* scheduling a wakeup), the messages that arrive meanwhile
+/// join it as one batch, and the order and no-duplicate guarantees are unchanged.
+const MAX_IN_FLIGHT: (&str, &str) = ("max.in.flight.requests.per.connection", "1");
+
+/// The producer properties derived from the typed settings, minus any that
+/// `properties` (the settings' librdkafka properties and `RDKAFKA_*`) already set.
+fn producer_defaults(
+    settings: &KafkaSettings,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> Vec<(&'static str, String)> {
+    let mut defaults = vec![
+        ("acks", "all".to_owned()),
+        ("enable.idempotence", settings.idempotence.to_string()),
+        ("message.timeout.ms", settings.delivery_timeout.as_millis().max(1).to_string()),
+        (MAX_IN_FLIGHT.0, MAX_IN_FLIGHT.1.to_owned()),
+    ];
+    // `max.in.flight` is librdkafka's alias of the in-flight property.
+    let set = |key: &str| {
+        properties.contains_key(key) || (key == MAX_IN_FLIGHT.0 && properties.contains_key("max.in.flight"))
+    };
+    defaults.retain(|(key, _)| !set(key));
+    defaults
+}
+
 impl Producer {
     /// A producer with `acks=all`, `enable.idempotence` from
-    /// [`KafkaSettings::idempotence`] and `message.timeout.ms` from
-    /// [`KafkaSettings::delivery_timeout`]; librdkafka properties in the settings and
-    /// `RDKAFKA_*` variables override these. Connecting happens in the background.
+    /// [`KafkaSettings::idempotence`], `message.timeout.ms` from
+    /// [`KafkaSettings::delivery_timeout`] and one request in flight per connection
+    /// (see [`MAX_IN_FLIGHT`]); librdkafka properties in the settings and `RDKAFKA_*`
+    /// variables override these. Connecting happens in the background.
     pub fn new(settings: &KafkaSettings) -> Result<Self, Error> {
-        let mut defaults = vec![
-            ("acks", "all".to_owned()),
-            ("enable.idempotence", settings.idempotence.to_string()),
-            ("message.timeout.ms", settings.delivery_timeout.as_millis().max(1).to_string()),
-        ];
-        // Properties from settings/environment win over the derived defaults.
-        let properties = settings.effective_properties();
-        defaults.retain(|(key, _)| !properties.contains_key(*key));
+        let defaults = producer_defaults(settings, &settings.effective_properties());
         let config = client_config(settings, &defaults);
         let delivery_timeout = config
             .get("message.timeout.ms")
@@ -107,5 +135,40 @@ impl Producer {
     /// The bound on one `send`.
     pub fn delivery_timeout(&self) -> Duration {
         self.delivery_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn properties(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn value<'a>(defaults: &'a [(&'static str, String)], key: &str) -> Option<&'a str> {
+        defaults.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_producer_keeps_one_request_in_flight_and_stays_idempotent_by_default() {
+        let defaults = producer_defaults(&KafkaSettings::default(), &properties(&[]));
+        assert_eq!(value(&defaults, "max.in.flight.requests.per.connection"), Some("1"));
+        assert_eq!(value(&defaults, "enable.idempotence"), Some("true"));
+        assert_eq!(value(&defaults, "acks"), Some("all"));
+    }
+
+    #[test]
+    fn the_in_flight_default_yields_to_either_name_an_operator_sets() {
+        for name in ["max.in.flight", "max.in.flight.requests.per.connection"] {
+            let defaults = producer_defaults(&KafkaSettings::default(), &properties(&[(name, "5")]));
+            assert_eq!(value(&defaults, "max.in.flight.requests.per.connection"), None, "{name}");
+            assert_eq!(value(&defaults, "acks"), Some("all"), "{name}");
+        }
+        let defaults = producer_defaults(&KafkaSettings::default(), &properties(&[("acks", "1")]));
+        assert_eq!(value(&defaults, "acks"), None);
+        assert_eq!(value(&defaults, "max.in.flight.requests.per.connection"), Some("1"));
     }
 }
