@@ -155,8 +155,17 @@ fn parse_host_ticks(stat: &str) -> Option<HostTicks> {
 pub struct Window {
     seconds: f64,
     processes: Vec<(String, f64, u64)>,
-    /// Busy cores (of `cpus`), idle share and steal share of the whole machine.
-    host: Option<(f64, usize, f64, f64)>,
+    host: Option<HostShare>,
+}
+
+/// How the whole machine spent a window.
+struct HostShare {
+    /// Cores busy on average, of `cpus`.
+    busy: f64,
+    cpus: usize,
+    /// Percent of the machine's time idle (with I/O wait), and given to other guests.
+    idle_pct: f64,
+    steal_pct: f64,
 }
 
 /// Starts measuring a window over `processes`; the closure it returns ends it.
@@ -177,7 +186,12 @@ fn measure(processes: &[(String, u32)]) -> impl FnOnce() -> Window + '_ {
         let host = host0.zip(host_ticks()).and_then(|(a, b)| {
             let total = b.total.checked_sub(a.total).filter(|t| *t > 0)? as f64;
             let (idle, steal) = (b.idle.saturating_sub(a.idle) as f64, b.steal.saturating_sub(a.steal) as f64);
-            Some(((total - idle - steal) / total * b.cpus as f64, b.cpus, idle / total * 100.0, steal / total * 100.0))
+            Some(HostShare {
+                busy: (total - idle - steal) / total * b.cpus as f64,
+                cpus: b.cpus,
+                idle_pct: idle / total * 100.0,
+                steal_pct: steal / total * 100.0,
+            })
         });
         Window { seconds, processes, host }
     }
@@ -208,10 +222,10 @@ impl Window {
             cores(together),
             per_message(together)
         );
-        if let Some((busy, cpus, idle, steal)) = self.host {
+        if let Some(HostShare { busy, cpus, idle_pct, steal_pct }) = &self.host {
             println!(
-                "\nThe whole machine: {busy:.2} of {cpus} cores busy, {idle:.0} % idle, {steal:.1} % stolen by the \
-                 hypervisor (`/proc/stat`)."
+                "\nThe whole machine: {busy:.2} of {cpus} cores busy, {idle_pct:.0} % idle, {steal_pct:.1} % stolen by \
+                 the hypervisor (`/proc/stat`)."
             );
         }
     }
